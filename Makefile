@@ -1,0 +1,42 @@
+# Everything runs inside .venv, made and filled on first use.
+# CPU machines get a CPU build of torch (TORCH; TORCH_INDEX_URL may name a CPU wheel index, e.g.
+# https://download.pytorch.org/whl/cpu), GPU machines (nvidia-smi works) the default CUDA build,
+# faiss-gpu and triton.
+
+VENV ?= .venv
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+TORCH_INDEX_URL ?=
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+STAMP := $(VENV)/.memlm-installed
+
+.PHONY: demo test lint bench-index install clean
+
+demo: $(STAMP)
+	$(PY) benchmarks/bench_index.py --quick
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+bench-index: $(STAMP)
+	$(PY) benchmarks/bench_index.py
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	if nvidia-smi -L >/dev/null 2>&1; then \
+		$(PIP) install -e '.[gpu,dev]'; \
+	else \
+		$(PIP) install $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL)) '$(TORCH)' && \
+		$(PIP) install -e '.[cpu,dev]'; \
+	fi
+	touch $@
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

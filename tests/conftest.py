@@ -1,0 +1,94 @@
+"""Shared fixtures: tiny random Hugging Face models built from configs, and a tokenizer trained here.
+
+Nothing is downloaded: every model is initialised from a seeded config, and the tokenizer is a
+byte-level BPE trained on text this file writes.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+VOCAB_SIZE = 320
+WORDS = (
+    "memory river stone light window garden letter silence morning candle winter harbour journey mirror shadow "
+    "voice lantern meadow thunder feather silver orchard bridge"
+).split()
+
+
+def make_text(n_sentences: int = 400, seed: int = 0) -> str:
+    """Plain English-like text: random sentences over a small vocabulary."""
+    rng = random.Random(seed)
+    sentences = []
+    for _ in range(n_sentences):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(4, 12))]
+        sentences.append(" ".join(words).capitalize() + rng.choice([".", "!", "?"]))
+    return " ".join(sentences)
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer with VOCAB_SIZE entries, trained on ``make_text``."""
+    bpe = Tokenizer(models.BPE(unk_token=None))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=["<eos>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(make_text().split(". "), trainer=trainer)
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>", pad_token="<pad>")
+
+
+def _seeded(build):
+    torch.manual_seed(0)
+    return build().eval()
+
+
+@pytest.fixture
+def tiny_llama() -> transformers.LlamaForCausalLM:
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
+    )
+    return _seeded(lambda: transformers.LlamaForCausalLM(config))
+
+
+@pytest.fixture
+def tiny_qwen2() -> transformers.Qwen2ForCausalLM:
+    """Grouped-query attention: 4 query heads share 2 key/value heads."""
+    config = transformers.Qwen2Config(
+        vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+    )
+    return _seeded(lambda: transformers.Qwen2ForCausalLM(config))
+
+
+@pytest.fixture
+def tiny_gpt2() -> transformers.GPT2LMHeadModel:
+    """Absolute position embeddings (n_positions=256)."""
+    config = transformers.GPT2Config(vocab_size=VOCAB_SIZE, n_embd=64, n_layer=2, n_head=4, n_positions=256)
+    return _seeded(lambda: transformers.GPT2LMHeadModel(config))
+
+
+@pytest.fixture
+def tiny_bart() -> transformers.BartForConditionalGeneration:
+    config = transformers.BartConfig(
+        vocab_size=VOCAB_SIZE, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=256,
+    )
+    return _seeded(lambda: transformers.BartForConditionalGeneration(config))
+
+
+@pytest.fixture
+def tiny_t5() -> transformers.T5ForConditionalGeneration:
+    config = transformers.T5Config(
+        vocab_size=VOCAB_SIZE, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, decoder_start_token_id=0,
+    )
+    return _seeded(lambda: transformers.T5ForConditionalGeneration(config))

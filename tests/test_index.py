@@ -1,0 +1,408 @@
+"""memlm.index: FIFO semantics, exactness against brute force, IVF recall, persistence, bad input."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from memlm.index import FaissIVFIndex, SearchResult, create_index
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# (backend, kwargs) of every backend; the IVF one visits all lists, so it finds every live entry.
+BACKENDS = {
+    "torch": ("torch", {}),
+    "faiss-flat": ("faiss", {"kind": "flat"}),
+    "faiss-ivf": ("faiss", {"kind": "ivf", "nlist": 4, "nprobe": 4, "train_size": 16, "evict_block": 8}),
+}
+EXACT = ["torch", "faiss-flat"]
+
+
+def make(name: str, **kwargs):
+    backend, extra = BACKENDS[name]
+    args = {"dim": 8, "capacity": 40, "batch_size": 2, "num_heads": 3, **extra, **kwargs}
+    return create_index(backend, **args)
+
+
+class History:
+    """Everything added to an index, by sequence and insertion id, to check results against."""
+
+    def __init__(self, batch: int, heads: int, dim: int) -> None:
+        self.keys = [torch.zeros(heads, 0, dim) for _ in range(batch)]
+        self.values = [torch.zeros(heads, 0, dim) for _ in range(batch)]
+
+    def add(self, index, n: int, generator: torch.Generator) -> None:
+        shape = (index.batch_size, index.num_heads, n, index.dim)
+        keys, values = torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
+        index.add(keys.to(index.dtype), values.to(index.dtype))
+        for row in range(index.batch_size):
+            self.keys[row] = torch.cat([self.keys[row], keys[row].to(index.dtype).float()], dim=1)
+            self.values[row] = torch.cat([self.values[row], values[row].to(index.dtype).float()], dim=1)
+
+    def reset(self, row: int) -> None:
+        self.keys[row] = self.keys[row][:, :0]
+        self.values[row] = self.values[row][:, :0]
+
+
+def check_entries_match_history(result: SearchResult, history: History) -> None:
+    """Every returned key/value is exactly the one added under its id."""
+    for row in range(result.ids.shape[0]):
+        for head in range(result.ids.shape[1]):
+            ids = result.ids[row, head][result.mask[row, head]]
+            keys = result.keys[row, head][result.mask[row, head]].float()
+            values = result.values[row, head][result.mask[row, head]].float()
+            assert torch.equal(keys, history.keys[row][head, ids])
+            assert torch.equal(values, history.values[row][head, ids])
+
+
+# --------------------------------------------------------------------------------------------- FIFO
+
+
+@pytest.mark.parametrize("name", list(BACKENDS))
+def test_fifo_never_returns_evicted_entries_and_evicts_in_insertion_order(name):
+    index = make(name)
+    history = History(2, 3, 8)
+    generator = torch.Generator().manual_seed(0)
+    total = 0
+    for n in [7, 13, 25, 1, 60, 3, 41, 17, 90, 5]:  # 60 and 90 exceed the capacity in one add
+        history.add(index, n, generator)
+        total += n
+        assert index.total_added.tolist() == [total, total]
+        live = index.size.tolist()
+        assert all(size <= index.capacity for size in live)
+        result = index.search(torch.randn(2, 3, 4, 8, generator=generator), k=index.capacity)
+        returned = result.ids[result.mask]
+        assert returned.min() >= total - index.capacity
+        # k = capacity returns every live entry: they are exactly the newest ones, in insertion order.
+        for row in range(2):
+            for head in range(3):
+                ids = sorted(result.ids[row, head, 0][result.mask[row, head, 0]].tolist())
+                assert ids == list(range(total - live[row], total))
+        if name in EXACT:
+            assert live == [min(total, index.capacity)] * 2
+        check_entries_match_history(result, history)
+
+
+@pytest.mark.parametrize("name", list(BACKENDS))
+def test_rows_are_independent_and_reset_empties_only_given_rows(name):
+    index = make(name)
+    history = History(2, 3, 8)
+    generator = torch.Generator().manual_seed(1)
+    history.add(index, 30, generator)
+    queries = torch.randn(2, 3, 5, 8, generator=generator)
+    before = index.search(queries, k=6)
+    index.reset(rows=[1])
+    history.reset(1)
+    assert index.size.tolist() == [30, 0]
+    after = index.search(queries, k=6)
+    assert not after.mask[1].any() and (after.ids[1] == -1).all()
+    for field in ("scores", "keys", "values", "mask", "ids"):
+        assert torch.equal(getattr(after, field)[0], getattr(before, field)[0]), field
+    # Row 1 starts numbering again; row 0 goes on.
+    history.add(index, 10, generator)
+    assert index.total_added.tolist() == [40, 10]
+    result = index.search(queries, k=40)
+    assert sorted(result.ids[1, 0, 0][result.mask[1, 0, 0]].tolist()) == list(range(10))
+    check_entries_match_history(result, history)
+
+
+class FifoModel:
+    """A pure-Python FIFO: the specification the exact backends are checked against."""
+
+    def __init__(self, batch: int, capacity: int) -> None:
+        self.capacity, self.totals = capacity, [0] * batch
+
+    def live(self, row: int) -> list[int]:
+        return list(range(max(0, self.totals[row] - self.capacity), self.totals[row]))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    capacity=st.integers(1, 70),
+    steps=st.lists(st.one_of(st.integers(0, 100), st.sampled_from(["reset0", "reset1"])), max_size=8),
+)
+def test_torch_index_matches_a_fifo_model(capacity, steps):
+    index = create_index("torch", dim=4, capacity=capacity, batch_size=2, num_heads=2)
+    model = FifoModel(2, capacity)
+    history = History(2, 2, 4)
+    generator = torch.Generator().manual_seed(capacity)
+    for step in steps:
+        if isinstance(step, str):
+            row = int(step[-1])
+            index.reset(rows=[row])
+            history.reset(row)
+            model.totals[row] = 0
+        else:
+            history.add(index, step, generator)
+            model.totals = [t + step for t in model.totals]
+        result = index.search(torch.randn(2, 2, 1, 4, generator=generator), k=capacity)
+        for row in range(2):
+            assert sorted(result.ids[row, 1, 0][result.mask[row, 1, 0]].tolist()) == model.live(row)
+        check_entries_match_history(result, history)
+
+
+# ---------------------------------------------------------------------------------------- exactness
+
+
+def brute_force(keys: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Reference top-k by inner product: keys [n, dim], queries [q, dim] -> scores, positions [q, k]."""
+    scores = queries.astype(np.float64) @ keys.astype(np.float64).T
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(scores, order, axis=1), order
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", EXACT)
+@pytest.mark.parametrize("k", [1, 7, 32])
+def test_exact_backends_equal_brute_force(name, dtype, k):
+    # 3000 live entries of 6000 added: wrapped storage, and enough slots for the grouped top-k path.
+    capacity, dim = 3000, 16
+    index = make(name, dim=dim, capacity=capacity, dtype=dtype)
+    history = History(2, 3, dim)
+    generator = torch.Generator().manual_seed(2)
+    for n in (2500, 1000, 2500):
+        history.add(index, n, generator)
+    queries = torch.randn(2, 3, 20, dim, generator=generator)
+    result = index.search(queries.to(dtype), k=k)
+    assert result.scores.dtype == torch.float32 and result.keys.dtype == dtype
+    score_tol = 1e-4 if dtype == torch.float32 else 1e-2
+    for row in range(2):
+        for head in range(3):
+            live = history.keys[row][head, -capacity:].numpy()
+            q = queries[row, head].to(dtype).float().numpy()
+            ref_scores, ref_pos = brute_force(live, q, k + 1)
+            ref_ids = ref_pos + (6000 - capacity)
+            np.testing.assert_allclose(result.scores[row, head].numpy(), ref_scores[:, :k], rtol=1e-5, atol=score_tol)
+            for i in range(q.shape[0]):
+                got, want = set(result.ids[row, head, i].tolist()), set(ref_ids[i, :k].tolist())
+                tie = ref_scores[i, k - 1] - ref_scores[i, k] < score_tol
+                assert got == want or tie, (row, head, i)
+    check_entries_match_history(result, history)
+
+
+@pytest.mark.parametrize("name", EXACT)
+def test_sequences_of_different_sizes_and_k_beyond_size(name):
+    index = make(name, capacity=5000)
+    history = History(2, 3, 8)
+    generator = torch.Generator().manual_seed(3)
+    history.add(index, 2000, generator)
+    index.reset(rows=[1])
+    history.reset(1)
+    history.add(index, 5, generator)  # row 0: 2005 entries, row 1: 5
+    queries = torch.randn(2, 3, 4, 8, generator=generator)
+    result = index.search(queries, k=8)
+    assert result.mask[0].all()
+    assert result.mask[1, :, :, :5].all() and not result.mask[1, :, :, 5:].any()
+    assert (result.ids[1, :, :, 5:] == -1).all() and torch.isinf(result.scores[1, :, :, 5:]).all()
+    assert (result.keys[1, :, :, 5:] == 0).all() and (result.values[1, :, :, 5:] == 0).all()
+    _, ref_pos = brute_force(history.keys[1][0].numpy(), queries[1, 0].numpy(), 5)
+    assert torch.equal(result.ids[1, 0, :, :5], torch.from_numpy(ref_pos))
+    check_entries_match_history(result, history)
+
+
+@pytest.mark.parametrize("name", list(BACKENDS))
+def test_empty_index_returns_an_all_false_mask(name):
+    index = make(name)
+    result = index.search(torch.randn(2, 3, 5, 8), k=4)
+    assert result.scores.shape == (2, 3, 5, 4) and result.keys.shape == (2, 3, 5, 4, 8)
+    assert not result.mask.any() and (result.ids == -1).all()
+    assert (result.keys == 0).all() and (result.values == 0).all()
+    assert index.size.tolist() == [0, 0]
+
+
+def test_search_block_boundaries_do_not_change_results():
+    index = make("torch", capacity=4000)
+    generator = torch.Generator().manual_seed(4)
+    History(2, 3, 8).add(index, 4000, generator)
+    queries = torch.randn(2, 3, 37, 8, generator=generator)
+    whole = index.search(queries, k=9)
+    index.search_block_bytes = 4 * 2 * 3 * 4000 * 5  # five queries per block, the last one short
+    blocked = index.search(queries, k=9)
+    assert torch.equal(whole.ids, blocked.ids)
+    torch.testing.assert_close(whole.scores, blocked.scores)  # BLAS may sum in another order
+
+
+# ---------------------------------------------------------------------------------------------- IVF
+
+
+def clustered(n: int, dim: int, clusters: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Points around random unit centres, and queries drawn the same way: [n, dim], [n // 20, dim]."""
+    generator = torch.Generator().manual_seed(seed)
+    centres = torch.nn.functional.normalize(torch.randn(clusters, dim, generator=generator), dim=-1)
+    def draw(m: int) -> torch.Tensor:
+        pick = torch.randint(clusters, (m,), generator=generator)
+        return centres[pick] + 0.1 * torch.randn(m, dim, generator=generator)
+    return draw(n), draw(n // 20)
+
+
+def recall(approx: SearchResult, exact: SearchResult) -> float:
+    hits = [
+        len(set(a.tolist()) & set(e.tolist())) / e.numel()
+        for a, e in zip(approx.ids.flatten(0, 2), exact.ids.flatten(0, 2), strict=True)
+    ]
+    return float(np.mean(hits))
+
+
+def test_ivf_recall_at_32_and_nprobe_is_used():
+    keys, queries = clustered(20000, 32, clusters=100, seed=5)
+    keys, queries = keys.view(1, 1, -1, 32), queries.view(1, 1, -1, 32)
+    flat = create_index("faiss", kind="flat", dim=32, capacity=20000)
+    flat.add(keys, keys)
+    exact = flat.search(queries, k=32)
+    recalls = {}
+    for nprobe in (1, 8, 64):
+        ivf = create_index("faiss", kind="ivf", dim=32, capacity=20000, nlist=64, nprobe=nprobe)
+        ivf.add(keys, keys)
+        recalls[nprobe] = recall(ivf.search(queries, k=32), exact)
+    assert recalls[8] >= 0.9, recalls
+    assert recalls[1] < recalls[8] <= recalls[64] == 1.0, recalls  # nprobe = nlist visits everything
+
+
+def test_ivf_searches_exactly_before_it_is_trained():
+    ivf = create_index("faiss", kind="ivf", dim=8, capacity=500, nlist=4, train_size=200)
+    flat = create_index("faiss", kind="flat", dim=8, capacity=500)
+    keys = torch.randn(1, 1, 150, 8)
+    for index in (ivf, flat):
+        index.add(keys, keys)
+    queries = torch.randn(1, 1, 6, 8)
+    assert not ivf._ivf[0][0].is_trained
+    assert torch.equal(ivf.search(queries, k=10).ids, flat.search(queries, k=10).ids)
+
+
+def test_ivf_evicts_in_blocks():
+    ivf = create_index("faiss", kind="ivf", dim=8, capacity=100, nlist=4, train_size=50, evict_block=25)
+    ivf.add(torch.randn(1, 1, 100, 8), torch.randn(1, 1, 100, 8))
+    assert ivf.size.tolist() == [100]
+    ivf.add(torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8))  # one more entry evicts a whole block
+    assert ivf.size.tolist() == [76]
+    assert ivf.search(torch.randn(1, 1, 3, 8), k=100).ids.max() == 100
+
+
+# -------------------------------------------------------------------------------------- persistence
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", list(BACKENDS))
+def test_state_dict_round_trips_exactly(name, dtype, tmp_path):
+    index = make(name, dtype=dtype)
+    history = History(2, 3, 8)
+    generator = torch.Generator().manual_seed(6)
+    history.add(index, 70, generator)
+    index.reset(rows=[1])
+    history.add(index, 20, generator)
+    torch.save(index.state_dict(), tmp_path / "index.pt")
+    restored = make(name, dtype=dtype)
+    restored.load_state_dict(torch.load(tmp_path / "index.pt", weights_only=False))
+    assert restored.size.tolist() == index.size.tolist()
+    assert restored.total_added.tolist() == index.total_added.tolist()
+    queries = torch.randn(2, 3, 5, 8, generator=generator)
+    for _ in range(2):  # equal now, and still equal after both take the same new entries
+        a, b = index.search(queries, k=12), restored.search(queries, k=12)
+        for field in ("scores", "keys", "values", "mask", "ids"):
+            assert torch.equal(getattr(a, field), getattr(b, field)), field
+        keys = torch.randn(2, 3, 30, 8, generator=generator).to(dtype)
+        index.add(keys, keys)
+        restored.add(keys, keys)
+
+
+def test_load_state_dict_refuses_another_configuration():
+    index = make("torch")
+    other = make("torch", capacity=41)
+    with pytest.raises(ValueError, match="capacity"):
+        other.load_state_dict(index.state_dict())
+    with pytest.raises(ValueError, match="state_dict"):
+        other.load_state_dict({"keys": torch.zeros(1)})
+
+
+# ------------------------------------------------------------------------------------------ memory
+
+
+@pytest.mark.parametrize("name", list(BACKENDS))
+def test_memory_is_close_to_the_raw_keys_and_values(name):
+    index = make(name, capacity=4096, batch_size=1, num_heads=2, dim=16, **(
+        {"nlist": 16, "nprobe": 4, "train_size": 640} if name == "faiss-ivf" else {}))
+    keys = torch.randn(1, 2, 5000, 16)
+    index.add(keys, keys)
+    raw = 2 * index.size.item() * 2 * 16 * 4  # heads * entries * (key + value) * dim * float32
+    assert index.nbytes <= 1.1 * raw, (index.nbytes, raw)
+
+
+# --------------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("name", list(BACKENDS))
+def test_bad_input_is_refused_and_nothing_stored_is_lost(name):
+    index = make(name)
+    good = torch.randn(2, 3, 10, 8)
+    index.add(good, good)
+    queries = torch.randn(2, 3, 4, 8)
+    before = index.search(queries, k=5)
+    bad_entries = [
+        (torch.randn(3, 10, 8), "shape \\[batch=2, heads=3, n, dim=8\\]"),  # wrong rank
+        (torch.randn(2, 3, 10, 9), "dim=8"),
+        (torch.randn(1, 3, 10, 8), "batch=2"),
+        (torch.randn(2, 4, 10, 8), "heads=3"),
+    ]
+    for bad, message in bad_entries:
+        with pytest.raises(ValueError, match=message):
+            index.add(bad, bad)
+        with pytest.raises(ValueError, match=message):
+            index.search(bad[..., :4, :] if bad.dim() == 4 else bad, k=5)
+    nan = good.clone()
+    nan[1, 2, 3, 4] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        index.add(nan, good)
+    with pytest.raises(ValueError, match="NaN"):
+        index.add(good, nan)
+    with pytest.raises(ValueError, match="same shape"):
+        index.add(good, good[:, :, :5])
+    with pytest.raises(TypeError, match="floating-point"):
+        index.add(good.long(), good)
+    with pytest.raises(TypeError, match=r"torch\.Tensor"):
+        index.add(good.numpy(), good)
+    with pytest.raises(ValueError, match="lives on cpu"):
+        index.add(good.to("meta"), good.to("meta"))
+    for k in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="k must be an integer >= 1"):
+            index.search(queries, k=k)
+    with pytest.raises(ValueError, match="reset rows"):
+        index.reset(rows=[2])
+    after = index.search(queries, k=5)
+    assert index.size.tolist() == [10, 10]
+    for field in ("scores", "keys", "values", "mask", "ids"):
+        assert torch.equal(getattr(after, field), getattr(before, field)), field
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"capacity": 0}, ValueError, "capacity must be an integer >= 1, got 0"),
+        ({"dim": -1}, ValueError, "dim must be"),
+        ({"batch_size": 1.5}, ValueError, "batch_size must be"),
+        ({"num_heads": 0}, ValueError, "num_heads must be"),
+        ({"dtype": torch.int8}, TypeError, "dtype must be one of"),
+        ({"backend": "annoy"}, ValueError, "index backend must be one of \\('torch', 'faiss'\\), got 'annoy'"),
+        ({"backend": "faiss", "kind": "hnsw"}, ValueError, "faiss kind must be one of"),
+        ({"backend": "torch", "nprobe": 3}, ValueError, "takes no extra arguments"),
+        ({"backend": "faiss", "kind": "ivf", "nlist": 8, "nprobe": 9}, ValueError, "nprobe \\(9\\) cannot exceed"),
+        ({"backend": "faiss", "kind": "ivf", "nlist": 8, "train_size": 4}, ValueError, "train_size must lie"),
+    ],
+)
+def test_bad_configuration_is_refused(kwargs, error, message):
+    args = {"backend": "torch", "dim": 8, "capacity": 16, "batch_size": 1, "num_heads": 1, **kwargs}
+    with pytest.raises(error, match=message):
+        create_index(args.pop("backend"), **args)
+
+
+def test_missing_faiss_names_the_extra_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "faiss", None)  # makes `import faiss` fail
+    with pytest.raises(ImportError, match=r"pip install 'memlm\[cpu\]'"):
+        create_index("faiss", dim=8, capacity=16)
+    assert isinstance(create_index("torch", dim=8, capacity=16), object)
+
+
+def test_ivf_is_importable_without_building_one():
+    assert FaissIVFIndex.backend == "faiss-ivf"
