@@ -2,6 +2,12 @@
 
 Streams documents of any length through a model segment by segment, with Transformer-XL caches,
 Memorizing-Transformer kNN memory (``memlm.index``) and fused memory attention (``memlm.kernels``).
+
+    from memlm import MemoryConfig, attach
+    mem_model = attach(model, MemoryConfig(segment_length=512, xl_length=512), tokenizer=tok)
+    with mem_model.session() as session:
+        session.feed(long_text)
+        answer = session.generate(question, max_new_tokens=64)
 """
 
 from importlib.metadata import PackageNotFoundError, version
@@ -11,4 +17,9 @@ try:
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0.0.0"
 
-__all__ = ["__version__"]
+# Imported after __version__, which model.py reads.
+from .config import MemoryConfig
+from .model import MemoryModel, attach
+from .session import FeedResult, Session
+
+__all__ = ["FeedResult", "MemoryConfig", "MemoryModel", "Session", "__version__", "attach"]

@@ -1,0 +1,98 @@
+"""MemoryConfig: what memory a model gets, validated before anything touches the model."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+
+FUSIONS = ("gate", "joint")
+MEMORY_POSITIONS = ("first", "original")
+POSITION_MODES = ("rebase", "absolute")
+INDEX_BACKENDS = ("torch", "faiss")
+MEMORY_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _help(text: str, default):
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class MemoryConfig:
+    """How a document is streamed through a model and what it remembers (see DESIGN.md)."""
+
+    segment_length: int = _help("tokens per forward pass", 512)
+    xl_length: int = _help("Transformer-XL cache per layer, in tokens (0 = off)", 512)
+    memory_layers: tuple[int, ...] = _help("layers with kNN memory; negative counts from the top; () = off", (-4,))
+    top_k: int = _help("memory entries each query retrieves", 32)
+    memory_capacity: int = _help("FIFO entries per sequence per memory layer", 65536)
+    fusion: str = _help("'gate' (Memorizing Transformers) or 'joint' (Focused Transformer, one softmax)", "gate")
+    gate_init: float = _help("initial gate logit of every head (fusion='gate')", 0.0)
+    memory_positions: str = _help(
+        "'first': retrieved keys sit at position 0 of the local context; 'original': at their true distance",
+        "first",
+    )
+    position_mode: str = _help("'rebase': local positions restart at 0 every segment; 'absolute': document offsets",
+                               "rebase")
+    index: str = _help("index backend: 'torch' or 'faiss'", "torch")
+    index_kwargs: dict = field(
+        default_factory=dict, metadata={"help": "extra arguments of the index backend, e.g. {'kind': 'ivf'}"}
+    )
+    memory_dtype: str | None = _help("dtype of stored memory: 'float32', 'float16', 'bfloat16'; None = the model's",
+                                     None)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.memory_layers, int) and not isinstance(self.memory_layers, bool):
+            self.memory_layers = (self.memory_layers,)
+        if isinstance(self.memory_layers, list):
+            self.memory_layers = tuple(self.memory_layers)
+        if isinstance(self.memory_dtype, torch.dtype):
+            self.memory_dtype = str(self.memory_dtype).removeprefix("torch.")
+        self.index_kwargs = dict(self.index_kwargs or {})
+        for name, low in (("segment_length", 1), ("xl_length", 0), ("top_k", 1), ("memory_capacity", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if not isinstance(self.memory_layers, tuple) or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in self.memory_layers
+        ):
+            raise ValueError(f"memory_layers must be a tuple of layer indices, got {self.memory_layers!r}")
+        if len(set(self.memory_layers)) != len(self.memory_layers):
+            raise ValueError(f"memory_layers lists a layer twice: {self.memory_layers!r}")
+        if self.top_k > self.memory_capacity:
+            raise ValueError(f"top_k ({self.top_k}) cannot exceed memory_capacity ({self.memory_capacity})")
+        for name, allowed in (("fusion", FUSIONS), ("memory_positions", MEMORY_POSITIONS),
+                              ("position_mode", POSITION_MODES), ("index", INDEX_BACKENDS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if not isinstance(self.gate_init, (int, float)) or isinstance(self.gate_init, bool) or not math.isfinite(
+            self.gate_init
+        ):
+            raise ValueError(f"gate_init must be a finite number, got {self.gate_init!r}")
+        if self.memory_dtype is not None and self.memory_dtype not in MEMORY_DTYPES:
+            raise ValueError(f"memory_dtype must be None or one of {tuple(MEMORY_DTYPES)}, got {self.memory_dtype!r}")
+
+    def resolve_layers(self, num_layers: int) -> tuple[int, ...]:
+        """memory_layers as sorted non-negative indices of a model with ``num_layers`` layers."""
+        for i in self.memory_layers:
+            if not -num_layers <= i < num_layers:
+                raise ValueError(
+                    f"memory layer {i} is out of range for a model with {num_layers} layers "
+                    f"(valid: {-num_layers} .. {num_layers - 1}); memory_layers={self.memory_layers}"
+                )
+        resolved = sorted(i % num_layers for i in self.memory_layers)
+        if len(set(resolved)) != len(resolved):
+            raise ValueError(f"memory_layers {self.memory_layers} name one layer twice in a {num_layers}-layer model")
+        return tuple(resolved)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "memory_layers": list(self.memory_layers)}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> MemoryConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown MemoryConfig fields {unknown}; known: {sorted(known)}")
+        return cls(**values)

@@ -1,0 +1,142 @@
+"""attach / detach: give a Hugging Face decoder model a memory without touching its weights.
+
+``attach`` checks everything first, then changes exactly three things: it registers the ``"memlm"``
+attention function (``attention.py``), switches this model to it, and hangs one module of new
+parameters on the model as ``memlm_memory`` (the per-head gates). ``detach`` undoes exactly those.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import PreTrainedModel
+
+from . import __version__
+from .attention import ATTENTION_NAME, register
+from .config import MemoryConfig
+from .rotary import find_rotary
+from .session import Session
+
+MODULE_NAME = "memlm_memory"
+CONFIG_FILE = "memlm_config.json"
+WEIGHTS_FILE = "memlm.safetensors"
+SUPPORTED = "Llama, Mistral, Qwen2, GPT-2 (and other decoder-only models that use transformers' AttentionInterface)"
+
+
+class MemoryModule(nn.Module):
+    """memlm's own parameters on a model: one gate logit per memory layer and query head."""
+
+    def __init__(self, num_memory_layers: int, num_heads: int, gate_init: float, device: torch.device) -> None:
+        super().__init__()
+        self.gates = nn.Parameter(torch.full((num_memory_layers, num_heads), float(gate_init), device=device))
+
+
+class MemoryModel:
+    """A model with memlm attached: opens sessions, saves its memlm weights, detaches."""
+
+    def __init__(self, model: PreTrainedModel, config: MemoryConfig, tokenizer=None) -> None:
+        # Every check runs before the model is touched.
+        if not isinstance(model, PreTrainedModel):
+            raise TypeError(f"attach expects a transformers PreTrainedModel, got {type(model).__name__}")
+        if not isinstance(config, MemoryConfig):
+            raise TypeError(f"attach expects a MemoryConfig, got {type(config).__name__}")
+        if hasattr(model, MODULE_NAME):
+            raise ValueError(f"{type(model).__name__} already has memlm attached; detach() it first")
+        name = type(model).__name__
+        if getattr(model.config, "is_encoder_decoder", False) or not type(model)._can_set_attn_implementation():
+            raise ValueError(f"memlm cannot attach to {name}: supported are {SUPPORTED}")
+        if not callable(getattr(model, "get_output_embeddings", None)) or model.get_output_embeddings() is None:
+            raise ValueError(f"memlm needs a causal language model with an LM head, got {name}; supported: {SUPPORTED}")
+        self.memory_layers = config.resolve_layers(model.config.num_hidden_layers)
+        self.rotary = find_rotary(model)
+        self.max_positions = None
+        if self.rotary is None:  # absolute position embeddings (GPT-2): local positions must stay in range
+            self.max_positions = model.config.max_position_embeddings
+            local = config.xl_length + config.segment_length
+            if config.position_mode == "rebase" and local > self.max_positions:
+                raise ValueError(
+                    f"xl_length + segment_length = {config.xl_length} + {config.segment_length} = {local} exceeds "
+                    f"{name}'s max_position_embeddings ({self.max_positions})"
+                )
+        if tokenizer is not None and not callable(tokenizer):
+            raise TypeError(f"tokenizer must be a transformers tokenizer, got {type(tokenizer).__name__}")
+
+        self.model, self.config, self.tokenizer = model, config, tokenizer
+        self._previous_attention = model.config._attn_implementation
+        register()
+        model.set_attn_implementation(ATTENTION_NAME)
+        device = next(model.parameters()).device
+        model.add_module(MODULE_NAME, MemoryModule(len(self.memory_layers), model.config.num_attention_heads,
+                                                   config.gate_init, device))
+        self._attached = True
+
+    @property
+    def memory_module(self) -> MemoryModule:
+        self._check_attached()
+        return getattr(self.model, MODULE_NAME)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    def session(self, batch_size: int = 1):
+        """A new document session (a context manager): ``with mem_model.session() as s: ...``."""
+        self._check_attached()
+        return Session(self, batch_size=batch_size)
+
+    def detach(self) -> PreTrainedModel:
+        """Remove everything attach added and return the original model."""
+        self._check_attached()
+        delattr(self.model, MODULE_NAME)
+        self.model.set_attn_implementation(self._previous_attention)
+        self._attached = False
+        return self.model
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write the memlm config (JSON) and memlm's parameters (safetensors); not the base model."""
+        self._check_attached()
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        config = {"memlm_version": __version__, **self.config.to_dict()}
+        (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        tensors = {name: t.detach().contiguous().cpu() for name, t in self.memory_module.state_dict().items()}
+        save_file(tensors, str(directory / WEIGHTS_FILE))
+
+    @classmethod
+    def from_pretrained(cls, model: PreTrainedModel, directory: str | Path, tokenizer=None) -> MemoryModel:
+        """Attach the memlm config and parameters saved by ``save_pretrained`` to ``model``."""
+        directory = Path(directory)
+        for file in (CONFIG_FILE, WEIGHTS_FILE):
+            if not (directory / file).is_file():
+                raise FileNotFoundError(f"{directory / file} not found: expected a directory made by save_pretrained")
+        values = json.loads((directory / CONFIG_FILE).read_text())
+        values.pop("memlm_version", None)
+        weights = load_file(str(directory / WEIGHTS_FILE))
+        mem_model = cls(model, MemoryConfig.from_dict(values), tokenizer=tokenizer)
+        try:
+            mem_model.memory_module.load_state_dict(weights)
+        except RuntimeError as error:
+            mem_model.detach()
+            raise ValueError(f"{directory / WEIGHTS_FILE} does not fit this model: {error}") from error
+        return mem_model
+
+    def _check_attached(self) -> None:
+        if not self._attached:
+            raise RuntimeError("this MemoryModel was detached; attach the model again to use memlm")
+
+    def __repr__(self) -> str:
+        state = "attached" if self._attached else "detached"
+        return f"MemoryModel({type(self.model).__name__}, {state}, memory_layers={self.memory_layers}, {self.config})"
+
+
+def attach(model: PreTrainedModel, config: MemoryConfig | None = None, tokenizer=None) -> MemoryModel:
+    """Give ``model`` a memory described by ``config`` (default ``MemoryConfig()``); see ``MemoryModel``."""
+    return MemoryModel(model, config if config is not None else MemoryConfig(), tokenizer=tokenizer)

@@ -1,0 +1,47 @@
+"""Moving keys between positions with the model's own rotary embedding.
+
+memlm keeps keys *unrotated* (as if at position 0) in its Transformer-XL cache and kNN memory, and
+rotates them to wherever they stand in the current local context. The angles come from the model's
+rotary module (its ``inv_freq``, which already holds any PI/NTK/YaRN/Llama-3 frequency scaling);
+the module's ``attention_scaling`` is *not* applied, because the keys the model produced already
+carry it once (YaRN and LongRoPE fold it into cos/sin), and rotating by the angle alone moves a key
+without scaling it again. The rotation follows transformers' ``rotate_half`` convention of the
+Llama family (the first ``2 * len(inv_freq)`` channels rotate; any others pass through).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def find_rotary(model: nn.Module) -> nn.Module | None:
+    """The model's rotary-embedding module (the one module with an ``inv_freq`` tensor), or None."""
+    found = [m for m in model.modules() if isinstance(getattr(m, "inv_freq", None), torch.Tensor)]
+    if any(not torch.equal(found[0].inv_freq, m.inv_freq) for m in found[1:]):
+        raise ValueError(
+            f"{type(model).__name__} has {len(found)} rotary embeddings with different frequencies; "
+            "memlm supports models with one (Llama, Mistral, Qwen2) or none (GPT-2)"
+        )
+    return found[0] if found else None
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rotate(keys: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Rotate keys by ``positions`` (which may be negative or fractional).
+
+    keys: [..., head_dim]; positions: broadcastable to keys.shape[:-1]; inv_freq: [rot_dim / 2].
+    Computed in float32, returned in the keys' dtype.
+    """
+    rot_dim = 2 * inv_freq.shape[0]
+    angles = positions.to(torch.float32).unsqueeze(-1) * inv_freq.to(device=keys.device, dtype=torch.float32)
+    angles = torch.cat((angles, angles), dim=-1)
+    x = keys.float()
+    rotated = x[..., :rot_dim] * angles.cos() + rotate_half(x[..., :rot_dim]) * angles.sin()
+    if rot_dim < keys.shape[-1]:
+        rotated = torch.cat((rotated, x[..., rot_dim:]), dim=-1)
+    return rotated.to(keys.dtype)

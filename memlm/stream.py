@@ -1,0 +1,174 @@
+"""The state of one document stream: Transformer-XL caches, kNN memories and positions.
+
+A stream is a sequence of *segments* of ``segment_length`` tokens. The local context of the
+tokens being processed is [closed XL cache ; the open segment so far ; the new tokens]. When a
+segment closes, the local context keeps its last ``xl_length`` tokens (Transformer-XL, Dai et al.
+2019) and the tokens it drops enter the kNN memory of every memory layer (Memorizing Transformers,
+Wu et al. 2022) at that moment, so no token is attended twice. Feeding a segment in one forward or
+token by token (as ``generate`` does) gives the same result.
+
+Keys are stored unrotated (at position 0) and rotated to their place in the local context on use
+(``rotary.py``). Positions (DESIGN.md): ``position_mode="rebase"`` numbers the local context
+0..L-1; ``"absolute"`` uses document offsets. Memory keys sit at the start of the local context
+(``memory_positions="first"``) or at their true document distance from the query (``"original"``).
+Memory entry ids are document positions: tokens enter memory in document order, starting at 0.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from memlm.index import create_index
+from memlm.kernels import memory_attention
+
+from .config import MEMORY_DTYPES, MemoryConfig
+from .rotary import rotate
+
+
+class StreamState:
+    """XL caches, memories and positions of ``batch_size`` parallel document streams.
+
+    Used by ``Session``: ``begin(n)`` before a forward of n new tokens, ``attend`` from the
+    registered attention function at every layer, ``commit()`` after the forward succeeded.
+    """
+
+    def __init__(
+        self,
+        config: MemoryConfig,
+        *,
+        batch_size: int,
+        memory_layers: tuple[int, ...],
+        gates: nn.Parameter,
+        rotary: nn.Module | None,
+        max_positions: int | None,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        self.config = config
+        self.batch_size = batch_size
+        self.memory_layers = memory_layers
+        self.gates = gates  # [memory layers, q_heads] logits
+        self.rotary = rotary
+        self.max_positions = max_positions  # for models with absolute position embeddings
+        self.device = device
+        self.memory_dtype = MEMORY_DTYPES[config.memory_dtype] if config.memory_dtype else dtype
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the whole document: caches, memories, positions."""
+        self.cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> unrotated keys, values
+        self.indexes: dict = {}  # layer -> MemoryIndex, made when the first tokens enter memory
+        self.local_start = 0  # document position of the local context's first token
+        self.local_length = 0  # tokens in the local context (closed cache + open segment)
+        self.open_length = 0  # tokens of the segment not yet closed
+        self.pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.positions: torch.Tensor | None = None
+
+    @property
+    def tokens_seen(self) -> int:
+        return self.local_start + self.local_length
+
+    # ------------------------------------------------------------------------------------ forward
+
+    def begin(self, n: int) -> torch.Tensor:
+        """Prepare a forward of ``n`` new tokens; returns their position ids [batch, n]."""
+        if not 0 < n <= self.config.segment_length - self.open_length:
+            raise ValueError(f"{n} new tokens do not fit the open segment ({self.open_length} of "
+                             f"{self.config.segment_length} tokens used)")
+        start = self._frame() + self.local_length
+        if self.max_positions is not None and start + n > self.max_positions:
+            raise ValueError(
+                f"position {start + n - 1} is past this model's max_position_embeddings ({self.max_positions}): "
+                f"an absolute-position model cannot stream past it with position_mode="
+                f"{self.config.position_mode!r}; use position_mode='rebase' with xl_length + segment_length <= "
+                f"{self.max_positions}"
+            )
+        self.pending = {}
+        self.positions = torch.arange(start, start + n, device=self.device)
+        return self.positions.expand(self.batch_size, n)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """Attention of the new tokens at one layer.
+
+        q: [batch, q_heads, n, head_dim]; k, v: [batch, kv_heads, n, head_dim] (positions applied).
+        Returns [batch, n, q_heads, head_dim], the layout transformers' attention functions return.
+        """
+        if self.positions is None:
+            raise RuntimeError("StreamState.attend called outside begin()/commit()")
+        inv_freq = None if self.rotary is None else self.rotary.inv_freq
+        unrotated = k if inv_freq is None else rotate(k, -self.positions, inv_freq)
+        self.pending[layer] = (unrotated.detach(), v.detach())  # caches carry no gradient
+        if layer in self.cache:
+            cached_k, cached_v = self.cache[layer]
+            if inv_freq is not None:
+                cached_k = rotate(cached_k, torch.arange(cached_k.shape[2], device=k.device) + self._frame(), inv_freq)
+            k, v = torch.cat((cached_k.to(k.dtype), k), dim=2), torch.cat((cached_v.to(v.dtype), v), dim=2)
+        mem_k = mem_v = mem_mask = gate = None
+        if layer in self.memory_layers:
+            gate = self.gates[self.memory_layers.index(layer)]
+            if layer in self.indexes:
+                mem_k, mem_v, mem_mask = self._retrieve(layer, q, inv_freq)
+        out = memory_attention(q, k, v, mem_k, mem_v, mem_mask, gate=gate, fusion=self.config.fusion, scale=scale)
+        return out.transpose(1, 2)
+
+    def commit(self) -> None:
+        """The forward succeeded: its tokens join the local context; a full segment closes."""
+        n = self.positions.shape[0]
+        for layer, (k, v) in self.pending.items():
+            if layer in self.cache:
+                cached_k, cached_v = self.cache[layer]
+                k, v = torch.cat((cached_k, k), dim=2), torch.cat((cached_v, v), dim=2)
+            self.cache[layer] = (k, v)
+        self.pending, self.positions = {}, None
+        self.local_length += n
+        self.open_length += n
+        if self.open_length == self.config.segment_length:
+            self._close_segment()
+
+    def abort(self) -> None:
+        """The forward failed: drop what it computed, keep everything stored."""
+        self.pending, self.positions = {}, None
+
+    # ------------------------------------------------------------------------------------ helpers
+
+    def _frame(self) -> int:
+        """The position id of the local context's first token."""
+        return 0 if self.config.position_mode == "rebase" else self.local_start
+
+    def _close_segment(self) -> None:
+        drop = self.local_length - self.config.xl_length
+        if drop > 0:
+            for layer, (k, v) in self.cache.items():
+                if layer in self.memory_layers:
+                    dropped_k, dropped_v = k[:, :, :drop].to(self.memory_dtype), v[:, :, :drop].to(self.memory_dtype)
+                    self._memory(layer, k).add(dropped_k, dropped_v)
+                self.cache[layer] = (k[:, :, drop:], v[:, :, drop:])
+            self.local_start += drop
+            self.local_length -= drop
+        self.open_length = 0
+
+    def _memory(self, layer: int, keys: torch.Tensor):
+        if layer not in self.indexes:
+            _, kv_heads, _, head_dim = keys.shape
+            self.indexes[layer] = create_index(
+                self.config.index, dim=head_dim, capacity=self.config.memory_capacity, batch_size=self.batch_size,
+                num_heads=kv_heads, device=self.device, dtype=self.memory_dtype, **self.config.index_kwargs,
+            )
+        return self.indexes[layer]
+
+    def _retrieve(self, layer: int, q: torch.Tensor, inv_freq: torch.Tensor | None):
+        """Each query head's top-k memory entries: keys, values [b, hq, n, k, d] and mask [b, hq, n, k]."""
+        index = self.indexes[layer]
+        batch, q_heads, n, head_dim = q.shape
+        group = q_heads // index.num_heads  # query head h reads kv head h // group
+        found = index.search(q.detach().reshape(batch, index.num_heads, group * n, head_dim), self.config.top_k)
+        shape = (batch, q_heads, n, self.config.top_k)
+        mem_k, mem_v = found.keys.reshape(*shape, head_dim), found.values.reshape(*shape, head_dim)
+        if inv_freq is not None:
+            if self.config.memory_positions == "original":
+                positions = found.ids.reshape(shape) - self.local_start + self._frame()
+                mem_k = rotate(mem_k, positions, inv_freq)
+            elif self._frame() != 0:
+                mem_k = rotate(mem_k, torch.tensor(self._frame(), device=q.device), inv_freq)
+        return mem_k.to(q.dtype), mem_v.to(q.dtype), found.mask.reshape(shape)
