@@ -17,6 +17,7 @@ import time
 import faiss
 import numpy as np
 import torch
+
 from memlm.index import create_index
 
 K = 32

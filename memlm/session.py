@@ -106,6 +106,7 @@ class Session:
                                  f"{list(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
             labels = labels.to(self.mem_model.device)
         total = ids.shape[1]
+        self.state.check_room(total)
         grad = torch.is_grad_enabled() and labels is not None
         loss_sum, loss_count, all_logits, segments = 0.0, 0, [], 0
         bar = tqdm(total=total, unit="tok", disable=not progress, desc="memlm feed")
@@ -179,7 +180,9 @@ class Session:
         as_text = isinstance(prompt_ids_or_text, str) or (
             isinstance(prompt_ids_or_text, list) and prompt_ids_or_text and isinstance(prompt_ids_or_text[0], str)
         )
-        self.feed(prompt_ids_or_text)
+        prompt = self._as_ids(prompt_ids_or_text)
+        self.state.check_room(prompt.shape[1] + max_new_tokens - 1)  # the last new token is never forwarded
+        self.feed(prompt)
         if eos_token_id is None:
             eos_token_id = self.mem_model.model.generation_config.eos_token_id
         eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []),

@@ -71,19 +71,25 @@ class StreamState:
 
     # ------------------------------------------------------------------------------------ forward
 
+    def check_room(self, n: int) -> None:
+        """Raise before anything runs if an absolute-position model cannot take ``n`` more tokens."""
+        if self.max_positions is None or self.config.position_mode != "absolute":
+            return  # rotary models extrapolate; rebased positions stay below xl_length + segment_length
+        last = self.tokens_seen + n - 1
+        if last >= self.max_positions:
+            raise ValueError(
+                f"position {last} is past this model's max_position_embeddings ({self.max_positions}): an "
+                f"absolute-position model cannot stream past it with position_mode='absolute'; use "
+                f"position_mode='rebase' with xl_length + segment_length <= {self.max_positions}"
+            )
+
     def begin(self, n: int) -> torch.Tensor:
         """Prepare a forward of ``n`` new tokens; returns their position ids [batch, n]."""
         if not 0 < n <= self.config.segment_length - self.open_length:
             raise ValueError(f"{n} new tokens do not fit the open segment ({self.open_length} of "
                              f"{self.config.segment_length} tokens used)")
+        self.check_room(n)
         start = self._frame() + self.local_length
-        if self.max_positions is not None and start + n > self.max_positions:
-            raise ValueError(
-                f"position {start + n - 1} is past this model's max_position_embeddings ({self.max_positions}): "
-                f"an absolute-position model cannot stream past it with position_mode="
-                f"{self.config.position_mode!r}; use position_mode='rebase' with xl_length + segment_length <= "
-                f"{self.max_positions}"
-            )
         self.pending = {}
         self.positions = torch.arange(start, start + n, device=self.device)
         return self.positions.expand(self.batch_size, n)

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from conftest import VOCAB_SIZE, make_text
 
 

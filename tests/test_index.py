@@ -9,6 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from memlm.index import FaissIVFIndex, SearchResult, create_index
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
