@@ -220,7 +220,7 @@ def test_search_block_boundaries_do_not_change_results():
     History(2, 3, 8).add(index, 4000, generator)
     queries = torch.randn(2, 3, 37, 8, generator=generator)
     whole = index.search(queries, k=9)
-    index.search_block_bytes = 4 * 2 * 3 * 4000 * 5  # five queries per block, the last one short
+    index.search_block_queries = 5  # the last block is short
     blocked = index.search(queries, k=9)
     assert torch.equal(whole.ids, blocked.ids)
     torch.testing.assert_close(whole.scores, blocked.scores)  # BLAS may sum in another order

@@ -1,0 +1,148 @@
+"""Benchmark the streaming runtime: memlm vs plain forwards, scaling with document length, full attention.
+
+    python benchmarks/bench_stream.py            # the full workload (about 15 minutes on 2 cores)
+    python benchmarks/bench_stream.py --quick    # smaller sizes, a few minutes
+
+Random-weight models (speed does not depend on the weights), float32, this machine's CPU threads.
+Every figure is measured in this run; compare the ratios, which are taken side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+
+import torch
+import transformers
+
+# Printed tables share one helper with the index benchmark (this folder is on sys.path when run as a script).
+from bench_index import table
+
+from memlm import MemoryConfig, attach
+
+
+def llama(layers: int, hidden: int, heads: int, vocab: int, max_positions: int) -> transformers.LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=max_positions,
+    )
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def tokens(n: int, vocab: int) -> torch.Tensor:
+    return torch.randint(vocab, (1, n), generator=torch.Generator().manual_seed(0))
+
+
+def rss_mib() -> float:
+    """Resident memory of this process now, MiB."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@torch.no_grad()
+def plain_rate(model, ids: torch.Tensor, segment: int) -> float:
+    """Tokens/s of independent ``segment``-token forwards (no memory), last-token logits only."""
+    start = time.perf_counter()
+    for s in range(0, ids.shape[1], segment):
+        model(ids[:, s : s + segment], logits_to_keep=1)
+    return ids.shape[1] / (time.perf_counter() - start)
+
+
+@torch.no_grad()
+def memlm_rate(model, config: MemoryConfig, ids: torch.Tensor) -> float:
+    mem_model = attach(model, config)
+    try:
+        with mem_model.session() as session:
+            start = time.perf_counter()
+            session.feed(ids)
+            return ids.shape[1] / (time.perf_counter() - start)
+    finally:
+        mem_model.detach()
+
+
+def bench_vs_plain(n_tokens: int) -> None:
+    model = llama(layers=12, hidden=768, heads=12, vocab=32000, max_positions=4096)
+    ids = tokens(n_tokens, 32000)
+    plain = plain_rate(model, ids, 512)
+    rows = [["plain 512-token forwards, no memory", f"{plain:,.0f}", "1.00"]]
+    variants = [
+        ("memlm: xl 512", MemoryConfig(segment_length=512, xl_length=512, memory_layers=())),
+        ("memlm: xl 512 + kNN memory (1 layer, 65,536, k 32)",
+         MemoryConfig(segment_length=512, xl_length=512, memory_layers=(-4,), top_k=32, memory_capacity=65536)),
+        ("memlm: the same, memory in faiss IVF (nlist 256, nprobe 16)",
+         MemoryConfig(segment_length=512, xl_length=512, memory_layers=(-4,), top_k=32, memory_capacity=65536,
+                      index="faiss", index_kwargs={"kind": "ivf"})),
+    ]
+    for name, config in variants:
+        rate = memlm_rate(model, config, ids)
+        rows.append([name, f"{rate:,.0f}", f"{rate / plain:.2f}"])
+    table(f"Streaming {n_tokens:,} tokens through a random Llama (12 layers, hidden 768, 12 heads, vocab 32,000), "
+          f"segment 512", ["run", "tokens/s", "vs plain"], rows)
+
+
+@torch.no_grad()
+def bench_scaling(checkpoints: list[int], window: int = 32) -> None:
+    model = llama(layers=4, hidden=128, heads=4, vocab=32000, max_positions=2048)
+    config = MemoryConfig(segment_length=512, xl_length=512, memory_layers=(-1,), top_k=32, memory_capacity=65536)
+    mem_model = attach(model, config)
+    rows = []
+    with mem_model.session() as session:
+        done, latencies, generator = 0, [], torch.Generator().manual_seed(0)
+        for checkpoint in checkpoints:
+            while done < checkpoint:
+                ids = torch.randint(32000, (1, 512), generator=generator)
+                start = time.perf_counter()
+                session.feed(ids)
+                latencies.append(time.perf_counter() - start)
+                done += 512
+            recent = sorted(latencies[-window:])
+            rows.append([f"{checkpoint:,}", f"{1e3 * recent[len(recent) // 2]:.1f}",
+                         f"{int(session.state.indexes[3].size[0]):,}", f"{rss_mib():,.0f}", f"{peak_rss_mib():,.0f}"])
+    mem_model.detach()
+    base = float(rows[0][1])
+    for row in rows:
+        row.insert(2, f"{float(row[1]) / base:.2f}")
+    table("Tiny Llama (4 layers, hidden 128, 4 heads), segment 512, xl 512, memory layer 3 (65,536, k 32)",
+          ["tokens streamed", f"segment ms (median of last {window})", "vs first", "entries in memory", "RSS MiB",
+           "peak RSS MiB"], rows)
+
+
+@torch.no_grad()
+def bench_vs_full(lengths: list[int]) -> None:
+    model = llama(layers=12, hidden=768, heads=12, vocab=32000, max_positions=max(lengths))
+    config = MemoryConfig(segment_length=512, xl_length=512, memory_layers=(-4,), top_k=32, memory_capacity=65536)
+    rows = []
+    for n in lengths:
+        ids = tokens(n, 32000)
+        start = time.perf_counter()
+        model(ids, logits_to_keep=1)
+        full = n / (time.perf_counter() - start)
+        rate = memlm_rate(model, config, ids)
+        rows.append([f"{n:,}", f"{full:,.0f}", f"{rate:,.0f}", f"{rate / full:.2f}"])
+    table("memlm (segment 512, xl 512, kNN memory) vs one full-attention forward of the whole document, "
+          "12-layer Llama", ["document tokens", "full forward tokens/s", "memlm tokens/s", "memlm vs full"], rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smaller sizes (for a first look)")
+    args = parser.parse_args()
+    print(f"memlm streaming benchmark, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if args.quick:
+        bench_vs_plain(8192)
+        bench_scaling([16384, 65536])
+        bench_vs_full([4096])
+    else:
+        bench_vs_plain(65536)
+        bench_scaling([65536, 262144, 1048576])
+        bench_vs_full([8192, 16384])
+
+
+if __name__ == "__main__":
+    main()
