@@ -41,6 +41,10 @@ class MemoryConfig:
     )
     memory_dtype: str | None = _help("dtype of stored memory: 'float32', 'float16', 'bfloat16'; None = the model's",
                                      None)
+    rmt_tokens: int = _help("Recurrent Memory Transformer read/write tokens per segment (0 = off)", 0)
+    rmt_bptt_depth: int | None = _help(
+        "with gradients enabled, cut the graph through RMT memory every k segments; None = never cut", None
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.memory_layers, int) and not isinstance(self.memory_layers, bool):
@@ -50,7 +54,8 @@ class MemoryConfig:
         if isinstance(self.memory_dtype, torch.dtype):
             self.memory_dtype = str(self.memory_dtype).removeprefix("torch.")
         self.index_kwargs = dict(self.index_kwargs or {})
-        for name, low in (("segment_length", 1), ("xl_length", 0), ("top_k", 1), ("memory_capacity", 1)):
+        for name, low in (("segment_length", 1), ("xl_length", 0), ("top_k", 1), ("memory_capacity", 1),
+                          ("rmt_tokens", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
@@ -70,6 +75,9 @@ class MemoryConfig:
             self.gate_init
         ):
             raise ValueError(f"gate_init must be a finite number, got {self.gate_init!r}")
+        depth = self.rmt_bptt_depth
+        if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int) or depth < 1):
+            raise ValueError(f"rmt_bptt_depth must be None or an integer >= 1, got {depth!r}")
         if self.memory_dtype is not None and self.memory_dtype not in MEMORY_DTYPES:
             raise ValueError(f"memory_dtype must be None or one of {tuple(MEMORY_DTYPES)}, got {self.memory_dtype!r}")
 

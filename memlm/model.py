@@ -2,7 +2,8 @@
 
 ``attach`` checks everything first, then changes exactly three things: it registers the ``"memlm"``
 attention function (``attention.py``), switches this model to it, and hangs one module of new
-parameters on the model as ``memlm_memory`` (the per-head gates). ``detach`` undoes exactly those.
+parameters on the model as ``memlm_memory`` (the per-head gates, the RMT memory embeddings).
+``detach`` undoes exactly those.
 """
 
 from __future__ import annotations
@@ -28,11 +29,18 @@ SUPPORTED = "Llama, Mistral, Qwen2, GPT-2 (and other decoder-only models that us
 
 
 class MemoryModule(nn.Module):
-    """memlm's own parameters on a model: one gate logit per memory layer and query head."""
+    """memlm's own parameters on a model: one gate logit per memory layer and query head, and the
+    RMT memory embeddings [rmt_tokens, hidden] read by a document's first segment (when rmt_tokens > 0)."""
 
-    def __init__(self, num_memory_layers: int, num_heads: int, gate_init: float, device: torch.device) -> None:
+    def __init__(self, config: MemoryConfig, num_memory_layers: int, num_heads: int, embeddings: nn.Embedding) -> None:
         super().__init__()
-        self.gates = nn.Parameter(torch.full((num_memory_layers, num_heads), float(gate_init), device=device))
+        device = embeddings.weight.device
+        self.gates = nn.Parameter(torch.full((num_memory_layers, num_heads), float(config.gate_init), device=device))
+        if config.rmt_tokens:
+            # Start where the model's own token embeddings live, so the first segment reads familiar inputs.
+            scale = embeddings.weight.detach().float().std().item()
+            initial = torch.randn(config.rmt_tokens, embeddings.embedding_dim, device=device) * scale
+            self.rmt_memory = nn.Parameter(initial.to(embeddings.weight.dtype))
 
 
 class MemoryModel:
@@ -56,12 +64,18 @@ class MemoryModel:
         self.max_positions = None
         if self.rotary is None:  # absolute position embeddings (GPT-2): local positions must stay in range
             self.max_positions = model.config.max_position_embeddings
-            local = config.xl_length + config.segment_length
+            local = config.xl_length + config.segment_length + 2 * config.rmt_tokens
             if config.position_mode == "rebase" and local > self.max_positions:
                 raise ValueError(
-                    f"xl_length + segment_length = {config.xl_length} + {config.segment_length} = {local} exceeds "
-                    f"{name}'s max_position_embeddings ({self.max_positions})"
+                    f"xl_length + segment_length + 2 * rmt_tokens = {local} exceeds {name}'s "
+                    f"max_position_embeddings ({self.max_positions})"
                 )
+        embedding_size = model.get_input_embeddings().embedding_dim
+        if config.rmt_tokens and embedding_size != model.config.hidden_size:
+            raise ValueError(
+                f"rmt_tokens needs hidden size == embedding size (write outputs become read inputs); {name} has "
+                f"{model.config.hidden_size} and {embedding_size}"
+            )
         if tokenizer is not None and not callable(tokenizer):
             raise TypeError(f"tokenizer must be a transformers tokenizer, got {type(tokenizer).__name__}")
 
@@ -69,9 +83,9 @@ class MemoryModel:
         self._previous_attention = model.config._attn_implementation
         register()
         model.set_attn_implementation(ATTENTION_NAME)
-        device = next(model.parameters()).device
-        model.add_module(MODULE_NAME, MemoryModule(len(self.memory_layers), model.config.num_attention_heads,
-                                                   config.gate_init, device))
+        module = MemoryModule(config, len(self.memory_layers), model.config.num_attention_heads,
+                              model.get_input_embeddings())
+        model.add_module(MODULE_NAME, module)
         self._attached = True
 
     @property

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
+from .rmt import RecurrentMemory
 from .stream import StreamState
 
 IGNORE_INDEX = -100
@@ -53,6 +54,10 @@ class Session:
             device=mem_model.device,
             dtype=mem_model.dtype,
         )
+        config = mem_model.config
+        self.rmt = None
+        if config.rmt_tokens:
+            self.rmt = RecurrentMemory(mem_model.memory_module.rmt_memory, batch_size, config.rmt_bptt_depth)
         self._last_logits: torch.Tensor | None = None  # [batch, vocab] of the last token fed
         self._closed = False
         self._keep_logits_arg = "logits_to_keep" in inspect.signature(mem_model.model.forward).parameters
@@ -71,14 +76,18 @@ class Session:
         if not self._closed:
             for index in self.state.indexes.values():
                 index.reset()
-            self.state.reset()
-            self._last_logits = None
+            self._forget()
             self._closed = True
 
     def reset(self) -> None:
         """Forget the document (XL caches, memories, positions) and keep the session open."""
         self._check_open()
+        self._forget()
+
+    def _forget(self) -> None:
         self.state.reset()
+        if self.rmt is not None:
+            self.rmt.reset()
         self._last_logits = None
 
     @property
@@ -222,17 +231,31 @@ class Session:
     # ------------------------------------------------------------------------------------ internals
 
     def _forward(self, ids: torch.Tensor, keep_all: bool) -> torch.Tensor:
-        """One forward of ids [batch, n] (n fits the open segment) -> logits [batch, n or 1, vocab]."""
-        positions = self.state.begin(ids.shape[1])
-        kwargs = {} if keep_all or not self._keep_logits_arg else {"logits_to_keep": 1}
+        """One forward of ids [batch, n] (n fits the open segment) -> logits [batch, n or 1, vocab].
+
+        With RMT, the segment's first forward starts with the read tokens and the forward that
+        completes it ends with the write tokens (``rmt.py``); their logits are cut off here.
+        """
+        n, model, rmt, state = ids.shape[1], self.mem_model.model, self.rmt, self.state
+        read = rmt.tokens if rmt is not None and state.open_length == 0 else 0
+        write = rmt.tokens if rmt is not None and state.open_length + n == self.mem_model.config.segment_length else 0
+        inputs = {"input_ids": ids}
+        if read or write:
+            memory = rmt.read(model.dtype)
+            parts = [memory] * bool(read) + [model.get_input_embeddings()(ids)] + [memory] * bool(write)
+            inputs = {"inputs_embeds": torch.cat(parts, dim=1), "output_hidden_states": bool(write)}
+        if not keep_all and self._keep_logits_arg:
+            inputs["logits_to_keep"] = write + 1  # the last text token and the write tokens after it
+        positions = self.state.begin(n, read=read, write=write)
         try:
-            logits = self.mem_model.model(
-                input_ids=ids, position_ids=positions, use_cache=False, memlm_state=self.state, **kwargs
-            ).logits
+            out = model(**inputs, position_ids=positions, use_cache=False, memlm_state=self.state)
         except BaseException:
             self.state.abort()
             raise
         self.state.commit()
+        if write:
+            rmt.write(out.hidden_states[-1][:, -write:])
+        logits = out.logits[:, read : read + n] if keep_all else out.logits[:, -1 - write : out.logits.shape[1] - write]
         self._last_logits = logits[:, -1].detach()
         return logits
 

@@ -1,7 +1,8 @@
 """The state of one document stream: Transformer-XL caches, kNN memories and positions.
 
 A stream is a sequence of *segments* of ``segment_length`` tokens. The local context of the
-tokens being processed is [closed XL cache ; the open segment so far ; the new tokens]. When a
+tokens being processed is [closed XL cache ; the open segment so far ; the new tokens] (with RMT
+read tokens before the segment and write tokens after it, ``rmt.py``). When a
 segment closes, the local context keeps its last ``xl_length`` tokens (Transformer-XL, Dai et al.
 2019) and the tokens it drops enter the kNN memory of every memory layer (Memorizing Transformers,
 Wu et al. 2022) at that moment, so no token is attended twice. Feeding a segment in one forward or
@@ -57,17 +58,25 @@ class StreamState:
 
     def reset(self) -> None:
         """Forget the whole document: caches, memories, positions."""
-        self.cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> unrotated keys, values
+        # layer -> unrotated keys, values [batch, kv_heads, cache + read + open, head_dim]
+        self.cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.indexes: dict = {}  # layer -> MemoryIndex, made when the first tokens enter memory
         self.local_start = 0  # document position of the local context's first token
-        self.local_length = 0  # tokens in the local context (closed cache + open segment)
+        self.cache_length = 0  # tokens of closed segments kept (the XL cache)
+        self.read_length = 0  # RMT read tokens of the open segment
         self.open_length = 0  # tokens of the segment not yet closed
         self.pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.positions: torch.Tensor | None = None
+        self._new = (0, 0, 0)  # read, text, write tokens of the forward in flight
 
     @property
     def tokens_seen(self) -> int:
-        return self.local_start + self.local_length
+        return self.local_start + self.cache_length + self.open_length
+
+    @property
+    def local_length(self) -> int:
+        """Entries of the local context: cache, read tokens, open segment."""
+        return self.cache_length + self.read_length + self.open_length
 
     # ------------------------------------------------------------------------------------ forward
 
@@ -75,7 +84,7 @@ class StreamState:
         """Raise before anything runs if an absolute-position model cannot take ``n`` more tokens."""
         if self.max_positions is None or self.config.position_mode != "absolute":
             return  # rotary models extrapolate; rebased positions stay below xl_length + segment_length
-        last = self.tokens_seen + n - 1
+        last = self.tokens_seen + n - 1 + 2 * self.config.rmt_tokens
         if last >= self.max_positions:
             raise ValueError(
                 f"position {last} is past this model's max_position_embeddings ({self.max_positions}): an "
@@ -83,16 +92,20 @@ class StreamState:
                 f"position_mode='rebase' with xl_length + segment_length <= {self.max_positions}"
             )
 
-    def begin(self, n: int) -> torch.Tensor:
-        """Prepare a forward of ``n`` new tokens; returns their position ids [batch, n]."""
+    def begin(self, n: int, read: int = 0, write: int = 0) -> torch.Tensor:
+        """Prepare a forward of ``read`` RMT read tokens, ``n`` text tokens and ``write`` RMT write tokens.
+
+        Returns their position ids [batch, read + n + write].
+        """
         if not 0 < n <= self.config.segment_length - self.open_length:
             raise ValueError(f"{n} new tokens do not fit the open segment ({self.open_length} of "
                              f"{self.config.segment_length} tokens used)")
         self.check_room(n)
         start = self._frame() + self.local_length
-        self.pending = {}
-        self.positions = torch.arange(start, start + n, device=self.device)
-        return self.positions.expand(self.batch_size, n)
+        total = read + n + write
+        self.pending, self._new = {}, (read, n, write)
+        self.positions = torch.arange(start, start + total, device=self.device)
+        return self.positions.expand(self.batch_size, total)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         """Attention of the new tokens at one layer.
@@ -119,15 +132,16 @@ class StreamState:
         return out.transpose(1, 2)
 
     def commit(self) -> None:
-        """The forward succeeded: its tokens join the local context; a full segment closes."""
-        n = self.positions.shape[0]
+        """The forward succeeded: its tokens join the local context (write tokens never do); a full segment closes."""
+        read, n, _ = self._new
         for layer, (k, v) in self.pending.items():
+            k, v = k[:, :, : read + n], v[:, :, : read + n]
             if layer in self.cache:
                 cached_k, cached_v = self.cache[layer]
                 k, v = torch.cat((cached_k, k), dim=2), torch.cat((cached_v, v), dim=2)
             self.cache[layer] = (k, v)
         self.pending, self.positions = {}, None
-        self.local_length += n
+        self.read_length += read
         self.open_length += n
         if self.open_length == self.config.segment_length:
             self._close_segment()
@@ -143,16 +157,19 @@ class StreamState:
         return 0 if self.config.position_mode == "rebase" else self.local_start
 
     def _close_segment(self) -> None:
-        drop = self.local_length - self.config.xl_length
-        if drop > 0:
-            for layer, (k, v) in self.cache.items():
-                if layer in self.memory_layers:
-                    dropped_k, dropped_v = k[:, :, :drop].to(self.memory_dtype), v[:, :, :drop].to(self.memory_dtype)
-                    self._memory(layer, k).add(dropped_k, dropped_v)
-                self.cache[layer] = (k[:, :, drop:], v[:, :, drop:])
-            self.local_start += drop
-            self.local_length -= drop
-        self.open_length = 0
+        """Drop the read tokens; keep the last ``xl_length`` tokens; move older ones into memory."""
+        start, end = self.cache_length, self.cache_length + self.read_length  # read tokens' slots
+        kept = self.cache_length + self.open_length
+        drop = max(0, kept - self.config.xl_length)
+        for layer, (k, v) in self.cache.items():
+            if end > start:
+                k, v = (torch.cat((t[:, :, :start], t[:, :, end:]), dim=2) for t in (k, v))
+            if drop and layer in self.memory_layers:
+                self._memory(layer, k).add(k[:, :, :drop].to(self.memory_dtype), v[:, :, :drop].to(self.memory_dtype))
+            self.cache[layer] = (k[:, :, drop:], v[:, :, drop:])
+        self.local_start += drop
+        self.cache_length = kept - drop
+        self.read_length = self.open_length = 0
 
     def _memory(self, layer: int, keys: torch.Tensor):
         if layer not in self.indexes:
