@@ -129,16 +129,49 @@ def bench_vs_full(lengths: list[int]) -> None:
           "12-layer Llama", ["document tokens", "full forward tokens/s", "memlm tokens/s", "memlm vs full"], rows)
 
 
+@torch.no_grad()
+def bench_rmt(n_tokens: int, sizes: list[int], segment: int = 512) -> None:
+    """Per-segment latency with N RMT tokens, early and late in the stream, against a plain longer segment."""
+    model = llama(layers=4, hidden=128, heads=4, vocab=32000, max_positions=4096)
+    ids = tokens(n_tokens, 32000)
+    early = n_tokens // 4
+    rows = []
+    for n in sizes:
+        row = [str(n)]
+        for config in (MemoryConfig(segment_length=segment, xl_length=512, memory_layers=(), rmt_tokens=n),
+                       MemoryConfig(segment_length=segment + 2 * n, xl_length=512, memory_layers=())):
+            mem_model = attach(model, config)
+            latencies = []
+            with mem_model.session() as session:
+                for start in range(0, n_tokens, config.segment_length):
+                    begin = time.perf_counter()
+                    session.feed(ids[:, start : start + config.segment_length])
+                    latencies.append(time.perf_counter() - begin)
+            mem_model.detach()
+            window = max(1, early // config.segment_length)
+            for part in (latencies[:window], latencies[-window:]):
+                row.append(f"{1e3 * sorted(part)[window // 2]:.1f}")
+        row.insert(3, f"{float(row[2]) / float(rows[0][2]) if rows else 1.0:.2f}")
+        row.append(f"{rss_mib():,.0f}")
+        rows.append(row)
+    table(f"RMT: tiny Llama (4 layers, hidden 128), segment {segment}, xl 512, {n_tokens:,} tokens; median ms per "
+          f"segment in the first and last {early:,} tokens",
+          ["rmt_tokens N", f"ms, first {early:,}", f"ms, last {early:,}", "last vs N=0",
+           f"no RMT, segment {segment}+2N: first", "... last", "RSS MiB"], rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller sizes (for a first look)")
     args = parser.parse_args()
     print(f"memlm streaming benchmark, torch {torch.__version__}, {torch.get_num_threads()} threads")
     if args.quick:
+        bench_rmt(16384, [0, 4, 16, 64])
         bench_vs_plain(8192)
         bench_scaling([16384, 65536])
         bench_vs_full([4096])
     else:
+        bench_rmt(65536, [0, 4, 16, 64])
         bench_vs_plain(65536)
         bench_scaling([65536, 262144, 1048576])
         bench_vs_full([8192, 16384])
