@@ -46,6 +46,23 @@ def tokenizer() -> transformers.PreTrainedTokenizerFast:
     return transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>", pad_token="<pad>")
 
 
+def document(length: int, seed: int = 0, low: int = 0, high: int = VOCAB_SIZE) -> torch.Tensor:
+    """Random token ids [1, length] in [low, high), reproducible by seed."""
+    return torch.randint(low, high, (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+def session_logits(mem_model, ids: torch.Tensor, chunks: list[int] | None = None) -> torch.Tensor:
+    """Logits of ids [batch, tokens] fed through a fresh session, at once or in feeds of ``chunks`` tokens."""
+    with mem_model.session(batch_size=ids.shape[0]) as session:
+        if chunks is None:
+            return session.feed(ids, return_logits=True).logits
+        parts, start = [], 0
+        for n in chunks:
+            parts.append(session.feed(ids[:, start : start + n], return_logits=True).logits)
+            start += n
+        return torch.cat(parts, dim=1)
+
+
 def _seeded(build):
     torch.manual_seed(0)
     return build().eval()

@@ -8,33 +8,22 @@ import transformers
 
 from memlm import MemoryConfig, MemoryModel, attach
 
+from conftest import document, session_logits
+
 RMT_ONLY = {"segment_length": 8, "xl_length": 0, "memory_layers": ()}
 
 
-def document(length: int, seed: int = 0, low: int = 0, high: int = 320) -> torch.Tensor:
-    return torch.randint(low, high, (1, length), generator=torch.Generator().manual_seed(seed))
-
-
-def logits(mem_model, ids: torch.Tensor, chunks: list[int] | None = None) -> torch.Tensor:
-    with mem_model.session(batch_size=ids.shape[0]) as session:
-        if chunks is None:
-            return session.feed(ids, return_logits=True).logits
-        parts, start = [], 0
-        for n in chunks:
-            parts.append(session.feed(ids[:, start : start + n], return_logits=True).logits)
-            start += n
-        return torch.cat(parts, dim=1)
 
 
 def test_rmt_off_is_the_runtime_without_rmt(tiny_llama):
     ids = document(70, seed=1)
     config = MemoryConfig(segment_length=16, xl_length=16, memory_layers=(1,), top_k=4, memory_capacity=64)
     mem_model = attach(tiny_llama, config)
-    expected = logits(mem_model, ids)
+    expected = session_logits(mem_model, ids)
     mem_model.detach()
     mem_model = attach(tiny_llama, MemoryConfig(**{**config.to_dict(), "rmt_tokens": 0}))
     assert not hasattr(mem_model.memory_module, "rmt_memory")
-    torch.testing.assert_close(logits(mem_model, ids), expected, atol=0, rtol=0)
+    torch.testing.assert_close(session_logits(mem_model, ids), expected, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("name", ["tiny_llama", "tiny_qwen2", "tiny_gpt2"])
@@ -45,7 +34,7 @@ def test_memory_tokens_are_the_only_path_between_segments(name, request):
     changed[0, 3] = (ids[0, 3] + 1) % 320  # a token of segment 1
     for rmt_tokens, expect_change in ((4, True), (0, False)):
         mem_model = attach(model, MemoryConfig(**RMT_ONLY, rmt_tokens=rmt_tokens))
-        a, b = logits(mem_model, ids), logits(mem_model, changed)
+        a, b = session_logits(mem_model, ids), session_logits(mem_model, changed)
         mem_model.detach()
         assert torch.allclose(a[:, 8:], b[:, 8:], atol=1e-6, rtol=0) != expect_change
         assert a.shape == (1, 16, 320)  # memory positions are not returned
@@ -58,12 +47,12 @@ def test_feeding_in_pieces_and_generation_carry_the_memory(name, request):
                           rmt_tokens=3)
     mem_model = attach(model, config)
     ids = document(45, seed=3)
-    whole = logits(mem_model, ids)
-    torch.testing.assert_close(logits(mem_model, ids, chunks=[3, 9, 1, 20, 12]), whole, atol=1e-4, rtol=0)
+    whole = session_logits(mem_model, ids)
+    torch.testing.assert_close(session_logits(mem_model, ids, chunks=[3, 9, 1, 20, 12]), whole, atol=1e-4, rtol=0)
     model.generation_config.eos_token_id = None
     with mem_model.session() as session:
         new = session.generate(ids[:, :13], max_new_tokens=20)  # crosses three segment boundaries
-    replay = logits(mem_model, torch.cat([ids[:, :13], new], dim=1))
+    replay = session_logits(mem_model, torch.cat([ids[:, :13], new], dim=1))
     assert torch.equal(replay[:, 12:-1].argmax(dim=-1), new[:, :])
 
 

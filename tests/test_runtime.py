@@ -9,26 +9,17 @@ import transformers
 from memlm import MemoryConfig, attach
 from memlm.index import TorchIndex
 
+from conftest import document, session_logits
+
 DECODERS = ["tiny_llama", "tiny_qwen2", "tiny_gpt2"]
 ATOL = 1e-4
 
 
-def document(length: int, seed: int = 0, vocab: int = 320) -> torch.Tensor:
-    return torch.randint(vocab, (1, length), generator=torch.Generator().manual_seed(seed))
-
-
 def streamed_logits(model, config: MemoryConfig, ids: torch.Tensor, chunks: list[int] | None = None) -> torch.Tensor:
-    """Logits of ids [batch, tokens] fed through a fresh session (in one feed, or in feeds of ``chunks`` tokens)."""
+    """Logits of ids streamed through ``model`` with ``config`` attached for this call only."""
     mem_model = attach(model, config)
     try:
-        with mem_model.session(batch_size=ids.shape[0]) as session:
-            if chunks is None:
-                return session.feed(ids, return_logits=True).logits
-            parts, start = [], 0
-            for n in chunks:
-                parts.append(session.feed(ids[:, start : start + n], return_logits=True).logits)
-                start += n
-            return torch.cat(parts, dim=1)
+        return session_logits(mem_model, ids, chunks)
     finally:
         mem_model.detach()
 

@@ -7,13 +7,9 @@ import torch
 
 from memlm import MemoryConfig, MemoryModel, attach
 
-from conftest import make_text
+from conftest import document, make_text
 
 SMALL = {"segment_length": 16, "xl_length": 16, "memory_layers": (-1,), "top_k": 4, "memory_capacity": 256}
-
-
-def document(length: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(320, (1, length), generator=torch.Generator().manual_seed(seed))
 
 
 def test_leaving_the_block_frees_the_session_even_after_an_error(tiny_llama):
