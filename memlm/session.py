@@ -151,7 +151,7 @@ class Session:
         is split at a chunk edge.
         """
         self._check_open()
-        tokenizer = self._tokenizer()
+        self._tokenizer()  # fail before reading the stream
         buffer, tokens, segments = "", 0, 0
         for chunk in chunks:
             if not isinstance(chunk, str):
@@ -159,10 +159,10 @@ class Session:
             buffer += chunk
             cut = _last_whitespace(buffer)
             if cut > 0:
-                result = self.feed(self._encode(buffer[:cut], tokenizer), progress=progress)
+                result = self.feed(buffer[:cut], progress=progress)
                 tokens, segments, buffer = tokens + result.tokens, segments + result.segments, buffer[cut:]
         if buffer:
-            result = self.feed(self._encode(buffer, tokenizer), progress=progress)
+            result = self.feed(buffer, progress=progress)
             tokens, segments = tokens + result.tokens, segments + result.segments
         return FeedResult(tokens=tokens, segments=segments)
 
