@@ -83,7 +83,12 @@ def memory_attention_ref(
 def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool) -> torch.Tensor:
     """Causal (bottom-right aligned) attention of q over k, v via ``scaled_dot_product_attention``."""
     seq, ctx = q.shape[2], k.shape[2]
-    mask = causal_mask(seq, ctx, q.device) if causal and ctx != seq else None
+    mask = None
+    if causal and ctx != seq:
+        # An additive float mask: SDPA's CPU kernel takes its fast path with it, not with a bool mask (2x here).
+        mask = torch.zeros(seq, ctx, dtype=q.dtype, device=q.device).masked_fill_(
+            ~causal_mask(seq, ctx, q.device), -math.inf
+        )
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=causal and ctx == seq, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
     )
