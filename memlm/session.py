@@ -186,9 +186,6 @@ class Session:
             raise ValueError(f"temperature must be > 0, got {temperature!r}")
         if not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-        as_text = isinstance(prompt_ids_or_text, str) or (
-            isinstance(prompt_ids_or_text, list) and prompt_ids_or_text and isinstance(prompt_ids_or_text[0], str)
-        )
         prompt = self._as_ids(prompt_ids_or_text)
         self.state.check_room(prompt.shape[1] + max_new_tokens - 1)  # the last new token is never forwarded
         self.feed(prompt)
@@ -223,7 +220,7 @@ class Session:
                 self._forward(token[:, None], keep_all=False)
         if streamer is not None and hasattr(streamer, "end"):
             streamer.end()
-        if not as_text:
+        if not _is_text(prompt_ids_or_text):
             return new
         texts = self._tokenizer().batch_decode(new, skip_special_tokens=True)
         return texts[0] if self.batch_size == 1 else texts
@@ -263,7 +260,7 @@ class Session:
         """ids [batch, tokens] on the model's device, from text or ids; checks the batch shape."""
         if isinstance(ids_or_text, str):
             ids = self._encode(ids_or_text, self._tokenizer())
-        elif isinstance(ids_or_text, list) and ids_or_text and all(isinstance(t, str) for t in ids_or_text):
+        elif _is_text(ids_or_text):
             rows = [self._encode(t, self._tokenizer()) for t in ids_or_text]
             if len({r.shape[1] for r in rows}) != 1:
                 raise ValueError("texts of one feed must have the same number of tokens in every row; "
@@ -302,6 +299,11 @@ class Session:
         if self._closed:
             raise RuntimeError("this session is closed (its with-block ended); open a new one: mem_model.session()")
         self.mem_model._check_attached()
+
+
+def _is_text(x) -> bool:
+    """A string, or a non-empty list of strings (one per batch row)."""
+    return isinstance(x, str) or (isinstance(x, list) and bool(x) and all(isinstance(t, str) for t in x))
 
 
 def _last_whitespace(text: str) -> int:

@@ -87,7 +87,6 @@ def test_loss_equals_transformers_loss_and_has_a_graph(tiny_llama):
         result = session.feed(ids, labels=labels)
         torch.testing.assert_close(result.loss, expected, atol=1e-5, rtol=0)
         result.loss.backward()
-        assert mem_model.memory_module.gates.grad is None or torch.isfinite(mem_model.memory_module.gates.grad).all()
         assert tiny_llama.lm_head.weight.grad is not None
     with mem_model.session() as session, torch.no_grad():
         assert session.feed(ids, labels=labels).loss.grad_fn is None
