@@ -51,11 +51,15 @@ def memory_attention_ref(
         causal: query i of the segment sees local keys 0 .. ctx - seq + i.
         upcast: compute in float32 and return in the input dtype.
 
+    Retrieved memory is stop-gradient; shared memory (Focused-Transformer training) gets gradients.
+
     Returns:
         [batch, q_heads, seq, head_dim] in the dtype of ``q``.
     """
     check_memory_attention_args(q, k, v, mem_k, mem_v, mem_mask, gate, fusion, causal)
     dtype = q.dtype
+    if mem_k is not None and mem_k.dim() == 5:  # retrieved memory comes from a kNN index: stop-gradient
+        mem_k, mem_v = mem_k.detach(), mem_v.detach()
     if upcast:
         q, k, v = q.float(), k.float(), v.float()
         mem_k, mem_v, gate = (None if t is None else t.float() for t in (mem_k, mem_v, gate))
@@ -181,8 +185,10 @@ def check_memory_attention_args(q, k, v, mem_k, mem_v, mem_mask, gate, fusion, c
         raise ValueError(
             f"mem_mask must be a bool tensor of shape {list(mask_shape)}, got {mem_mask.dtype} {_shape(mem_mask)}"
         )
-    if fusion == "gate" and (gate is None or tuple(gate.shape) != (q_heads,)):
+    if fusion == "gate" and (not isinstance(gate, torch.Tensor) or tuple(gate.shape) != (q_heads,)):
         raise ValueError(f"fusion='gate' needs gate logits of shape [q_heads={q_heads}], got {_shape(gate)}")
+    if fusion == "gate" and (gate.device != q.device or not gate.is_floating_point()):
+        raise ValueError(f"gate must be a floating-point tensor on {q.device}, got {gate.dtype} on {gate.device}")
 
 
 def _shape(t: object) -> str:
