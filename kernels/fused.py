@@ -160,7 +160,8 @@ def _prune(configs, named_args, **meta):
     tile_cap = 64 * 128 if two_states or "DK" in named_args else 128 * 128
     fits = [
         c for c in configs
-        if c.kwargs["BLOCK_M"] <= seq_cap and max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) * meta["BLOCK_D"] <= tile_cap
+        if c.kwargs["BLOCK_M"] <= seq_cap
+        and max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) * meta["BLOCK_D"] <= tile_cap
     ]
     return fits or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_warps))]
 
@@ -240,8 +241,8 @@ def _forward(
             g = tl.sigmoid(tl.load(GATE_LOGITS + h).to(tl.float32))
             out = tl.where(has_memory[:, None], g * memory + (1 - g) * local, local)
             tl.store(lse_ptr, m_i + tl.log2(l_i), mask=row_ok)
-            tl.store(lse_ptr + batch * q_heads * seq, tl.where(has_memory, m_m + tl.log2(tl.where(has_memory, l_m, 1.0)), float("inf")),
-                     mask=row_ok)
+            lse_memory = m_m + tl.log2(tl.where(has_memory, l_m, 1.0))
+            tl.store(lse_ptr + batch * q_heads * seq, tl.where(has_memory, lse_memory, float("inf")), mask=row_ok)
             if SAVE_PARTS:
                 tl.store(PARTS + out_offsets, local.to(PARTS.dtype.element_ty), mask=tile_ok)
                 tl.store(PARTS + batch * q_heads * seq * head_dim + out_offsets,

@@ -6,6 +6,7 @@ byte-level BPE trained on text this file writes.
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -18,6 +19,13 @@ WORDS = (
     "memory river stone light window garden letter silence morning candle winter harbour journey mirror shadow "
     "voice lantern meadow thunder feather silver orchard bridge"
 ).split()
+
+
+def pytest_configure(config):
+    """Without a GPU, Triton kernels run under Triton's interpreter on CPU tensors; it must be chosen before
+    triton is first imported."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def make_text(n_sentences: int = 400, seed: int = 0) -> str:
