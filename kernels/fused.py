@@ -49,7 +49,7 @@ LOG2E = math.log2(math.e)
 
 @triton.jit
 def _mma(a, b, acc, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
-    """acc + a @ b on tensor cores (float32 operands under the interpreter, see the module docstring)."""
+    """acc + a @ b (acc None: a fresh product); float32 operands under the interpreter (module docstring)."""
     if DOT_F32:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     return tl.dot(a, b, acc, input_precision=PRECISION)
