@@ -19,7 +19,8 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 
 # Imported after __version__, which model.py reads.
 from .config import MemoryConfig
+from .crossbatch import CrossBatch
 from .model import MemoryModel, attach
 from .session import FeedResult, Session
 
-__all__ = ["FeedResult", "MemoryConfig", "MemoryModel", "Session", "__version__", "attach"]
+__all__ = ["CrossBatch", "FeedResult", "MemoryConfig", "MemoryModel", "Session", "__version__", "attach"]

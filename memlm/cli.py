@@ -1,4 +1,5 @@
-"""The ``memlm`` command. Subcommands arrive with the features they drive (demo, serve, summarize)."""
+"""The ``memlm`` command: ``info``, ``train``. More subcommands arrive with their features (demo, serve,
+summarize)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"memlm {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.add_parser("info", help="print the versions and index backends this installation has")
+    train = commands.add_parser(
+        "train", help="train a memory model from a YAML recipe (memlm.recipe); run under torchrun for data parallel",
+        description="Train a memory model as a YAML recipe says (model, memory, task, train, evaluate; see "
+        "memlm/recipe.py). Multi-process: torchrun --nproc_per_node N -m memlm.cli train ...",
+    )
+    train.add_argument("--config", required=True, help="the YAML recipe")
+    train.add_argument("--output", required=True, help="directory for checkpoints, the trained model and metrics")
+    train.add_argument("--steps", type=int, help="override the recipe's train.steps")
+    train.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint")
     return parser
 
 
@@ -44,6 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "info":
         print(info())
+        return 0
+    if args.command == "train":
+        from .recipe import run
+
+        metrics = run(args.config, args.output, steps=args.steps, resume=args.resume)
+        print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
         return 0
     parser.print_help()
     return 0

@@ -101,10 +101,15 @@ class MemoryModel:
     def dtype(self) -> torch.dtype:
         return self.model.dtype
 
-    def session(self, batch_size: int = 1):
-        """A new document session (a context manager): ``with mem_model.session() as s: ...``."""
+    def session(self, batch_size: int = 1, crossbatch=None):
+        """A new document session (a context manager): ``with mem_model.session() as s: ...``.
+
+        ``crossbatch``: a ``memlm.CrossBatch`` for Focused-Transformer training (``crossbatch.py``): memory
+        layers then attend to a differentiable memory of their own and other rows' recent contexts
+        instead of the kNN index.
+        """
         self._check_attached()
-        return Session(self, batch_size=batch_size)
+        return Session(self, batch_size=batch_size, crossbatch=crossbatch)
 
     def detach(self) -> PreTrainedModel:
         """Remove everything attach added and return the original model."""

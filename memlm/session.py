@@ -39,7 +39,7 @@ class FeedResult:
 class Session:
     """Streams documents through ``mem_model``; see ``MemoryModel.session``."""
 
-    def __init__(self, mem_model, batch_size: int = 1) -> None:
+    def __init__(self, mem_model, batch_size: int = 1, crossbatch=None) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         self.mem_model = mem_model
@@ -53,6 +53,7 @@ class Session:
             max_positions=mem_model.max_positions,
             device=mem_model.device,
             dtype=mem_model.dtype,
+            crossbatch=crossbatch,
         )
         config = mem_model.config
         self.rmt = None
@@ -83,6 +84,14 @@ class Session:
         """Forget the document (XL caches, memories, positions) and keep the session open."""
         self._check_open()
         self._forget()
+
+    def detach_graph(self) -> None:
+        """Training: cut the autograd graph behind everything the session carries (XL caches, CrossBatch
+        memory, RMT memory) so the next step's backward stops here; the values stay."""
+        self._check_open()
+        self.state.detach_graph()
+        if self.rmt is not None:
+            self.rmt.detach_graph()
 
     def _forget(self) -> None:
         self.state.reset()

@@ -24,6 +24,7 @@ from memlm.index import create_index
 from memlm.kernels import memory_attention
 
 from .config import MEMORY_DTYPES, MemoryConfig
+from .crossbatch import CrossBatch, CrossBatchMemory
 from .rotary import rotate
 
 
@@ -45,7 +46,15 @@ class StreamState:
         max_positions: int | None,
         device: torch.device,
         dtype: torch.dtype,
+        crossbatch: CrossBatch | None = None,
     ) -> None:
+        if crossbatch is not None:
+            crossbatch.check_batch(batch_size)
+            if config.memory_positions != "first" or not memory_layers:
+                raise ValueError("CrossBatch training needs memory layers with memory_positions='first' (FoT's "
+                                 f"setting), got memory_layers={memory_layers}, "
+                                 f"memory_positions={config.memory_positions!r}")
+        self.crossbatch = crossbatch  # training: a differentiable CrossBatch memory replaces the kNN index
         self.config = config
         self.batch_size = batch_size
         self.memory_layers = memory_layers
@@ -61,6 +70,8 @@ class StreamState:
         # layer -> unrotated keys, values [batch, kv_heads, cache + read + open, head_dim]
         self.cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.indexes: dict = {}  # layer -> MemoryIndex, made when the first tokens enter memory
+        self.recent = None if self.crossbatch is None else CrossBatchMemory(
+            self.crossbatch, self.batch_size, self.config.segment_length)
         self.local_start = 0  # document position of the local context's first token
         self.cache_length = 0  # tokens of closed segments kept (the XL cache)
         self.read_length = 0  # RMT read tokens of the open segment
@@ -117,7 +128,11 @@ class StreamState:
             raise RuntimeError("StreamState.attend called outside begin()/commit()")
         inv_freq = None if self.rotary is None else self.rotary.inv_freq
         unrotated = k if inv_freq is None else rotate(k, -self.positions, inv_freq)
-        self.pending[layer] = (unrotated.detach(), v.detach())  # caches carry no gradient
+        if self.crossbatch is None:  # caches carry no gradient, except into CrossBatch's differentiable memory
+            unrotated, v_kept = unrotated.detach(), v.detach()
+        else:
+            v_kept = v
+        self.pending[layer] = (unrotated, v_kept)
         if layer in self.cache:
             cached_k, cached_v = self.cache[layer]
             if inv_freq is not None:
@@ -126,7 +141,9 @@ class StreamState:
         mem_k = mem_v = mem_mask = gate = None
         if layer in self.memory_layers:
             gate = self.gates[self.memory_layers.index(layer)]
-            if layer in self.indexes:
+            if self.recent is not None:
+                mem_k, mem_v, mem_mask = self.recent.read(layer, self._frame(), inv_freq, q.dtype)
+            elif layer in self.indexes:
                 mem_k, mem_v, mem_mask = self._retrieve(layer, q, inv_freq)
         out = memory_attention(q, k, v, mem_k, mem_v, mem_mask, gate=gate, fusion=self.config.fusion, scale=scale)
         return out.transpose(1, 2)
@@ -150,6 +167,12 @@ class StreamState:
         """The forward failed: drop what it computed, keep everything stored."""
         self.pending, self.positions = {}, None
 
+    def detach_graph(self) -> None:
+        """Cut the graph behind the caches and the CrossBatch memory (between training steps); keep their values."""
+        self.cache = {layer: (k.detach(), v.detach()) for layer, (k, v) in self.cache.items()}
+        if self.recent is not None:
+            self.recent.detach_()
+
     # ------------------------------------------------------------------------------------ helpers
 
     def _frame(self) -> int:
@@ -164,7 +187,9 @@ class StreamState:
         for layer, (k, v) in self.cache.items():
             if end > start:
                 k, v = (torch.cat((t[:, :, :start], t[:, :, end:]), dim=2) for t in (k, v))
-            if drop and layer in self.memory_layers:
+            if drop and layer in self.memory_layers and self.recent is not None:
+                self.recent.add(layer, k[:, :, :drop], v[:, :, :drop])
+            elif drop and layer in self.memory_layers:
                 self._memory(layer, k).add(k[:, :, :drop].to(self.memory_dtype), v[:, :, :drop].to(self.memory_dtype))
             self.cache[layer] = (k[:, :, drop:], v[:, :, drop:])
         self.local_start += drop

@@ -76,13 +76,18 @@ def _seeded(build):
     return build().eval()
 
 
-@pytest.fixture
-def tiny_llama() -> transformers.LlamaForCausalLM:
+def build_tiny_llama() -> transformers.LlamaForCausalLM:
+    """The ``tiny_llama`` fixture's model (for code that runs outside fixtures, e.g. spawned processes)."""
     config = transformers.LlamaConfig(
         vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
     )
     return _seeded(lambda: transformers.LlamaForCausalLM(config))
+
+
+@pytest.fixture
+def tiny_llama() -> transformers.LlamaForCausalLM:
+    return build_tiny_llama()
 
 
 @pytest.fixture

@@ -1,0 +1,86 @@
+"""CrossBatch: the Focused Transformer's differentiable training memory (Tworkowski et al. 2023).
+
+At inference a memory layer retrieves from a kNN index whose entries carry no gradient. In FoT
+training the memory layer instead attends, with one softmax over local and memory keys, to a
+memory that is small enough to attend to whole and keeps its graph:
+
+* positives: the last ``positives`` contexts (``positives * segment_length`` tokens) of the row's
+  own document that left its local context, i.e. exactly what the kNN memory would hold;
+* negatives: the same recent memory of ``negatives`` other documents of the batch (rows r+1 ..
+  r+negatives, cyclically), which the row must learn to tell apart from its own.
+
+The memory is passed to ``memory_attention`` in its shared layout [batch, kv_heads, mem, head_dim]
+with a mask for the slots not filled yet (a document's first contexts). Keys are stored unrotated
+and sit at the first position of the local context (``memory_positions="first"``), as in FoT.
+The graph spans one training step: the trainer calls ``Session.detach_graph`` between steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .rotary import rotate
+
+
+@dataclass(frozen=True)
+class CrossBatch:
+    """How many own past contexts (positives) and other documents (negatives) each row's memory holds."""
+
+    positives: int = 1
+    negatives: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("positives", "negatives"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"crossbatch {name} must be an integer >= 0, got {value!r}")
+        if self.positives == 0:
+            raise ValueError("crossbatch positives must be >= 1: a row's memory needs its own document's contexts")
+
+    def check_batch(self, batch_size: int) -> None:
+        if self.negatives > batch_size - 1:
+            raise ValueError(f"crossbatch negatives ({self.negatives}) must be at most batch_size - 1 "
+                             f"({batch_size - 1}): negatives are the other documents of the batch")
+
+
+class CrossBatchMemory:
+    """Per memory layer, the recent memory of every row: unrotated keys, values [batch, kv_heads, n, d]
+    with n <= capacity = positives * segment_length, oldest first, with their graph."""
+
+    def __init__(self, crossbatch: CrossBatch, batch_size: int, segment_length: int) -> None:
+        crossbatch.check_batch(batch_size)
+        self.crossbatch = crossbatch
+        self.capacity = crossbatch.positives * segment_length
+        self.entries: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def add(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Tokens that left the local context, [batch, kv_heads, n, d]; the oldest beyond capacity drop out."""
+        if layer in self.entries:
+            old_k, old_v = self.entries[layer]
+            keys, values = torch.cat((old_k, keys), dim=2), torch.cat((old_v, values), dim=2)
+        self.entries[layer] = keys[:, :, -self.capacity :], values[:, :, -self.capacity :]
+
+    def read(self, layer: int, frame: int, inv_freq: torch.Tensor | None, dtype: torch.dtype):
+        """Memory of every row in the shared layout: keys, values [batch, kv_heads, (1 + negatives) * capacity, d]
+        (own first, then the negatives in row order) and mask [batch, kv_heads, same] (False = empty slot);
+        None before anything entered memory."""
+        if layer not in self.entries:
+            return None, None, None
+        keys, values = self.entries[layer]
+        batch, kv_heads, n, _ = keys.shape
+        pad = self.capacity - n  # slots not filled yet sit at the front, masked
+        keys, values = (torch.nn.functional.pad(t, (0, 0, pad, 0)) for t in (keys, values))
+        mask = torch.arange(self.capacity, device=keys.device) >= pad
+        rows = torch.arange(batch, device=keys.device)
+        order = torch.stack([(rows + shift) % batch for shift in range(self.crossbatch.negatives + 1)], dim=1)
+        # [batch, 1 + negatives, kv_heads, capacity, d] -> [batch, kv_heads, (1 + negatives) * capacity, d]
+        mem_k, mem_v = (t[order].transpose(1, 2).flatten(2, 3) for t in (keys, values))
+        if inv_freq is not None and frame != 0:
+            mem_k = rotate(mem_k, torch.tensor(frame, device=keys.device), inv_freq)
+        mem_mask = mask.repeat(self.crossbatch.negatives + 1).expand(batch, kv_heads, -1)
+        return mem_k.to(dtype), mem_v.to(dtype), mem_mask
+
+    def detach_(self) -> None:
+        self.entries = {layer: (k.detach(), v.detach()) for layer, (k, v) in self.entries.items()}

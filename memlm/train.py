@@ -1,0 +1,354 @@
+"""Training memory models: one trainer for Memorizing Transformers, Focused Transformer and RMT.
+
+Every step streams a batch of documents (one per row, ``memlm.data``) through a session segment by
+segment, exactly as inference does, sums the language-model loss over every segment, and takes one
+optimizer step (AdamW, warmup + cosine or constant schedule, gradient clipping and accumulation).
+What the memory layers see depends on the memory config and on ``TrainConfig.crossbatch``:
+
+* Memorizing Transformers (``fusion="gate"``): memory is the session's kNN index, filled from the
+  document's earlier segments; nothing flows back into it (as the paper).
+* Focused Transformer (``crossbatch_positives > 0``, ``fusion="joint"``): memory is the differentiable
+  CrossBatch memory of the row's own and other rows' recent contexts (``crossbatch.py``).
+* RMT (``rmt_tokens > 0``): the memory tokens carry their graph across segments, truncated every
+  ``rmt_bptt_depth`` segments; ``curriculum`` lets the number of segments per document grow.
+
+What is trained: ``"memory"`` (memlm's gates and RMT embeddings), ``"lora"`` (those plus LoRA adapters
+injected by peft) or ``"all"``. Distributed data parallel: started with ``torchrun``, every rank
+streams its own rows (its memories stay its own) and gradients are summed across ranks with
+``torch.distributed.all_reduce`` before the step, normalised by the global count of scored tokens, so
+2 ranks x b rows equal 1 rank x 2b rows. (The ``DistributedDataParallel`` wrapper is not used: a
+step runs one forward per segment before its backward, which its reducer does not allow.)
+Checkpoints (rank 0): trainable weights in safetensors, optimizer/scheduler/RNG state, step and loss
+history; ``resume`` continues exactly, because batches depend only on (seed, step).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+
+from .crossbatch import CrossBatch
+from .data import IGNORE_INDEX, make_batch
+from .model import MODULE_NAME, MemoryModel
+
+TRAINABLE = ("memory", "lora", "all")
+SCHEDULES = ("cosine", "constant")
+PRECISIONS = ("fp32", "bf16", "fp16")
+WEIGHTS_FILE, STATE_FILE = "trainable.safetensors", "trainer_state.pt"
+
+
+@dataclass
+class TrainConfig:
+    """A training run; every field is validated in ``__post_init__``."""
+
+    steps: int = 1000
+    batch_size: int = 8  # documents per rank and micro-step
+    document_tokens: int = 2048  # tokens per document (a multiple of the memory config's segment_length)
+    trainable: str = "memory"  # "memory" | "lora" | "all"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    schedule: str = "cosine"
+    grad_clip: float | None = 1.0
+    grad_accumulation: int = 1
+    precision: str = "fp32"  # "bf16" / "fp16": autocast on CUDA
+    seed: int = 0
+    crossbatch_positives: int = 0  # > 0: Focused-Transformer CrossBatch memory
+    crossbatch_negatives: int = 0
+    curriculum: tuple[tuple[int, int], ...] = ()  # ((from step, segments per document), ...), for RMT
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 0  # steps; 0 = only at the end (when checkpoint_dir is set)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.curriculum = tuple(tuple(int(x) for x in pair) for pair in self.curriculum)
+        self.lora_targets = tuple(self.lora_targets)
+        for name in ("steps", "batch_size", "document_tokens", "grad_accumulation", "lora_rank", "lora_alpha"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        for name in ("warmup_steps", "seed", "crossbatch_positives", "crossbatch_negatives", "checkpoint_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        for name, allowed in (("trainable", TRAINABLE), ("schedule", SCHEDULES), ("precision", PRECISIONS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
+        if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay must be a number >= 0, got {self.weight_decay!r}")
+        if self.grad_clip is not None and not (isinstance(self.grad_clip, (int, float)) and self.grad_clip > 0):
+            raise ValueError(f"grad_clip must be a number > 0 or None, got {self.grad_clip!r}")
+        if self.crossbatch_negatives and not self.crossbatch_positives:
+            raise ValueError("crossbatch_negatives needs crossbatch_positives >= 1")
+        steps = [s for s, _ in self.curriculum]
+        if steps and (steps[0] != 0 or steps != sorted(set(steps)) or any(n < 1 for _, n in self.curriculum)):
+            raise ValueError("curriculum must be ((0, segments), (step, segments), ...) with increasing steps and "
+                             f"segments >= 1, got {self.curriculum}")
+
+    @property
+    def crossbatch(self) -> CrossBatch | None:
+        if not self.crossbatch_positives:
+            return None
+        return CrossBatch(self.crossbatch_positives, self.crossbatch_negatives)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class StepResult:
+    step: int
+    loss: float
+    tokens: int  # tokens streamed by this rank
+    seconds: float
+    lr: float = field(default=0.0)
+
+
+class Trainer:
+    """Trains ``mem_model`` on documents of ``task`` (``memlm.data``) as ``config`` says."""
+
+    def __init__(self, mem_model: MemoryModel, task, config: TrainConfig) -> None:
+        if not isinstance(mem_model, MemoryModel):
+            raise TypeError(f"Trainer expects a MemoryModel (memlm.attach(...)), got {type(mem_model).__name__}")
+        if not isinstance(config, TrainConfig):
+            raise TypeError(f"Trainer expects a TrainConfig, got {type(config).__name__}")
+        segment = mem_model.config.segment_length
+        for _, segments in config.curriculum:
+            if segments * segment > config.document_tokens:
+                raise ValueError(f"curriculum asks for {segments} segments of {segment} tokens, more than "
+                                 f"document_tokens={config.document_tokens}")
+        if config.document_tokens % segment:
+            raise ValueError(f"document_tokens ({config.document_tokens}) must be a multiple of segment_length "
+                             f"({segment}): every training segment is full")
+        if config.crossbatch is not None:
+            config.crossbatch.check_batch(config.batch_size)
+        device = mem_model.device
+        if config.precision != "fp32" and device.type != "cuda":
+            raise ValueError(f"precision={config.precision!r} (autocast) needs a CUDA model; on {device} use 'fp32'")
+        self.mem_model, self.task, self.config = mem_model, task, config
+        self.rank, self.world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        _seed_everything(config.seed)
+        self.parameters = self._select_parameters()
+        self.optimizer = torch.optim.AdamW(self.parameters.values(), lr=config.lr, weight_decay=config.weight_decay)
+        schedule = get_cosine_schedule_with_warmup if config.schedule == "cosine" else get_constant_schedule_with_warmup
+        kwargs = {"num_training_steps": config.steps} if config.schedule == "cosine" else {}
+        self.scheduler = schedule(self.optimizer, num_warmup_steps=config.warmup_steps, **kwargs)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=config.precision == "fp16")
+        self.step = 0
+        self.history: list[float] = []
+
+    # ----------------------------------------------------------------------------------- parameters
+
+    def _select_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """Freeze everything but what ``config.trainable`` names; returns the trainable parameters by name."""
+        model, config = self.mem_model.model, self.config
+        if config.trainable == "lora":
+            from peft import LoraConfig, inject_adapter_in_model
+
+            present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+            missing = [t for t in config.lora_targets if t not in present]
+            if missing:
+                raise ValueError(f"lora_targets {missing} name no module of {type(model).__name__}")
+            inject_adapter_in_model(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha,
+                                               target_modules=list(config.lora_targets)), model)
+        for name, parameter in model.named_parameters():
+            wanted = (config.trainable == "all" or name.startswith(MODULE_NAME + ".")
+                      or (config.trainable == "lora" and "lora_" in name))
+            parameter.requires_grad_(wanted)
+        chosen = {name: p for name, p in model.named_parameters() if p.requires_grad and p.numel()}
+        if not chosen:
+            raise ValueError(f"trainable={config.trainable!r} leaves nothing to train: this memory config has no "
+                             "memory layers or RMT tokens; choose 'lora' or 'all'")
+        return chosen
+
+    # ---------------------------------------------------------------------------------------- steps
+
+    def document_tokens(self, step: int) -> int:
+        """Tokens per document at ``step`` (the curriculum's segments, or the whole document)."""
+        segments = [n for start, n in self.config.curriculum if start <= step]
+        return segments[-1] * self.mem_model.config.segment_length if segments else self.config.document_tokens
+
+    def train_step(self) -> StepResult:
+        """One optimizer step over ``grad_accumulation`` batches of documents."""
+        config, start = self.config, time.perf_counter()
+        tokens = self.document_tokens(self.step)
+        batches = [
+            make_batch(self.task, seed=config.seed, step=self.step * config.grad_accumulation + micro,
+                       batch_size=config.batch_size, tokens=tokens, rank=self.rank, world_size=self.world_size)
+            for micro in range(config.grad_accumulation)
+        ]
+        # Normalise by the scored tokens of the whole global step, so ranks and micro-batches add up exactly.
+        count = torch.tensor(float(sum(int((b.labels[:, 1:] != IGNORE_INDEX).sum()) for b in batches)))
+        if self.world_size > 1:
+            dist.all_reduce(count)
+        total = 0.0
+        self.mem_model.model.train()
+        for batch in batches:
+            loss_sum = self._document_loss_sum(batch)
+            self.scaler.scale(loss_sum / count.item()).backward()
+            total += loss_sum.item()
+        self._sync_gradients()
+        self.scaler.unscale_(self.optimizer)
+        if config.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.parameters.values(), config.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = torch.tensor(total)
+        if self.world_size > 1:
+            dist.all_reduce(loss)
+        self.history.append(loss.item() / count.item())
+        self.step += 1
+        return StepResult(self.step, self.history[-1], tokens * len(batches) * config.batch_size,
+                          time.perf_counter() - start, lr)
+
+    def _document_loss_sum(self, batch) -> torch.Tensor:
+        """Summed next-token loss of one batch of documents streamed through a fresh session."""
+        device = self.mem_model.device
+        ids, labels = batch.ids.to(device), batch.labels.to(device)
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16 if self.config.precision == "bf16" else torch.float16)
+                    if self.config.precision != "fp32" else contextlib.nullcontext())
+        with self.mem_model.session(batch_size=ids.shape[0], crossbatch=self.config.crossbatch) as session, autocast:
+            result = session.feed(ids, labels=labels)
+        return result.loss * int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+    def _sync_gradients(self) -> None:
+        """Sum every trainable gradient over ranks (one flat buffer per dtype)."""
+        if self.world_size == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.parameters.values()]
+        for dtype in {g.dtype for g in grads}:
+            group = [g for g in grads if g.dtype == dtype]
+            flat = torch.cat([g.flatten() for g in group])
+            dist.all_reduce(flat)
+            offset = 0
+            for g in group:
+                g.copy_(flat[offset : offset + g.numel()].view_as(g))
+                offset += g.numel()
+        for p, g in zip(self.parameters.values(), grads, strict=True):
+            p.grad = g
+
+    def train(self, steps: int | None = None) -> list[float]:
+        """Run until ``config.steps`` (or ``steps`` more); returns the loss history. Checkpoints as configured."""
+        config = self.config
+        end = config.steps if steps is None else min(config.steps, self.step + steps)
+        bar = tqdm(total=end, initial=self.step, unit="step", desc="memlm train",
+                   disable=not config.progress or self.rank != 0)
+        while self.step < end:
+            result = self.train_step()
+            bar.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{result.tokens * self.world_size / result.seconds:,.0f}",
+                            lr=f"{result.lr:.2e}")
+            bar.update(1)
+            if config.checkpoint_dir and config.checkpoint_every and self.step % config.checkpoint_every == 0:
+                self.save_checkpoint(config.checkpoint_dir)
+        bar.close()
+        if config.checkpoint_dir:
+            self.save_checkpoint(config.checkpoint_dir)
+        return self.history
+
+    # ----------------------------------------------------------------------------------- evaluation
+
+    @torch.no_grad()
+    def evaluate(self, task=None, documents: int = 64, seed: int | None = None, tokens: int | None = None) -> dict:
+        """Accuracy (argmax == label at scored positions) and mean loss on held-out documents, streamed
+        through inference sessions (kNN index memory, no CrossBatch). Held out: a seed training never uses."""
+        task = self.task if task is None else task
+        seed = self.config.seed + 1_000_003 if seed is None else seed
+        tokens = self.config.document_tokens if tokens is None else tokens
+        self.mem_model.model.eval()
+        correct = scored = 0
+        losses = []
+        for step in range(math.ceil(documents / self.config.batch_size)):
+            batch = make_batch(task, seed=seed, step=step, batch_size=self.config.batch_size, tokens=tokens)
+            ids, labels = batch.ids.to(self.mem_model.device), batch.labels.to(self.mem_model.device)
+            with self.mem_model.session(batch_size=ids.shape[0]) as session:
+                result = session.feed(ids, labels=labels, return_logits=True)
+            predictions, targets = result.logits[:, :-1].argmax(-1), labels[:, 1:]
+            mask = targets != IGNORE_INDEX
+            correct += int((predictions == targets)[mask].sum())
+            scored += int(mask.sum())
+            losses.append(result.loss.item())
+        return {"accuracy": correct / max(scored, 1), "loss": float(np.mean(losses)), "scored_tokens": scored}
+
+    # ---------------------------------------------------------------------------------- checkpoints
+
+    def save_checkpoint(self, directory: str | Path) -> None:
+        """Rank 0 writes trainable weights (safetensors) and the trainer state; every rank waits for it."""
+        if self.rank == 0:
+            directory = Path(directory)
+            directory.mkdir(parents=True, exist_ok=True)
+            save_file({n: p.detach().contiguous().cpu() for n, p in self.parameters.items()},
+                      str(directory / (WEIGHTS_FILE + ".tmp")))
+            state = {
+                "step": self.step, "history": self.history, "config": self.config.to_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(), "rng": _rng_state(),
+            }
+            torch.save(state, directory / (STATE_FILE + ".tmp"))
+            # Replace both files only once both are written: a crash leaves the previous checkpoint whole.
+            os.replace(directory / (WEIGHTS_FILE + ".tmp"), directory / WEIGHTS_FILE)
+            os.replace(directory / (STATE_FILE + ".tmp"), directory / STATE_FILE)
+            (directory / "train_config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        if self.world_size > 1:
+            dist.barrier()
+
+    def resume(self, directory: str | Path) -> None:
+        """Load a checkpoint written by ``save_checkpoint`` (same model, memory and train config)."""
+        directory = Path(directory)
+        for file in (WEIGHTS_FILE, STATE_FILE):
+            if not (directory / file).is_file():
+                raise FileNotFoundError(f"{directory / file} not found: expected a directory made by save_checkpoint")
+        weights = load_file(str(directory / WEIGHTS_FILE))
+        if set(weights) != set(self.parameters):
+            raise ValueError(f"{directory} holds weights for other parameters than this trainer trains "
+                             f"({sorted(set(weights) ^ set(self.parameters))[:5]} ...)")
+        state = torch.load(directory / STATE_FILE, weights_only=False)
+        with torch.no_grad():
+            for name, parameter in self.parameters.items():
+                parameter.copy_(weights[name])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.history = state["step"], list(state["history"])
+        _set_rng_state(state["rng"])
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
