@@ -161,7 +161,10 @@ class Trainer:
         """Freeze everything but what ``config.trainable`` names; returns the trainable parameters by name."""
         model, config = self.mem_model.model, self.config
         if config.trainable == "lora":
-            from peft import LoraConfig, inject_adapter_in_model
+            try:
+                from peft import LoraConfig, inject_adapter_in_model
+            except ImportError as error:
+                raise ImportError("trainable='lora' needs peft: pip install 'memlm[train]'") from error
 
             present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
             missing = [t for t in config.lora_targets if t not in present]
@@ -253,11 +256,11 @@ class Trainer:
         config = self.config
         end = config.steps if steps is None else min(config.steps, self.step + steps)
         bar = tqdm(total=end, initial=self.step, unit="step", desc="memlm train",
-                   disable=not config.progress or self.rank != 0)
+                   disable=not config.progress or self.rank != 0, mininterval=1.0)
         while self.step < end:
             result = self.train_step()
             bar.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{result.tokens * self.world_size / result.seconds:,.0f}",
-                            lr=f"{result.lr:.2e}")
+                            lr=f"{result.lr:.2e}", refresh=False)
             bar.update(1)
             if config.checkpoint_dir and config.checkpoint_every and self.step % config.checkpoint_every == 0:
                 self.save_checkpoint(config.checkpoint_dir)
