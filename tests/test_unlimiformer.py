@@ -1,0 +1,80 @@
+"""Unlimiformer: retrieval cross-attention equals the plain model where it must, and reads long inputs."""
+
+from __future__ import annotations
+
+import resource
+
+import pytest
+import torch
+
+from memlm.unlimiformer import Unlimiformer, UnlimiformerConfig, encoder_windows
+
+from conftest import document
+
+
+@pytest.mark.parametrize("name", ["tiny_bart", "tiny_t5"])
+def test_retrieving_every_state_equals_the_plain_model(name, request):
+    """top_k >= the encoder states and an input that fits one window: logits and greedy output are the plain model's."""
+    model = request.getfixturevalue(name)
+    ids, decoder_ids = document(40, seed=1), document(6, seed=2)
+    plain = model(input_ids=ids, decoder_input_ids=decoder_ids).logits
+    unlimiformer = Unlimiformer(model, UnlimiformerConfig(top_k=64, window=64))
+    torch.testing.assert_close(unlimiformer.logits(ids, decoder_ids), plain, atol=1e-5, rtol=1e-5)
+    prefix = torch.tensor([[model.generation_config.decoder_start_token_id]])
+    for _ in range(8):  # greedy decoding by full recomputation with the plain model
+        prefix = torch.cat([prefix, model(input_ids=ids, decoder_input_ids=prefix).logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(unlimiformer.generate(ids, max_new_tokens=8, eos_token_id=[]), prefix[:, 1:])
+    assert model.config._attn_implementation == "sdpa"  # switched only inside the calls
+
+
+def test_layers_below_layer_begin_attend_to_the_first_window(tiny_bart):
+    ids, decoder_ids = document(40, seed=1), document(6, seed=2)
+    plain = tiny_bart(input_ids=ids, decoder_input_ids=decoder_ids).logits
+    # layer 0 attends to the (whole) first window, layer 1 retrieves only 4 states: close to, not equal to plain
+    partial = Unlimiformer(tiny_bart, UnlimiformerConfig(top_k=4, layer_begin=1, window=64)).logits(ids, decoder_ids)
+    assert not torch.allclose(partial, plain, atol=1e-4)
+    full = Unlimiformer(tiny_bart, UnlimiformerConfig(top_k=40, layer_begin=1, window=64)).logits(ids, decoder_ids)
+    torch.testing.assert_close(full, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_windows_tile_the_input_and_keep_their_middles():
+    for length, window in ((10, 16), (100, 16), (64, 16), (17, 16), (1000, 256)):
+        spans = encoder_windows(length, window)
+        kept = [i for _, _, lo, hi in spans for i in range(lo, hi)]
+        assert kept == list(range(length))
+        for start, end, lo, hi in spans:
+            assert 0 <= start <= lo < hi <= end <= length and end - start <= window
+            if start > 0:
+                assert lo - start == window // 4  # a quarter window of left context
+            if end < length:
+                assert end - hi == window // 4  # and of right context
+
+
+@pytest.mark.slow
+def test_a_20k_token_input_runs_with_bounded_memory(tiny_bart):
+    """20,480 tokens through tiny BART (256 positions): memory grows by the states, not by layers x keys/values."""
+    ids = document(20480, seed=3)
+    unlimiformer = Unlimiformer(tiny_bart, UnlimiformerConfig(top_k=16))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    new = unlimiformer.generate(ids, max_new_tokens=4, eos_token_id=[])
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert new.shape == (1, 4)
+    # keys + values of all states in the index: 2 x 20,480 x 64 floats = 10 MB; a full cross-attention cache
+    # for 2 layers would add 2 x 2 x 20,480 x 64 floats, and full attention scores 20,480 per head and query.
+    assert grown_mb < 200, grown_mb
+
+
+def test_bad_inputs_are_refused(tiny_bart, tiny_llama):
+    with pytest.raises(ValueError, match="needs an encoder-decoder model"):
+        Unlimiformer(tiny_llama)
+    with pytest.raises(ValueError, match="layer_begin \\(2\\) must be below"):
+        Unlimiformer(tiny_bart, UnlimiformerConfig(layer_begin=2))
+    with pytest.raises(ValueError, match="exceeds the encoder's 256 positions"):
+        Unlimiformer(tiny_bart, UnlimiformerConfig(window=512))
+    with pytest.raises(ValueError, match="top_k must be an integer >= 1"):
+        UnlimiformerConfig(top_k=0)
+    unlimiformer = Unlimiformer(tiny_bart)
+    with pytest.raises(ValueError, match="token ids must lie in"):
+        unlimiformer.generate(torch.tensor([[1, 2, 999]]))
+    with pytest.raises(ValueError, match="text input needs a tokenizer"):
+        unlimiformer.generate("a long book")
