@@ -131,14 +131,21 @@ class Unlimiformer:
     @torch.no_grad()
     def generate(self, input_ids_or_text, max_new_tokens: int = 128, do_sample: bool = False,
                  temperature: float = 1.0, eos_token_id: int | None = None, progress: bool = False):
-        """Decode from the whole input, greedily or by sampling. Returns new ids [batch, n], or text for text."""
+        """Decode from the whole input, greedily or by sampling. Returns new ids [batch, n], or text for text.
+
+        The input is text, ids [batch, tokens], or an ``EncodedInput`` from ``encode`` (to decode from one
+        encoding several times)."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature!r}")
         is_text = isinstance(input_ids_or_text, str)
-        ids = self._tokenizer()(input_ids_or_text, return_tensors="pt")["input_ids"] if is_text else input_ids_or_text
-        encoded = self.encode(ids, progress=progress)
+        if isinstance(input_ids_or_text, EncodedInput):
+            encoded = input_ids_or_text
+        elif is_text:
+            encoded = self.encode(self._tokenizer()(input_ids_or_text, return_tensors="pt")["input_ids"], progress)
+        else:
+            encoded = self.encode(input_ids_or_text, progress=progress)
         generation = self.model.generation_config
         eos = generation.eos_token_id if eos_token_id is None else eos_token_id
         eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
