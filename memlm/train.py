@@ -30,7 +30,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -115,11 +115,14 @@ class TrainConfig:
 
 @dataclass
 class StepResult:
+    """One optimizer step: the step number after it, its loss (mean over scored tokens of all ranks), the
+    document tokens this rank streamed, its wall time and the learning rate it used."""
+
     step: int
     loss: float
     tokens: int  # tokens streamed by this rank
     seconds: float
-    lr: float = field(default=0.0)
+    lr: float
 
 
 class Trainer:
@@ -199,9 +202,13 @@ class Trainer:
             for micro in range(config.grad_accumulation)
         ]
         # Normalise by the scored tokens of the whole global step, so ranks and micro-batches add up exactly.
-        count = torch.tensor(float(sum(int((b.labels[:, 1:] != IGNORE_INDEX).sum()) for b in batches)))
+        # (Reduced tensors live on the model's device: NCCL reduces CUDA tensors only.)
+        device = self.mem_model.device
+        count = torch.tensor(float(sum(int((b.labels[:, 1:] != IGNORE_INDEX).sum()) for b in batches)), device=device)
         if self.world_size > 1:
             dist.all_reduce(count)
+        if count.item() == 0:
+            raise ValueError(f"step {self.step}: the documents have no scored tokens (every label is {IGNORE_INDEX})")
         total = 0.0
         self.mem_model.model.train()
         for batch in batches:
@@ -217,7 +224,7 @@ class Trainer:
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        loss = torch.tensor(total)
+        loss = torch.tensor(total, device=device)
         if self.world_size > 1:
             dist.all_reduce(loss)
         self.history.append(loss.item() / count.item())

@@ -233,7 +233,7 @@ class RetrievalState:
         batch, heads, n, _ = query.shape
         retrieval = torch.einsum("bhnd,hdc->bhnc", query, w_k)  # W_k,h^T q_h
         found = self.index.search(retrieval.reshape(batch, 1, heads * n, -1), self.top_k)
-        states = found.keys.view(batch, heads, n, self.top_k, -1).to(query.dtype)  # [b, h, n, k, hidden]
+        states = found.keys.reshape(batch, heads, n, self.top_k, -1).to(query.dtype)  # [b, h, n, k, hidden]
         keys = torch.einsum("bhnkc,hdc->bhnkd", states, w_k)
         values = torch.einsum("bhnkc,hdc->bhnkd", states, w_v)
         if b_k is not None:
