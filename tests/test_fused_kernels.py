@@ -203,3 +203,21 @@ def test_the_runtime_runs_on_the_kernels(fused, tiny_llama, monkeypatch):
         mem_model.detach()
     torch.testing.assert_close(results["triton"], results["ref"])
     assert results["ref"][1].abs().sum() > 0
+
+
+def test_the_autotune_filter_keeps_blocks_that_fit(fused):
+    """The GPU configurations (the interpreter runs one) are pruned by segment length and register budget."""
+    import triton
+
+    def blocks(pairs, named_args, **meta):
+        configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}) for m, n in pairs]
+        return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in fused._prune(configs, named_args, **meta)]
+
+    forward = fused._FORWARD_BLOCKS
+    assert blocks(forward, {"seq": 1}, BLOCK_D=128, GATE=True, LAYOUT="retrieved") == [(16, 32)]  # generation
+    assert blocks(forward, {"seq": 4096}, BLOCK_D=128, GATE=True, LAYOUT="retrieved") == [
+        (64, 64), (64, 32), (32, 32), (16, 32)]  # two softmax states: smaller tiles
+    assert blocks(forward, {"seq": 4096}, BLOCK_D=64, GATE=False, LAYOUT="none") == forward
+    backward_kv = {"seq": 4096, "DK": None}
+    assert blocks(fused._BACKWARD_BLOCKS, backward_kv, BLOCK_D=256) == [(32, 32), (16, 32)]
+    assert blocks([(64, 64)], backward_kv, BLOCK_D=256) == [(64, 64)]  # nothing fits: the smallest is kept
