@@ -3,7 +3,7 @@
     python examples/summarize_book.py BOOK.txt MODEL_DIR [unlimiformer|memory|hierarchical]
 
 MODEL_DIR is a local Hugging Face model directory with its tokenizer (memlm downloads nothing). An
-encoder-decoder model (BART, T5, LED) reads the whole book at once with Unlimiformer retrieval; a
+encoder-decoder model (BART, T5, ...) reads the whole book at once with Unlimiformer retrieval; a
 decoder-only model streams it into a memlm session and is then asked for the summary.
 """
 

@@ -74,7 +74,7 @@ class Summarizer:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
         if method == "unlimiformer" and not encoder_decoder:
-            raise ValueError(f"method 'unlimiformer' needs an encoder-decoder model (BART, T5, LED); "
+            raise ValueError(f"method 'unlimiformer' needs an encoder-decoder model (BART, T5, ...); "
                              f"{type(model).__name__} is decoder-only: use --method memory or hierarchical")
         if method == "memory" and encoder_decoder:
             raise ValueError(f"method 'memory' needs a decoder-only model; {type(model).__name__} is an "

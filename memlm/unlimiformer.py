@@ -12,8 +12,10 @@ input. Layers below ``layer_begin`` attend to the first window, as the plain mod
 
 The model's attention implementation is switched to ``"memlm_unlimiformer"`` only inside
 ``Unlimiformer``'s calls, which hand their state to the attention function as a forward keyword;
-outside them the model is untouched. Supported: BART, T5 and LED-style models (cross-attention
-modules ``encoder_attn``/``EncDecAttention`` with ``k_proj``/``v_proj`` or ``k``/``v``).
+outside them the model is untouched. Supported: encoder-decoder models whose attention goes through
+transformers' AttentionInterface (BART, mBART, Pegasus, T5, ...) with cross-attention modules
+``encoder_attn``/``EncDecAttention`` and ``k_proj``/``v_proj`` or ``k``/``v`` projections. LED has the
+right modules but, in transformers 5, its own attention code, so it is refused rather than run plain.
 """
 
 from __future__ import annotations
@@ -34,7 +36,9 @@ from memlm.index import create_index
 ATTENTION_NAME = "memlm_unlimiformer"
 CROSS_ATTENTION_NAMES = ("encoder_attn", "EncDecAttention")
 PROJECTIONS = (("k_proj", "v_proj"), ("k", "v"))
-SUPPORTED = "encoder-decoder models with encoder_attn / EncDecAttention cross-attention (BART, T5, LED, ...)"
+SUPPORTED = ("encoder-decoder models whose attention goes through transformers' AttentionInterface, with "
+             "encoder_attn / EncDecAttention cross-attention: BART, mBART, Pegasus, T5, ... "
+             "(not LED in transformers 5)")
 
 
 @dataclass
@@ -82,6 +86,9 @@ class Unlimiformer:
             raise ValueError(f"Unlimiformer needs an encoder-decoder model ({SUPPORTED}), got {type(model).__name__}")
         if not isinstance(config, UnlimiformerConfig):
             raise TypeError(f"expected an UnlimiformerConfig, got {type(config).__name__}")
+        if not type(model)._can_set_attn_implementation():
+            raise ValueError(f"{type(model).__name__} does not route its attention through transformers' "
+                             f"AttentionInterface, which retrieval needs; supported: {SUPPORTED}")
         decoder_modules = model.get_decoder().named_modules()
         cross = [m for name, m in decoder_modules if name.rsplit(".", 1)[-1] in CROSS_ATTENTION_NAMES]
         if not cross:

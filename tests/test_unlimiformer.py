@@ -6,6 +6,7 @@ import resource
 
 import pytest
 import torch
+import transformers
 
 from memlm.unlimiformer import Unlimiformer, UnlimiformerConfig, encoder_windows
 
@@ -67,6 +68,11 @@ def test_a_20k_token_input_runs_with_bounded_memory(tiny_bart):
 def test_bad_inputs_are_refused(tiny_bart, tiny_llama):
     with pytest.raises(ValueError, match="needs an encoder-decoder model"):
         Unlimiformer(tiny_llama)
+    led = transformers.LEDForConditionalGeneration(transformers.LEDConfig(
+        vocab_size=64, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, attention_window=[8]))
+    with pytest.raises(ValueError, match="does not route its attention through transformers' AttentionInterface"):
+        Unlimiformer(led)  # it would silently attend to the first window only
     with pytest.raises(ValueError, match="layer_begin \\(2\\) must be below"):
         Unlimiformer(tiny_bart, UnlimiformerConfig(layer_begin=2))
     with pytest.raises(ValueError, match="exceeds the encoder's 256 positions"):
