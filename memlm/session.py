@@ -85,14 +85,6 @@ class Session:
         self._check_open()
         self._forget()
 
-    def detach_graph(self) -> None:
-        """Training: cut the autograd graph behind everything the session carries (XL caches, CrossBatch
-        memory, RMT memory) so the next step's backward stops here; the values stay."""
-        self._check_open()
-        self.state.detach_graph()
-        if self.rmt is not None:
-            self.rmt.detach_graph()
-
     def _forget(self) -> None:
         self.state.reset()
         if self.rmt is not None:

@@ -128,11 +128,8 @@ class StreamState:
             raise RuntimeError("StreamState.attend called outside begin()/commit()")
         inv_freq = None if self.rotary is None else self.rotary.inv_freq
         unrotated = k if inv_freq is None else rotate(k, -self.positions, inv_freq)
-        if self.crossbatch is None:  # caches carry no gradient, except into CrossBatch's differentiable memory
-            unrotated, v_kept = unrotated.detach(), v.detach()
-        else:
-            v_kept = v
-        self.pending[layer] = (unrotated, v_kept)
+        # Caches carry no gradient, except into CrossBatch's differentiable memory.
+        self.pending[layer] = (unrotated, v) if self.crossbatch is not None else (unrotated.detach(), v.detach())
         if layer in self.cache:
             cached_k, cached_v = self.cache[layer]
             if inv_freq is not None:
@@ -166,12 +163,6 @@ class StreamState:
     def abort(self) -> None:
         """The forward failed: drop what it computed, keep everything stored."""
         self.pending, self.positions = {}, None
-
-    def detach_graph(self) -> None:
-        """Cut the graph behind the caches and the CrossBatch memory (between training steps); keep their values."""
-        self.cache = {layer: (k.detach(), v.detach()) for layer, (k, v) in self.cache.items()}
-        if self.recent is not None:
-            self.recent.detach_()
 
     # ------------------------------------------------------------------------------------ helpers
 
