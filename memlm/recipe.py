@@ -67,11 +67,14 @@ def build_task(spec: dict, model, tokenizer):
     name = spec.pop("name", None)
     if name not in TASKS:
         raise ValueError(f"task name must be one of {TASKS}, got {name!r}")
-    if name == "associative_recall":
-        return AssociativeRecall(vocab_size=spec.pop("vocab_size", model.config.vocab_size), **spec)
-    if tokenizer is None:
+    if name != "associative_recall" and tokenizer is None:
         raise ValueError(f"task {name!r} is text: the model section needs a tokenizer")
-    return Passkey(tokenizer, **spec) if name == "passkey" else TextDocuments(spec["path"], tokenizer)
+    try:
+        if name == "associative_recall":
+            return AssociativeRecall(vocab_size=spec.pop("vocab_size", model.config.vocab_size), **spec)
+        return Passkey(tokenizer, **spec) if name == "passkey" else TextDocuments(tokenizer=tokenizer, **spec)
+    except TypeError as error:  # an unknown or missing field
+        raise ValueError(f"task {name!r}: {error}") from error
 
 
 def run(recipe_path: str | Path, output: str | Path, steps: int | None = None, resume: bool = False) -> dict:
@@ -86,7 +89,7 @@ def run(recipe_path: str | Path, output: str | Path, steps: int | None = None, r
     train_values = {**recipe.get("train", {}), "checkpoint_dir": str(output / "checkpoint")}
     if steps is not None:
         train_values["steps"] = steps
-    config = TrainConfig(**train_values)
+    config = TrainConfig.from_dict(train_values)
     torch.manual_seed(config.seed)  # the random model's initial weights
     model, tokenizer = build_model(recipe["model"], device)
     mem_model = attach(model, MemoryConfig.from_dict(recipe.get("memory", {})), tokenizer=tokenizer)

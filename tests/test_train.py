@@ -179,6 +179,14 @@ def test_memlm_train_runs_a_recipe_and_resumes(tmp_path, capsys):
     recipe.write_text("task: {name: text}\n")
     with pytest.raises(ValueError, match="model and task required"):
         main(["train", "--config", str(recipe), "--output", str(out)])
+    recipe.write_text("model: {llama: {}}\ntask: {name: associative_recall}\ntrain: {stepz: 3}\n")
+    with pytest.raises(ValueError, match="unknown TrainConfig fields \\['stepz'\\]"):
+        main(["train", "--config", str(recipe), "--output", str(out)])
+    tiny = ("model: {llama: {vocab_size: 320, hidden_size: 16, intermediate_size: 32, num_hidden_layers: 1,\n"
+            "                num_attention_heads: 2}}\n")
+    recipe.write_text(tiny + "memory: {memory_layers: [0]}\ntask: {name: associative_recall, pears: 3}\n")
+    with pytest.raises(ValueError, match=r"task 'associative_recall': .*pears"):
+        main(["train", "--config", str(recipe), "--output", str(out)])
 
 
 @pytest.mark.slow
