@@ -12,7 +12,7 @@ memory that is small enough to attend to whole and keeps its graph:
 The memory is passed to ``memory_attention`` in its shared layout [batch, kv_heads, mem, head_dim]
 with a mask for the slots not filled yet (a document's first contexts). Keys are stored unrotated
 and sit at the first position of the local context (``memory_positions="first"``), as in FoT.
-The graph spans the session, which the trainer opens for one batch of documents and one step.
+The graph spans one training step (``Session.detach_graph`` cuts it when a document spans several).
 """
 
 from __future__ import annotations
@@ -81,3 +81,6 @@ class CrossBatchMemory:
             mem_k = rotate(mem_k, torch.tensor(frame, device=keys.device), inv_freq)
         mem_mask = mask.repeat(self.crossbatch.negatives + 1).expand(batch, kv_heads, -1)
         return mem_k.to(dtype), mem_v.to(dtype), mem_mask
+
+    def detach_(self) -> None:
+        self.entries = {layer: (k.detach(), v.detach()) for layer, (k, v) in self.entries.items()}

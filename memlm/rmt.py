@@ -47,6 +47,10 @@ class RecurrentMemory:
             return self.initial.to(dtype).unsqueeze(0).expand(self.batch_size, -1, -1)
         return self.memory
 
+    def detach_graph(self) -> None:
+        if self.memory is not None:
+            self.memory = self.memory.detach()
+
     def write(self, hidden: torch.Tensor) -> None:
         """hidden: [batch, N, hidden] final states at the write positions -> the next segment's memory."""
         self.segments += 1

@@ -85,6 +85,14 @@ class Session:
         self._check_open()
         self._forget()
 
+    def detach_graph(self) -> None:
+        """Training across optimizer steps: cut the autograd graph behind what the session carries (XL
+        caches, CrossBatch memory, RMT memory) after a backward; their values stay."""
+        self._check_open()
+        self.state.detach_graph()
+        if self.rmt is not None:
+            self.rmt.detach_graph()
+
     def _forget(self) -> None:
         self.state.reset()
         if self.rmt is not None:
@@ -105,14 +113,19 @@ class Session:
         ids_or_text: a string (batch 1; same text for every row otherwise), a list of strings (one per
             row), or ids [batch, tokens] / [tokens].
         labels: [batch, tokens] token ids (-100 = ignore); the loss is the mean loss of predicting
-            labels[t + 1] from tokens up to t, as transformers computes it, over the whole feed.
+            labels[t + 1] from tokens up to t, as transformers computes it, over the whole feed. With
+            [batch, tokens + 1], the last column is the token after the feed, which the feed's last
+            token predicts (so a document fed in windows loses no target at the window edges).
             With gradients enabled, the loss has a graph.
         """
         self._check_open()
         ids = self._as_ids(ids_or_text)
         if labels is not None:
-            if not isinstance(labels, torch.Tensor) or labels.shape != ids.shape:
-                raise ValueError(f"labels must be a tensor of the ids' shape {list(ids.shape)}, got "
+            if not isinstance(labels, torch.Tensor) or labels.dim() != 2 or labels.shape[0] != ids.shape[0] or (
+                labels.shape[1] not in (ids.shape[1], ids.shape[1] + 1)
+            ):
+                raise ValueError(f"labels must be a tensor of the ids' shape {list(ids.shape)} (or one column "
+                                 "more: the token after the feed), got "
                                  f"{list(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
             labels = labels.to(self.mem_model.device)
         total = ids.shape[1]

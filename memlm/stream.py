@@ -164,6 +164,12 @@ class StreamState:
         """The forward failed: drop what it computed, keep everything stored."""
         self.pending, self.positions = {}, None
 
+    def detach_graph(self) -> None:
+        """Cut the graph behind the caches and the CrossBatch memory; keep their values."""
+        self.cache = {layer: (k.detach(), v.detach()) for layer, (k, v) in self.cache.items()}
+        if self.recent is not None:
+            self.recent.detach_()
+
     # ------------------------------------------------------------------------------------ helpers
 
     def _frame(self) -> int:

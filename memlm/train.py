@@ -2,7 +2,10 @@
 
 Every step streams a batch of documents (one per row, ``memlm.data``) through a session segment by
 segment, exactly as inference does, sums the language-model loss over every segment, and takes one
-optimizer step (AdamW, warmup + cosine or constant schedule, gradient clipping and accumulation).
+optimizer step (AdamW, warmup + cosine or constant schedule, gradient clipping and accumulation). With
+``step_segments``, a long document is trained in windows, one optimizer step each, its session (XL
+caches, memory) carried from window to window with the graph cut between them, as Memorizing
+Transformers trains; a window whose labels are all -100 only streams into memory.
 What the memory layers see depends on the memory config and on ``TrainConfig.crossbatch``:
 
 * Memorizing Transformers (``fusion="gate"``): memory is the session's kNN index, filled from the
@@ -18,8 +21,8 @@ streams its own rows (its memories stay its own) and gradients are summed across
 ``torch.distributed.all_reduce`` before the step, normalised by the global count of scored tokens, so
 2 ranks x b rows equal 1 rank x 2b rows. (The ``DistributedDataParallel`` wrapper is not used: a
 step runs one forward per segment before its backward, which its reducer does not allow.)
-Checkpoints (rank 0): trainable weights in safetensors, optimizer/scheduler/RNG state, step and loss
-history; ``resume`` continues exactly, because batches depend only on (seed, step).
+Checkpoints (rank 0, at document boundaries): trainable weights in safetensors, optimizer/scheduler/RNG
+state, step and loss history; ``resume`` continues exactly, because batches depend only on (seed, step).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import math
 import os
 import random
 import time
+import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -69,6 +73,7 @@ class TrainConfig:
     crossbatch_positives: int = 0  # > 0: Focused-Transformer CrossBatch memory
     crossbatch_negatives: int = 0
     curriculum: tuple[tuple[int, int], ...] = ()  # ((from step, segments per document), ...), for RMT
+    step_segments: int = 0  # > 0: one optimizer step per window of this many segments; memory carries over
     lora_rank: int = 8
     lora_alpha: int = 16
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
@@ -83,7 +88,8 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        for name in ("warmup_steps", "seed", "crossbatch_positives", "crossbatch_negatives", "checkpoint_every"):
+        for name in ("warmup_steps", "seed", "crossbatch_positives", "crossbatch_negatives", "checkpoint_every",
+                     "step_segments"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
@@ -96,6 +102,9 @@ class TrainConfig:
             raise ValueError(f"weight_decay must be a number >= 0, got {self.weight_decay!r}")
         if self.grad_clip is not None and not (isinstance(self.grad_clip, (int, float)) and self.grad_clip > 0):
             raise ValueError(f"grad_clip must be a number > 0 or None, got {self.grad_clip!r}")
+        if self.step_segments and self.curriculum:
+            raise ValueError("choose step_segments (documents in windows) or curriculum (documents that grow), "
+                             "not both")
         if self.crossbatch_negatives and not self.crossbatch_positives:
             raise ValueError("crossbatch_negatives needs crossbatch_positives >= 1")
         steps = [s for s, _ in self.curriculum]
@@ -149,6 +158,13 @@ class Trainer:
         if config.document_tokens % segment:
             raise ValueError(f"document_tokens ({config.document_tokens}) must be a multiple of segment_length "
                              f"({segment}): every training segment is full")
+        window = config.step_segments * segment
+        if window and config.document_tokens % window:
+            raise ValueError(f"document_tokens ({config.document_tokens}) must be a multiple of step_segments x "
+                             f"segment_length ({window}): every step trains one whole window")
+        if window and config.checkpoint_every % (config.document_tokens // window):
+            raise ValueError(f"checkpoint_every ({config.checkpoint_every}) must be a multiple of the steps per "
+                             f"document ({config.document_tokens // window}): checkpoints fall on document boundaries")
         if config.crossbatch is not None:
             config.crossbatch.check_batch(config.batch_size)
         device = mem_model.device
@@ -164,7 +180,9 @@ class Trainer:
         self.scheduler = schedule(self.optimizer, num_warmup_steps=config.warmup_steps, **kwargs)
         self.scaler = torch.amp.GradScaler("cuda", enabled=config.precision == "fp16")
         self.step = 0
-        self.history: list[float] = []
+        self.history: list[float] = []  # mean loss per step; nan for a step without scored tokens
+        self.windows = config.document_tokens // window if window else 1  # optimizer steps per document
+        self._open: tuple[int, list] | None = None  # (document, [(session, batch)]) while a document is streamed
 
     # ----------------------------------------------------------------------------------- parameters
 
@@ -201,54 +219,88 @@ class Trainer:
         return segments[-1] * self.mem_model.config.segment_length if segments else self.config.document_tokens
 
     def train_step(self) -> StepResult:
-        """One optimizer step over ``grad_accumulation`` batches of documents."""
-        config, start = self.config, time.perf_counter()
-        tokens = self.document_tokens(self.step)
-        batches = [
-            make_batch(self.task, seed=config.seed, step=self.step * config.grad_accumulation + micro,
-                       batch_size=config.batch_size, tokens=tokens, rank=self.rank, world_size=self.world_size)
-            for micro in range(config.grad_accumulation)
-        ]
+        """One optimizer step over ``grad_accumulation`` batches of documents (or one window of them).
+
+        A step whose documents score no token in its window (e.g. the haystack before a question) only
+        streams them into memory: no update, and the history records nan.
+        """
+        config, start, device = self.config, time.perf_counter(), self.mem_model.device
+        document, window = divmod(self.step, self.windows)
+        streams = self._streams(document, window)
+        width = streams[0][1].ids.shape[1] // self.windows
+        first, last = window * width, (window + 1) * width
         # Normalise by the scored tokens of the whole global step, so ranks and micro-batches add up exactly.
         # (Reduced tensors live on the model's device: NCCL reduces CUDA tensors only.)
-        device = self.mem_model.device
-        count = torch.tensor(float(sum(int((b.labels[:, 1:] != IGNORE_INDEX).sum()) for b in batches)), device=device)
+        counts = [int((batch.labels[:, first + 1 : last + 1] != IGNORE_INDEX).sum()) for _, batch in streams]
+        count = torch.tensor(float(sum(counts)), device=device)
         if self.world_size > 1:
             dist.all_reduce(count)
-        if count.item() == 0:
-            raise ValueError(f"step {self.step}: the documents have no scored tokens (every label is {IGNORE_INDEX})")
         total = 0.0
         self.mem_model.model.train()
-        for batch in batches:
-            loss_sum = self._document_loss_sum(batch)
+        for (session, batch), scored in zip(streams, counts, strict=True):
+            ids = batch.ids[:, first:last].to(device)
+            with self._autocast(), torch.set_grad_enabled(bool(scored)):
+                if not scored:  # nothing to learn here: stream it into memory only
+                    session.feed(ids)
+                    continue
+                # labels one column longer: the window's last token predicts the next window's first
+                loss_sum = session.feed(ids, labels=batch.labels[:, first : last + 1].to(device)).loss * scored
             self.scaler.scale(loss_sum / count.item()).backward()
             total += loss_sum.item()
-        self._sync_gradients()
-        self.scaler.unscale_(self.optimizer)
-        if config.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.parameters.values(), config.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+            session.detach_graph()
         lr = self.scheduler.get_last_lr()[0]
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if count.item():
+            self._update()
         loss = torch.tensor(total, device=device)
         if self.world_size > 1:
             dist.all_reduce(loss)
-        self.history.append(loss.item() / count.item())
+        self.history.append(loss.item() / count.item() if count.item() else math.nan)
         self.step += 1
-        return StepResult(self.step, self.history[-1], tokens * len(batches) * config.batch_size,
+        if window == self.windows - 1:
+            self._close_streams()
+        return StepResult(self.step, self.history[-1], width * len(streams) * config.batch_size,
                           time.perf_counter() - start, lr)
 
-    def _document_loss_sum(self, batch) -> torch.Tensor:
-        """Summed next-token loss of one batch of documents streamed through a fresh session."""
-        device = self.mem_model.device
-        ids, labels = batch.ids.to(device), batch.labels.to(device)
-        autocast = (torch.autocast("cuda", dtype=torch.bfloat16 if self.config.precision == "bf16" else torch.float16)
-                    if self.config.precision != "fp32" else contextlib.nullcontext())
-        with self.mem_model.session(batch_size=ids.shape[0], crossbatch=self.config.crossbatch) as session, autocast:
-            result = session.feed(ids, labels=labels)
-        return result.loss * int((labels[:, 1:] != IGNORE_INDEX).sum())
+    def _update(self) -> None:
+        """Sum gradients over ranks, clip, step the optimizer and the schedule."""
+        self._sync_gradients()
+        self.scaler.unscale_(self.optimizer)
+        if self.config.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.parameters.values(), self.config.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _streams(self, document: int, window: int) -> list:
+        """[(session, batch)] per micro-batch of ``document``, open across its windows."""
+        if self._open is not None and self._open[0] == document:
+            return self._open[1]
+        if window:  # checkpoints fall on document boundaries, so this cannot happen through train/resume
+            raise RuntimeError(f"step {self.step} is inside document {document}, whose sessions are gone")
+        self._close_streams()
+        config = self.config
+        batches = [
+            make_batch(self.task, seed=config.seed, step=document * config.grad_accumulation + micro,
+                       batch_size=config.batch_size, tokens=self.document_tokens(self.step), rank=self.rank,
+                       world_size=self.world_size)
+            for micro in range(config.grad_accumulation)
+        ]
+        streams = [(self.mem_model.session(batch_size=config.batch_size, crossbatch=config.crossbatch), batch)
+                   for batch in batches]
+        self._open = (document, streams)
+        return streams
+
+    def _close_streams(self) -> None:
+        if self._open is not None:
+            for session, _ in self._open[1]:
+                session.close()
+            self._open = None
+
+    def _autocast(self):
+        if self.config.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=torch.bfloat16 if self.config.precision == "bf16" else torch.float16)
 
     def _sync_gradients(self) -> None:
         """Sum every trainable gradient over ranks (one flat buffer per dtype)."""
@@ -280,8 +332,11 @@ class Trainer:
             if config.checkpoint_dir and config.checkpoint_every and self.step % config.checkpoint_every == 0:
                 self.save_checkpoint(config.checkpoint_dir)
         bar.close()
-        if config.checkpoint_dir:
+        if config.checkpoint_dir and self.step % self.windows == 0:
             self.save_checkpoint(config.checkpoint_dir)
+        elif config.checkpoint_dir:
+            warnings.warn(f"no checkpoint at step {self.step}: it is inside a document (checkpoints fall on "
+                          f"document boundaries, every {self.windows} steps)", stacklevel=2)
         return self.history
 
     # ----------------------------------------------------------------------------------- evaluation
@@ -311,7 +366,14 @@ class Trainer:
     # ---------------------------------------------------------------------------------- checkpoints
 
     def save_checkpoint(self, directory: str | Path) -> None:
-        """Rank 0 writes trainable weights (safetensors) and the trainer state; every rank waits for it."""
+        """Rank 0 writes trainable weights (safetensors) and the trainer state; every rank waits for it.
+
+        Only at document boundaries: inside a document (``step_segments``) its caches and memory were
+        computed with earlier weights, which a resumed run could not rebuild.
+        """
+        if self.step % self.windows:
+            raise ValueError(f"step {self.step} is inside a document; checkpoints fall on document boundaries "
+                             f"(every {self.windows} steps with step_segments={self.config.step_segments})")
         if self.rank == 0:
             directory = Path(directory)
             directory.mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -45,6 +47,60 @@ def test_resume_continues_exactly(tmp_path):
     expected = parameters(straight)
     for name, value in parameters(resumed).items():
         assert torch.equal(value, expected[name]), name
+
+
+class EveryToken:
+    """Random documents in which every token is scored."""
+
+    def document(self, rng, tokens):
+        ids = [rng.randrange(VOCAB_SIZE) for _ in range(tokens)]
+        return ids, ids
+
+
+def test_a_document_fed_in_windows_scores_every_target_of_the_whole_document():
+    mem_model = attach(build_tiny_llama(), GATED)
+    ids = torch.randint(0, VOCAB_SIZE, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), mem_model.session(batch_size=2) as session:
+        whole = session.feed(ids, labels=ids).loss * 2 * 31
+    windows = 0.0
+    with torch.no_grad(), mem_model.session(batch_size=2) as session:
+        for start in range(0, 32, 8):  # each window's labels reach one token into the next window
+            windows += session.feed(ids[:, start : start + 8], labels=ids[:, start : start + 9]).loss * (
+                2 * (ids[:, start + 1 : start + 9].shape[1]))
+    torch.testing.assert_close(windows, whole)
+
+
+def test_documents_in_windows_carry_memory_across_steps_and_resume_exactly(tmp_path):
+    """Two optimizer steps per document; checkpoints fall between documents."""
+    settings = {"steps": 6, "step_segments": 2, "trainable": "all"}
+    straight = Trainer(attach(build_tiny_llama(), GATED), EveryToken(), train_config(**settings))
+    assert straight.windows == 2
+    straight.train()
+    first = Trainer(attach(build_tiny_llama(), GATED), EveryToken(),
+                    train_config(**settings, checkpoint_dir=str(tmp_path)))
+    first.train(steps=2)
+    with pytest.warns(UserWarning, match="no checkpoint at step 3: it is inside a document"):
+        first.train(steps=1)
+    with pytest.raises(ValueError, match="inside a document; checkpoints fall on document boundaries"):
+        first.save_checkpoint(tmp_path)
+    resumed = Trainer(attach(build_tiny_llama(), GATED), EveryToken(), train_config(**settings))
+    resumed.resume(tmp_path)
+    resumed.train()
+    assert resumed.history == straight.history
+    expected = parameters(straight)
+    for name, value in parameters(resumed).items():
+        assert torch.equal(value, expected[name]), name
+
+
+def test_a_window_without_scored_tokens_only_fills_memory():
+    """Associative recall asks its questions at the end: the first windows stream the pairs in, unscored."""
+    t = trainer(train_config(steps=4, step_segments=1, warmup_steps=0))
+    before = parameters(t)
+    t.train_step()
+    assert math.isnan(t.history[0]) and all(torch.equal(v, before[n]) for n, v in parameters(t).items())
+    t.train(steps=3)  # the last window holds the questions: an update
+    assert not math.isnan(t.history[-1])
+    assert any(not torch.equal(v, before[n]) for n, v in parameters(t).items())
 
 
 def _rank_step(rank: int, world_size: int, store: str, out: str) -> None:
@@ -121,6 +177,7 @@ def test_crossbatch_training_steps(tmp_path):
     ({"crossbatch_negatives": 1}, "needs crossbatch_positives"),
     ({"curriculum": ((1, 2),)}, "curriculum must be"),
     ({"precision": "fp8"}, "precision must be one of"),
+    ({"step_segments": 2, "curriculum": ((0, 2),)}, "not both"),
 ])
 def test_bad_train_configs_say_what_was_expected(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -130,6 +187,10 @@ def test_bad_train_configs_say_what_was_expected(overrides, message):
 def test_configs_that_do_not_fit_the_model_are_refused():
     with pytest.raises(ValueError, match="multiple of segment_length"):
         trainer(train_config(document_tokens=30))
+    with pytest.raises(ValueError, match="multiple of step_segments x segment_length"):
+        trainer(train_config(document_tokens=32, step_segments=3))
+    with pytest.raises(ValueError, match="multiple of the steps per document"):
+        trainer(train_config(document_tokens=32, step_segments=1, checkpoint_every=3))
     with pytest.raises(ValueError, match="needs a CUDA model"):
         trainer(train_config(precision="bf16"))
     with pytest.raises(ValueError, match="leaves nothing to train"):
