@@ -214,7 +214,7 @@ def test_bad_session_input_is_refused_and_nothing_stored_is_lost(tiny_llama, tin
         with pytest.raises(ValueError, match="token ids must lie in \\[0, 320\\)"):
             session.feed(torch.full((2, 4), 320))
         with pytest.raises(ValueError, match="labels must be a tensor of the ids' shape \\[2, 4\\]"):
-            session.feed(torch.zeros(2, 4, dtype=torch.long), labels=torch.zeros(2, 5, dtype=torch.long))
+            session.feed(torch.zeros(2, 4, dtype=torch.long), labels=torch.zeros(2, 6, dtype=torch.long))
         with pytest.raises(ValueError, match="expected text or integer ids"):
             session.feed(torch.zeros(2, 4))
         with pytest.raises(ValueError, match="no tokens"):
