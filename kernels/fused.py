@@ -125,6 +125,22 @@ def _attend_retrieved(
 
 
 @triton.jit
+def _query_block(Q, stride_qb, stride_qh, stride_qs, q_heads, group, seq, head_dim,
+                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's BLOCK_M queries of one (batch, query head): indices, masks and q [BLOCK_M, BLOCK_D]."""
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // q_heads, bh % q_heads
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < seq
+    tile_ok = row_ok[:, None] & (offs_d < head_dim)[None, :]
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :], mask=tile_ok,
+                other=0.0)
+    return start_m, bh, b, h, h // group, offs_m, offs_d, row_ok, tile_ok, q
+
+
+@triton.jit
 def _local_range(start_m, seq, ctx, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
     """Keys [0, full) are visible to every query of the block; [full, hi) need the mask; beyond hi none."""
     if CAUSAL:
@@ -188,16 +204,8 @@ def _forward(
 ):
     """OUT [batch, q_heads, seq, head_dim]; LSE [2, batch, q_heads, seq] base-2 log-sum-exps (local, memory;
     joint writes its one lse to both); PARTS [2, batch, q_heads, seq, head_dim] local and memory results (gate)."""
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1).to(tl.int64)
-    b, h = bh // q_heads, bh % q_heads
-    kvh = h // group
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < seq
-    tile_ok = row_ok[:, None] & (offs_d < head_dim)[None, :]
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :], mask=tile_ok,
-                other=0.0)
+    start_m, bh, b, h, kvh, offs_m, offs_d, row_ok, tile_ok, q = _query_block(
+        Q, stride_qb, stride_qh, stride_qs, q_heads, group, seq, head_dim, BLOCK_M, BLOCK_D)
 
     k_ptr, v_ptr = K + b * stride_kb + kvh * stride_kh, V + b * stride_vb + kvh * stride_vh
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -365,18 +373,10 @@ def _backward_q(
 ):
     """DQ [batch, q_heads, seq, head_dim]. DO_L/DO_M: the output-gradient shares of the local and memory
     softmaxes; LSE, DELTA [2, batch, q_heads, seq]: their log-sum-exps and rowsum(share * softmax output)."""
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1).to(tl.int64)
-    b, h = bh // q_heads, bh % q_heads
-    kvh = h // group
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < seq
-    tile_ok = row_ok[:, None] & (offs_d < head_dim)[None, :]
+    start_m, bh, b, h, kvh, offs_m, offs_d, row_ok, tile_ok, q = _query_block(
+        Q, stride_qb, stride_qh, stride_qs, q_heads, group, seq, head_dim, BLOCK_M, BLOCK_D)
     row_offsets = bh * seq + offs_m
     tile_offsets = row_offsets[:, None] * head_dim + offs_d[None, :]
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :], mask=tile_ok,
-                other=0.0)
     do = tl.load(DO_L + tile_offsets, mask=tile_ok, other=0.0)
     lse = tl.load(LSE + row_offsets, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + row_offsets, mask=row_ok, other=0.0)

@@ -99,8 +99,13 @@ class MemoryConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> MemoryConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown MemoryConfig fields {unknown}; known: {sorted(known)}")
-        return cls(**values)
+        return cls(**known_fields(cls, values))
+
+
+def known_fields(cls, values: dict) -> dict:
+    """``values`` unchanged if every key is a field of the dataclass ``cls``; else a ValueError naming the others."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields {unknown}; known: {sorted(known)}")
+    return values

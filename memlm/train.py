@@ -34,7 +34,7 @@ import os
 import random
 import time
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +44,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
+from .config import known_fields
 from .crossbatch import CrossBatch
 from .data import IGNORE_INDEX, make_batch
 from .model import MODULE_NAME, MemoryModel
@@ -123,11 +124,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig fields {unknown}; known: {sorted(known)}")
-        return cls(**values)
+        return cls(**known_fields(cls, values))
 
 
 @dataclass
