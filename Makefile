@@ -14,7 +14,7 @@ STAMP := $(VENV)/.memlm-installed
 .PHONY: demo test lint bench-index install clean
 
 demo: $(STAMP)
-	$(PY) benchmarks/bench_index.py --quick
+	$(VENV)/bin/memlm demo
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

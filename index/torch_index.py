@@ -4,8 +4,9 @@ Searching 65K keys per head is dominated by two costs, and both are avoided here
 
 * Allocating a fresh [heads, q, capacity] score tensor for every search costs more than the
   matmul itself (page faults). Queries are scored in blocks of ``search_block_queries`` into one
-  reused buffer, as keys @ queries^T so that BLAS streams the key matrix instead of repacking it
-  for every block (1.3x faster than queries @ keys^T at 12 heads x 65K keys on a 2-core CPU).
+  buffer that the index keeps between searches, as keys @ queries^T so that BLAS streams the key
+  matrix instead of repacking it for every block (1.3x faster than queries @ keys^T at 12 heads x
+  65K keys on a 2-core CPU).
 * ``topk`` over every score is as slow again as the matmul. Slots are split into ``GROUP`` strided
   groups (group j = slots j, j + G, j + 2G, ...; a max over them is one vectorised pass), the k
   groups with the largest maxima are picked, and top-k runs over their k * GROUP members only.
@@ -42,7 +43,7 @@ class TorchIndex(RingIndex):
         keys = self._keys.data[:, :, :slots].float().reshape(batch * heads, slots, dim)  # no copy for float32
         queries_t = queries.reshape(batch * heads, q, dim).transpose(1, 2)  # [bh, dim, q]
         block = max(1, min(q, self.search_block_queries, self.search_block_bytes // (4 * batch * heads * slots)))
-        buffer = torch.empty(batch * heads * slots * block, device=queries.device)
+        buffer = self._score_buffer(batch * heads * slots * block, queries.device)
         out_scores = torch.empty(batch * heads, q, k, device=queries.device)
         out_slots = torch.empty(batch * heads, q, k, dtype=torch.long, device=queries.device)
         grouped = slots // GROUP > 4 * k  # below that, grouping saves nothing
@@ -62,6 +63,20 @@ class TorchIndex(RingIndex):
             out_scores[:, start : start + n] = best.transpose(1, 2)
             out_slots[:, start : start + n] = best_slots.transpose(1, 2)
         return out_scores.view(batch, heads, q, k), out_slots.view(batch, heads, q, k)
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._scores: torch.Tensor | None = None  # the search's score buffer, kept between searches
+
+    def _score_buffer(self, size: int, device: torch.device) -> torch.Tensor:
+        """A float32 buffer of at least ``size`` elements. Allocating hundreds of MB for every search costs
+        page faults (kernel time) that exceed the search itself, so it is kept and grows by doubling (up to
+        the block budget) as the memory fills."""
+        buffer = self._scores
+        if buffer is None or buffer.numel() < size or buffer.device != device:
+            grown = 0 if buffer is None else min(2 * buffer.numel(), self.search_block_bytes // 4)
+            buffer = self._scores = torch.empty(max(size, grown), device=device)
+        return buffer
 
     @staticmethod
     def _grouped_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,5 +22,7 @@ from .config import MemoryConfig
 from .crossbatch import CrossBatch
 from .model import MemoryModel, attach
 from .session import FeedResult, Session
+from .tiny import load_default
 
-__all__ = ["CrossBatch", "FeedResult", "MemoryConfig", "MemoryModel", "Session", "__version__", "attach"]
+__all__ = ["CrossBatch", "FeedResult", "MemoryConfig", "MemoryModel", "Session", "__version__", "attach",
+           "load_default"]

@@ -1,5 +1,4 @@
-"""The ``memlm`` command: ``info``, ``train``, ``summarize``. More subcommands arrive with their features
-(demo, serve)."""
+"""The ``memlm`` command: ``demo``, ``info``, ``train``, ``summarize``."""
 
 from __future__ import annotations
 
@@ -19,6 +18,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"memlm {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    demo = commands.add_parser(
+        "demo", help="hide a pass key in a long haystack and ask the embedded model (memlm-tiny) for it",
+        description="Generate a haystack of filler sentences with a pass key hidden in it, stream it through "
+        "memlm-tiny (shipped inside the package) and ask for the key.",
+    )
+    demo.add_argument("--length", type=int, default=32768, help="haystack tokens (default 32768)")
+    demo.add_argument("--seed", type=int, default=0, help="chooses the key and where it hides (default 0)")
+    demo.add_argument("--depth", type=float, help="where the key hides, 0..1 (default: chosen by the seed)")
+    demo.add_argument("--no-memory", action="store_true",
+                      help="switch the kNN memory off: the model keeps only its local context (XL cache + segment)")
     commands.add_parser("info", help="print the versions and index backends this installation has")
     train = commands.add_parser(
         "train", help="train a memory model from a YAML recipe (memlm.recipe); run under torchrun for data parallel",
@@ -62,6 +71,30 @@ def info() -> str:
     return "\n".join(lines)
 
 
+def demo(args: argparse.Namespace) -> int:
+    from .passkey import passkey_trials
+    from .tiny import PASSKEY_DIGITS, load_default
+
+    if args.length < 64:
+        raise SystemExit(f"memlm demo: --length must be at least 64 tokens, got {args.length}")
+    if args.depth is not None and not 0 <= args.depth <= 1:
+        raise SystemExit(f"memlm demo: --depth must be in [0, 1], got {args.depth}")
+    mem_model, tokenizer = load_default(**({"memory_layers": ()} if args.no_memory else {}))
+    config = mem_model.config
+    memory = f"kNN memory at layer {config.memory_layers[0]}" if config.memory_layers else "kNN memory off"
+    parameters = sum(p.numel() for p in mem_model.model.parameters())
+    print(f"memlm-tiny ({parameters / 1e6:.1f}M parameters): local context {config.xl_length + config.segment_length} "
+          f"tokens (XL cache {config.xl_length} + segment {config.segment_length}), {memory}")
+    (result,) = passkey_trials(mem_model, tokenizer, length=args.length, seeds=[args.seed], depth=args.depth,
+                               digits=PASSKEY_DIGITS, progress=True)
+    print(f"haystack: {result.tokens:,} tokens; pass key {result.key} at token {result.key_position:,} "
+          f"({result.tokens - result.key_position:,} tokens before the question's end)")
+    print("question: What is the pass key? The pass key is")
+    print(f"answer:   {result.answer!r} -> {'right' if result.right else 'wrong'}")
+    print(f"streamed {result.tokens:,} tokens at {result.tokens_per_second:,.0f} tokens/s")
+    return 0
+
+
 def summarize(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -100,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "summarize":
         return summarize(args)
+    if args.command == "demo":
+        return demo(args)
     parser.print_help()
     return 0
 
