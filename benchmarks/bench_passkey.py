@@ -1,7 +1,8 @@
 """Passkey retrieval with memlm-tiny: accuracy by haystack length and key depth, memory on vs off.
 
-    python benchmarks/bench_passkey.py                    # 2K-128K, 20 trials per cell (~40 min on 2 cores)
+    python benchmarks/bench_passkey.py                    # 2K-128K, 20 trials per cell (~55 min on 2 cores)
     python benchmarks/bench_passkey.py --lengths 2048 8192 --trials 10 --no-plot
+    python benchmarks/bench_passkey.py --from-json a.json b.json    # table + heat map of earlier runs
 
 Three ways to run the same model (``memlm.load_default()``): memory on (XL cache + kNN memory, as
 shipped), XL only (``memory_layers=()``) and memory off (no XL cache either: each segment alone).
@@ -26,7 +27,7 @@ from memlm.tiny import PASSKEY_DIGITS, load_default
 MODES = {"memory on": {}, "XL only": {"memory_layers": ()}, "memory off": {"memory_layers": (), "xl_length": 0}}
 
 
-def run(lengths: list[int], depths: list[float], trials: int, modes: list[str], digits: int,
+def run(lengths: list[int], depths: list[float], trials: int, modes: list[str], digits: int, first_seed: int,
         output: Path) -> list[dict]:
     rows = []
     for mode in modes:
@@ -34,7 +35,7 @@ def run(lengths: list[int], depths: list[float], trials: int, modes: list[str], 
         for length in lengths:
             for depth in depths:
                 start = time.perf_counter()
-                seeds = list(range(trials))
+                seeds = list(range(first_seed, first_seed + trials))
                 results = passkey_trials(mem_model, tokenizer, length=length, seeds=seeds, depth=depth, digits=digits)
                 rows.append({"mode": mode, "length": length, "depth": depth, "trials": trials,
                              "accuracy": sum(r.right for r in results) / trials,
@@ -56,7 +57,8 @@ def plot(rows: list[dict], path: Path) -> None:
     modes = list(dict.fromkeys(r["mode"] for r in rows))
     lengths = sorted({r["length"] for r in rows})
     depths = sorted({r["depth"] for r in rows})
-    figure, axes = plt.subplots(1, len(modes), figsize=(3.2 * len(modes) + 1, 3.2), squeeze=False)
+    figure, axes = plt.subplots(1, len(modes), figsize=(3.4 * len(modes) + 1.2, 3.4), squeeze=False,
+                                layout="constrained")
     for ax, mode in zip(axes[0], modes, strict=True):
         grid = [[next((r["accuracy"] for r in rows if (r["mode"], r["length"], r["depth"]) == (mode, n, d)),
                       float("nan")) for n in lengths] for d in depths]
@@ -68,11 +70,26 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_xticks(range(len(lengths)), [f"{n // 1024}K" for n in lengths])
         ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
         ax.set_xlabel("haystack tokens")
-        ax.set_ylabel("key depth")
+    axes[0][0].set_ylabel("key depth")
     figure.colorbar(image, ax=axes[0].tolist(), label="accuracy")
     figure.suptitle("memlm-tiny passkey retrieval (3-digit keys)")
     figure.savefig(path, dpi=120, bbox_inches="tight")
     print(f"\nwrote {path}")
+
+
+def merge(rows: list[dict]) -> list[dict]:
+    """One row per (mode, length, depth): runs of the same cell with other seeds add their trials."""
+    cells: dict[tuple, dict] = {}
+    for r in rows:
+        key = (r["mode"], r["length"], r["depth"])
+        if key not in cells:
+            cells[key] = dict(r)
+            continue
+        c = cells[key]
+        right = c["accuracy"] * c["trials"] + r["accuracy"] * r["trials"]
+        c["trials"] += r["trials"]
+        c["accuracy"], c["seconds"] = right / c["trials"], c["seconds"] + r["seconds"]
+    return list(cells.values())
 
 
 def report(rows: list[dict]) -> None:
@@ -102,6 +119,7 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 32768, 131072])
     parser.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
     parser.add_argument("--trials", type=int, default=20)
+    parser.add_argument("--first-seed", type=int, default=0, help="trials use seeds first-seed, first-seed + 1, ...")
     parser.add_argument("--digits", type=int, default=PASSKEY_DIGITS, help="key digits (default: as trained)")
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     parser.add_argument("--plot", default="docs/passkey.png", help="heat-map PNG (default docs/passkey.png)")
@@ -111,9 +129,9 @@ def main() -> None:
                         help="run nothing: print the table and plot the results of earlier runs (their --json files)")
     args = parser.parse_args()
     if args.from_json:
-        rows = [row for path in args.from_json for row in json.loads(Path(path).read_text())]
+        rows = merge([row for path in args.from_json for row in json.loads(Path(path).read_text())])
     else:
-        rows = run(args.lengths, args.depths, args.trials, args.modes, args.digits, Path(args.json))
+        rows = run(args.lengths, args.depths, args.trials, args.modes, args.digits, args.first_seed, Path(args.json))
     report(rows)
     if not args.no_plot:
         Path(args.plot).parent.mkdir(parents=True, exist_ok=True)

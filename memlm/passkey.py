@@ -4,7 +4,7 @@ A haystack of filler sentences hides ``The pass key is N. Remember it. N is the 
 chosen depth and ends with ``What is the pass key? The pass key is`` (``memlm.data.Passkey``, the
 Landmark-Attention / LongLLaMA test). The haystack is streamed into a session, the answer decoded
 greedily; it is right when every token of `` N`` comes out. ``memlm demo`` runs one trial,
-``benchmarks/bench_passkey.py`` a grid of them; rows of a batch are independent trials.
+``benchmarks/bench_passkey.py`` a grid of them.
 """
 
 from __future__ import annotations
@@ -34,23 +34,28 @@ class PasskeyResult:
 
 def passkey_trials(mem_model, tokenizer, *, length: int, seeds: list[int], depth: float | None = None,
                    digits: int = 5, progress: bool = False) -> list[PasskeyResult]:
-    """Run one trial per seed, all in one batched session: haystacks of ``length`` tokens (question and
-    answer included), key at ``depth`` (a fraction of the haystack; random per seed when None)."""
+    """Run one trial per seed: haystacks of ``length`` tokens (question and answer included), key at
+    ``depth`` (a fraction of the haystack; random per seed when None). Trials run as the rows of one
+    batched session (one per answer length, when keys tokenize into different numbers of tokens)."""
     if not seeds:
         raise ValueError("passkey_trials needs at least one seed")
     task = Passkey(tokenizer, digits=digits, depth=depth)
     samples = [task.sample(random.Random(f"passkey:{seed}"), length) for seed in seeds]
-    answer_tokens = len(samples[0]["answer"])
-    if any(len(s["answer"]) != answer_tokens for s in samples):
-        raise RuntimeError("keys of one batch must have answers of the same number of tokens")
-    prompts = torch.tensor([s["ids"][:-answer_tokens] for s in samples])
-    start = time.perf_counter()
-    with torch.no_grad(), mem_model.session(batch_size=len(seeds)) as session:
-        session.feed(prompts[:, :-1], progress=progress)
-        answers = session.generate(prompts[:, -1:], max_new_tokens=answer_tokens, eos_token_id=[])
-    speed = prompts.numel() / (time.perf_counter() - start)
-    return [
-        PasskeyResult(key=s["key"], answer=tokenizer.decode(row).strip(), right=row.tolist() == s["answer"],
-                      key_position=s["key_start"], tokens=length, tokens_per_second=speed)
-        for s, row in zip(samples, answers, strict=True)
-    ]
+    # Rows of a session stream in step, so one session takes the keys whose answers have the same length.
+    groups: dict[int, list[int]] = {}
+    for i, sample in enumerate(samples):
+        groups.setdefault(len(sample["answer"]), []).append(i)
+    results: list[PasskeyResult | None] = [None] * len(samples)
+    for answer_tokens, rows in groups.items():
+        prompts = torch.tensor([samples[i]["ids"][:-answer_tokens] for i in rows])
+        start = time.perf_counter()
+        with torch.no_grad(), mem_model.session(batch_size=len(rows)) as session:
+            session.feed(prompts[:, :-1], progress=progress)
+            answers = session.generate(prompts[:, -1:], max_new_tokens=answer_tokens, eos_token_id=[])
+        speed = prompts.numel() / (time.perf_counter() - start)
+        for i, answer in zip(rows, answers, strict=True):
+            sample = samples[i]
+            results[i] = PasskeyResult(key=sample["key"], answer=tokenizer.decode(answer).strip(),
+                                       right=answer.tolist() == sample["answer"], key_position=sample["key_start"],
+                                       tokens=length, tokens_per_second=speed)
+    return results

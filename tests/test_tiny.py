@@ -66,3 +66,16 @@ def test_demo_streams_a_haystack_and_answers(capsys):
         cli.main(["demo", "--length", "10"])
     with pytest.raises(SystemExit, match="--depth must be in"):
         cli.main(["demo", "--depth", "2"])
+
+
+def test_passkey_trials_batch_keys_of_different_token_counts():
+    mem_model, tokenizer = load_default()
+    seeds = list(range(12))
+    results = passkey_trials(mem_model, tokenizer, length=512, seeds=seeds, digits=5)
+    lengths = {len(tokenizer(f" {r.key}", add_special_tokens=False)["input_ids"]) for r in results}
+    assert len(lengths) > 1, "the seeds should give keys of different token counts"  # e.g. 10050 -> 100, 5, 0
+    assert [r.key for r in results] == [r.key for r in passkey_trials(mem_model, tokenizer, length=512, seeds=seeds,
+                                                                      digits=5)]  # deterministic per seed
+    assert all(len(r.key) == 5 and r.tokens == 512 for r in results)
+    with pytest.raises(ValueError, match="at least one seed"):
+        passkey_trials(mem_model, tokenizer, length=512, seeds=[])
