@@ -73,18 +73,19 @@ def main() -> None:
     segment = mem_model.config.segment_length
     metrics: dict = {"parameters": sum(p.numel() for p in mem_model.model.parameters())}
 
-    def phase(name: str, task, steps: int, batch_size: int, segments: int, **extra) -> None:
+    def phase(name: str, task, steps: int, batch_size: int, segments: int, seed: int, **extra) -> None:
         config = TrainConfig(steps=steps, batch_size=batch_size, document_tokens=segments * segment, trainable="all",
-                             lr=args.lr, warmup_steps=min(50, steps), schedule="constant",
-                             seed=args.seed + len(metrics), progress=False, **extra)
+                             lr=args.lr, warmup_steps=min(50, steps), schedule="constant", seed=seed,
+                             progress=False, **extra)
         if steps:
             metrics[f"{name}_loss"] = train(Trainer(mem_model, task, config), name)
 
     passkey = Passkey(tokenizer, digits=PASSKEY_DIGITS)
-    phase("text", TextDocuments(args.text, tokenizer), args.text_steps, batch_size=32, segments=2)
-    phase("passkey_local", passkey, args.local_steps, batch_size=128, segments=1)
+    # Each phase draws its documents from its own seed.
+    phase("text", TextDocuments(args.text, tokenizer), args.text_steps, batch_size=32, segments=2, seed=args.seed + 1)
+    phase("passkey_local", passkey, args.local_steps, batch_size=128, segments=1, seed=args.seed + 2)
     phase("passkey_memory", passkey, args.memory_steps, batch_size=32, segments=args.memory_segments,
-          crossbatch_positives=args.memory_segments, crossbatch_negatives=0)
+          seed=args.seed + 3, crossbatch_positives=args.memory_segments, crossbatch_negatives=0)
     metrics["train_seconds"] = round(time.perf_counter() - started, 1)
 
     mem_model.model.eval()
