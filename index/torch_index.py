@@ -37,6 +37,10 @@ class TorchIndex(RingIndex):
     search_block_queries = 64
     search_block_bytes = 256 * 2**20
 
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._scores: torch.Tensor | None = None  # the search's score buffer, kept between searches
+
     def _topk(self, queries: torch.Tensor, k: int, sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         batch, heads, q, dim = queries.shape
         slots = math.ceil(max(sizes) / GROUP) * GROUP  # allocated storage is a multiple of GROUP
@@ -64,14 +68,10 @@ class TorchIndex(RingIndex):
             out_slots[:, start : start + n] = best_slots.transpose(1, 2)
         return out_scores.view(batch, heads, q, k), out_slots.view(batch, heads, q, k)
 
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self._scores: torch.Tensor | None = None  # the search's score buffer, kept between searches
-
     def _score_buffer(self, size: int, device: torch.device) -> torch.Tensor:
         """A float32 buffer of at least ``size`` elements. Allocating hundreds of MB for every search costs
         page faults (kernel time) that exceed the search itself, so it is kept and grows by doubling (up to
-        the block budget) as the memory fills."""
+        ``search_block_bytes``) as the memory fills; it is freed with the index."""
         buffer = self._scores
         if buffer is None or buffer.numel() < size or buffer.device != device:
             grown = 0 if buffer is None else min(2 * buffer.numel(), self.search_block_bytes // 4)
