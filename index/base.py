@@ -140,6 +140,12 @@ class MemoryIndex(ABC):
         for row in rows:
             self._total[row] = 0
 
+    def entries(self, row: int = 0) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The live entries of sequence ``row`` in insertion order: keys, values [heads, n, dim] and the id of
+        the first (ids before it were evicted)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot list its entries in order; use an exact index "
+                                  "(torch or faiss flat)")
+
     def state_dict(self) -> dict:
         """Everything needed to restore this index exactly: tensors plus a ``config`` dict."""
         return {"config": self._config(), "total_added": self.total_added, **self._state()}

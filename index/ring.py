@@ -130,6 +130,13 @@ class RingIndex(MemoryIndex):
             ids=ids,
         )
 
+    def entries(self, row: int = 0) -> tuple[torch.Tensor, torch.Tensor, int]:
+        total = self._total[row]
+        first = max(0, total - self.capacity)
+        slots = torch.arange(first, total, device=self.device) % self.capacity
+        keys = self._keys.data[row].index_select(1, slots).to(self.dtype)
+        return keys, self._values.data[row].index_select(1, slots), first
+
     def _reset(self, rows: list[int]) -> None:
         for row in rows:
             self._keys.clear(row)

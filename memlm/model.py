@@ -101,15 +101,19 @@ class MemoryModel:
     def dtype(self) -> torch.dtype:
         return self.model.dtype
 
-    def session(self, batch_size: int = 1, crossbatch=None):
+    def session(self, batch_size: int = 1, crossbatch=None, store=None, documents=None):
         """A new document session (a context manager): ``with mem_model.session() as s: ...``.
 
         ``crossbatch``: a ``memlm.CrossBatch`` for Focused-Transformer training (``crossbatch.py``): memory
         layers then attend to a differentiable memory of their own and other rows' recent contexts
         instead of the kNN index.
+        ``store``, ``documents``: start from documents stored in a ``memlm.store.MemoryStore`` (batch 1). One
+        document: the session continues exactly where its ingestion ended (memory, XL cache, RMT memory).
+        Several: their memories are loaded into the index in the given order and the local context
+        starts empty. The FIFO ``memory_capacity`` applies (see ``documents.py`` for large corpora).
         """
         self._check_attached()
-        return Session(self, batch_size=batch_size, crossbatch=crossbatch)
+        return Session(self, batch_size=batch_size, crossbatch=crossbatch, store=store, documents=documents)
 
     def detach(self) -> PreTrainedModel:
         """Remove everything attach added and return the original model."""

@@ -39,7 +39,7 @@ class FeedResult:
 class Session:
     """Streams documents through ``mem_model``; see ``MemoryModel.session``."""
 
-    def __init__(self, mem_model, batch_size: int = 1, crossbatch=None) -> None:
+    def __init__(self, mem_model, batch_size: int = 1, crossbatch=None, store=None, documents=None) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         self.mem_model = mem_model
@@ -62,6 +62,16 @@ class Session:
         self._last_logits: torch.Tensor | None = None  # [batch, vocab] of the last token fed
         self._closed = False
         self._keep_logits_arg = "logits_to_keep" in inspect.signature(mem_model.model.forward).parameters
+        self._history: list[torch.Tensor] = []  # ids [batch, n] of every forward, for save_document
+        self.sources: list = []  # the stored documents this session's memory was loaded from (documents.Source)
+        if store is not None or documents is not None:
+            from .documents import load_documents
+
+            try:
+                load_documents(self, store, documents)
+            except BaseException:
+                self.close()
+                raise
 
     # ------------------------------------------------------------------------------ context manager
 
@@ -98,6 +108,16 @@ class Session:
         if self.rmt is not None:
             self.rmt.reset()
         self._last_logits = None
+        self._history, self.sources = [], []
+
+    def save_document(self, store, doc_id: str):
+        """Store what this session has read as a complete document ``doc_id`` of ``store`` (a
+        ``memlm.store.MemoryStore``): its token ids, memory and local state; ``mem_model.session(store=store,
+        documents=[doc_id])`` continues it later, in any process. Batch 1 only. Returns the ``Document``."""
+        self._check_open()
+        from .documents import save_session
+
+        return save_session(self, store, doc_id)
 
     @property
     def tokens_seen(self) -> int:
@@ -264,6 +284,7 @@ class Session:
             self.state.abort()
             raise
         self.state.commit()
+        self._history.append(ids.detach())
         if write:
             rmt.write(out.hidden_states[-1][:, -write:])
         logits = out.logits[:, read : read + n] if keep_all else out.logits[:, -1 - write : out.logits.shape[1] - write]

@@ -79,6 +79,11 @@ class StreamState:
         self.pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.positions: torch.Tensor | None = None
         self._new = (0, 0, 0)  # read, text, write tokens of the forward in flight
+        # layer -> keys, values [batch, kv_heads, n, head_dim] that entered memory when the last segment closed
+        # (what a MemoryStore commits with that segment)
+        self.last_added: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.memory_start = 0  # document position of memory entry 0 (> 0 when a memory was reloaded after eviction)
+        self.retrievals: list | None = None  # set to a list to record every search: (ids, scores) [b, hq, n, k]
 
     @property
     def tokens_seen(self) -> int:
@@ -181,26 +186,51 @@ class StreamState:
         start, end = self.cache_length, self.cache_length + self.read_length  # read tokens' slots
         kept = self.cache_length + self.open_length
         drop = max(0, kept - self.config.xl_length)
+        self.last_added = {}
         for layer, (k, v) in self.cache.items():
             if end > start:
                 k, v = (torch.cat((t[:, :, :start], t[:, :, end:]), dim=2) for t in (k, v))
             if drop and layer in self.memory_layers and self.recent is not None:
                 self.recent.add(layer, k[:, :, :drop], v[:, :, :drop])
             elif drop and layer in self.memory_layers:
-                self._memory(layer, k).add(k[:, :, :drop].to(self.memory_dtype), v[:, :, :drop].to(self.memory_dtype))
+                self.last_added[layer] = self.add_memory(layer, k[:, :, :drop], v[:, :, :drop])
             self.cache[layer] = (k[:, :, drop:], v[:, :, drop:])
         self.local_start += drop
         self.cache_length = kept - drop
         self.read_length = self.open_length = 0
 
-    def _memory(self, layer: int, keys: torch.Tensor):
+    def add_memory(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append unrotated keys, values [batch, kv_heads, n, head_dim] to a memory layer's index (made on first
+        use); returns them as stored (in the memory dtype)."""
+        keys, values = keys.to(self.device, self.memory_dtype), values.to(self.device, self.memory_dtype)
         if layer not in self.indexes:
             _, kv_heads, _, head_dim = keys.shape
             self.indexes[layer] = create_index(
                 self.config.index, dim=head_dim, capacity=self.config.memory_capacity, batch_size=self.batch_size,
                 num_heads=kv_heads, device=self.device, dtype=self.memory_dtype, **self.config.index_kwargs,
             )
-        return self.indexes[layer]
+        self.indexes[layer].add(keys, values)
+        return keys, values
+
+    def local_state(self) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+        """What continues this stream besides its memories: the local context's unrotated keys/values of every
+        layer (``cache.{layer}.keys|values`` [batch, kv_heads, local, head_dim]) and the position counters."""
+        if self.pending:
+            raise RuntimeError("cannot save a stream in the middle of a forward")
+        tensors = {}
+        for layer, (keys, values) in self.cache.items():
+            tensors[f"cache.{layer}.keys"], tensors[f"cache.{layer}.values"] = keys, values
+        counters = {"local_start": self.local_start, "cache_length": self.cache_length,
+                    "read_length": self.read_length, "open_length": self.open_length, "memory_start": self.memory_start}
+        return tensors, counters
+
+    def load_local_state(self, tensors: dict[str, torch.Tensor], counters: dict[str, int]) -> None:
+        """Restore what ``local_state`` returned (memories are loaded separately with ``add_memory``)."""
+        layers = sorted({int(name.split(".")[1]) for name in tensors})
+        self.cache = {layer: (tensors[f"cache.{layer}.keys"].to(self.device),
+                              tensors[f"cache.{layer}.values"].to(self.device)) for layer in layers}
+        for name, value in counters.items():
+            setattr(self, name, int(value))
 
     def _retrieve(self, layer: int, q: torch.Tensor, inv_freq: torch.Tensor | None):
         """Each query head's top-k memory entries: keys, values [b, hq, n, k, d] and mask [b, hq, n, k]."""
@@ -209,10 +239,12 @@ class StreamState:
         group = q_heads // index.num_heads  # query head h reads kv head h // group
         found = index.search(q.detach().reshape(batch, index.num_heads, group * n, head_dim), self.config.top_k)
         shape = (batch, q_heads, n, self.config.top_k)
+        if self.retrievals is not None:
+            self.retrievals.append((found.ids.reshape(shape), found.scores.reshape(shape)))
         mem_k, mem_v = found.keys.reshape(*shape, head_dim), found.values.reshape(*shape, head_dim)
         if inv_freq is not None:
             if self.config.memory_positions == "original":
-                positions = found.ids.reshape(shape) - self.local_start + self._frame()
+                positions = found.ids.reshape(shape) + self.memory_start - self.local_start + self._frame()
                 mem_k = rotate(mem_k, positions, inv_freq)
             elif self._frame() != 0:
                 mem_k = rotate(mem_k, torch.tensor(self._frame(), device=q.device), inv_freq)

@@ -1,0 +1,429 @@
+"""Documents in a MemoryStore: ingest a text stream segment by segment, continue or ask over stored ones.
+
+``DocumentWriter`` turns arriving UTF-8 bytes into segments: bytes are decoded incrementally (a
+character split between chunks waits for its end), text is tokenized in *pieces* that end before a
+whitespace (so the tokens equal the tokenizer's output on the whole text, as in
+``Session.feed_stream``), and every full segment is fed to a session and committed to the store with
+the document's progress in one transaction. Progress is a byte offset plus the number of tokens past it
+already stored (``Document.skip``: a segment may end inside a piece); resuming at that offset
+re-tokenizes from a piece start and drops those tokens, so a resumed ingestion stores exactly what an
+uninterrupted one does.
+
+Large corpora: a session over several documents loads all their entries into one index of
+``memory_capacity`` entries per memory layer (the oldest are evicted beyond it). Size the capacity to
+the corpus and, past a few hundred thousand entries, use an approximate index
+(``index="faiss", index_kwargs={"kind": "ivf"}``) so that each query searches a fraction of them.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .session import _last_whitespace
+from .store import Document, DocumentConflict, MemoryStore, Segment, check_doc_id
+
+#: characters of text without whitespace held back before it is tokenized anyway
+MAX_PIECE = 1 << 16
+
+
+class InvalidText(ValueError):
+    """The bytes are not UTF-8; ``offset`` is the document byte offset of the first bad byte."""
+
+    def __init__(self, message: str, offset: int) -> None:
+        super().__init__(message)
+        self.offset = offset
+
+
+class DocumentTooLarge(ValueError):
+    """A document exceeds the configured maximum size."""
+
+
+@dataclass
+class Source:
+    """A stored document's memory inside a session: index entry ids first_entry .. first_entry + entries - 1
+    hold the document's tokens first_token, first_token + 1, ..."""
+
+    document: str
+    first_entry: int
+    entries: int
+    first_token: int = 0
+
+
+@dataclass
+class Answer:
+    """What ``ask`` returns: the generated text, its token count, and the memory entries the answer drew on
+    most: ``{"document", "token_offset", "score"}``, best first."""
+
+    text: str
+    tokens: int
+    retrieved: list[dict]
+
+
+# ------------------------------------------------------------------------------------------ writing
+
+
+class DocumentWriter:
+    """Streams one document's UTF-8 bytes into ``store`` through ``mem_model``.
+
+    ``write(data)`` (or ``push`` + repeated ``step``, to interleave other work between segments), then
+    ``finish()``. An existing document: ``offset`` must equal its committed ``bytes`` (resume), or
+    ``replace=True`` starts it over; a complete document re-sent whole is compared, not re-ingested.
+    """
+
+    def __init__(self, store: MemoryStore, mem_model, doc_id: str, *, offset: int = 0, replace: bool = False,
+                 max_bytes: int | None = None) -> None:
+        check_doc_id(doc_id)
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise ValueError(f"offset must be an integer >= 0, got {offset!r}")
+        store.bind(mem_model)
+        self.store, self.mem_model, self.max_bytes = store, mem_model, max_bytes
+        self.segment_length = mem_model.config.segment_length
+        self.tokenizer = mem_model.tokenizer
+        if self.tokenizer is None:
+            raise ValueError("ingesting text needs a tokenizer: attach(model, config, tokenizer=...)")
+        existing = store.document(doc_id) if doc_id in store else None
+        if existing is not None and replace:
+            store.delete(doc_id)
+            existing = None
+        self.comparing = existing is not None and existing.status == "complete"
+        if existing is None:
+            if offset:
+                raise DocumentConflict(f"document {doc_id!r} does not exist: an upload starts at offset 0, got "
+                                       f"{offset}")
+            existing = store.begin(doc_id)
+        elif self.comparing and offset:
+            raise DocumentConflict(f"document {doc_id!r} is complete; re-send it whole (offset 0) to compare, or "
+                                   "replace it")
+        elif not self.comparing and offset != existing.bytes:
+            raise DocumentConflict(f"document {doc_id!r} is committed up to byte {existing.bytes}; resume with offset "
+                                   f"{existing.bytes} (got {offset}) or replace it")
+        self.document: Document = existing
+        self.received = offset  # document offset of the next byte to arrive
+        self.hash = hashlib.sha256()
+        self.session = None
+        if self.comparing:
+            return
+        self.session = mem_model.session()
+        if self.document.segments:
+            load_documents(self.session, store, [doc_id], allow_incomplete=True)
+            for segment in store.segments(doc_id):
+                self.hash.update(segment.text)
+        self.decoder = codecs.getincrementaldecoder("utf-8")()
+        self.text = ""  # decoded, not yet tokenized; starts at byte ``text_start``
+        self.text_start = offset
+        self.unstored = bytearray()  # bytes from the committed offset on, not yet in a segment record
+        self.pieces: deque[list] = deque()  # [byte offset of the piece, its token ids], in order
+        self.used = 0  # tokens of pieces[0] already fed
+        self.pending = 0  # tokens of ``pieces`` not fed
+        # Tokens after the committed offset that are already stored: the re-sent text must give them again.
+        skip = self.document.skip
+        self.expected = store.tokens(doc_id)[-skip:].tolist() if skip else []
+
+    # ----------------------------------------------------------------------------------- stream
+
+    def write(self, data: bytes) -> None:
+        """Take the next bytes and ingest every segment they complete."""
+        self.push(data)
+        while self.step():
+            pass
+
+    def push(self, data: bytes) -> None:
+        """Take the next bytes (decode and tokenize; no model work)."""
+        if self.max_bytes is not None and self.received + len(data) > self.max_bytes:
+            if not self.comparing:
+                self.close()
+                self.store.delete(self.document.id)
+            raise DocumentTooLarge(f"document {self.document.id!r} exceeds the maximum of {self.max_bytes:,} bytes")
+        start, self.received = self.received, self.received + len(data)
+        if self.comparing:
+            self.hash.update(data)
+            if self.received > self.document.bytes:
+                raise DocumentConflict(self._differs())
+            return
+        buffered = len(self.decoder.getstate()[0])
+        try:
+            text = self.decoder.decode(data)
+        except UnicodeDecodeError as error:
+            self._invalid(start - buffered + error.start, error)
+        self.unstored += data
+        self.hash.update(data)
+        self.text += text
+        cut = _last_whitespace(self.text)
+        if cut == 0 and len(self.text) > MAX_PIECE:
+            cut = len(self.text)  # no whitespace for a long stretch (e.g. CJK): tokenize anyway, never buffer it all
+        if cut > 0:
+            self._tokenize(self.text[:cut])
+            self.text = self.text[cut:]
+
+    def step(self) -> bool:
+        """Feed and commit one full segment if one is ready; True if it did."""
+        if self.comparing or self.pending < self.segment_length:
+            return False
+        self._feed(self.segment_length)
+        return True
+
+    def finish(self) -> Document:
+        """The text has ended: ingest the rest (a last, partial segment) and mark the document complete."""
+        if self.comparing:
+            if self.received != self.document.bytes or self.hash.hexdigest() != self.document.sha256:
+                raise DocumentConflict(self._differs())
+            return self.document
+        buffered = len(self.decoder.getstate()[0])
+        try:
+            self.text += self.decoder.decode(b"", final=True)
+        except UnicodeDecodeError as error:
+            self._invalid(self.received - buffered + error.start, error)
+        if self.text:
+            self._tokenize(self.text)
+            self.text = ""
+        while self.step():
+            pass
+        self.document.status, self.document.sha256, self.document.error = "complete", self.hash.hexdigest(), None
+        self._feed(self.pending)
+        self.close()
+        return self.document
+
+    def close(self) -> None:
+        """Free the session; what is committed stays (an unfinished document resumes later)."""
+        if self.session is not None:
+            self.session.close()
+            self.session = None
+
+    # ------------------------------------------------------------------------------- internals
+
+    def _tokenize(self, piece: str) -> None:
+        ids = self.tokenizer(piece, add_special_tokens=False)["input_ids"]
+        if self.text_start == 0 and self.tokenizer.bos_token_id is not None:
+            ids = [self.tokenizer.bos_token_id, *ids]  # as Session.feed starts a document
+        self.pieces.append([self.text_start, ids])
+        self.pending += len(ids)
+        self.text_start += len(piece.encode())
+        if self.expected:  # resuming inside a piece: its first tokens are stored already
+            head, self.expected = self.expected[: len(ids)], self.expected[len(ids) :]
+            if ids[: len(head)] != head:
+                raise DocumentConflict(f"the text sent from byte {self.document.bytes} does not continue document "
+                                       f"{self.document.id!r}: its tokens differ from the stored ones")
+            self.used += len(head)
+            self.pending -= len(head)
+            self._drop_used()
+
+    def _drop_used(self) -> None:
+        while self.pieces and self.used == len(self.pieces[0][1]):
+            self.pieces.popleft()
+            self.used = 0
+
+    def _feed(self, n: int) -> None:
+        """Feed the next ``n`` pending tokens (a full segment, or the document's last partial one; n may be 0 at
+        the end) and commit them with the document's progress."""
+        ids = []
+        while len(ids) < n:
+            piece = self.pieces[0][1]
+            take = min(n - len(ids), len(piece) - self.used)
+            ids += piece[self.used : self.used + take]
+            self.used += take
+            self._drop_used()
+        self.pending -= n
+        state = self.session.state
+        memory = {}
+        if ids:
+            state.last_added = {}
+            self.session.feed(torch.tensor([ids], device=self.mem_model.device))
+            memory = {layer: (k[0], v[0]) for layer, (k, v) in state.last_added.items()}
+        # Committed offset: the start of the first piece with unfed tokens, or all tokenized text.
+        committed = self.pieces[0][0] if self.pieces else self.text_start
+        if self.document.status == "complete":
+            committed = self.received
+        stored = committed - self.document.bytes
+        text, self.unstored = bytes(self.unstored[:stored]), self.unstored[stored:]
+        document = self.document
+        document.bytes, document.skip = committed, self.used
+        document.tokens += len(ids)
+        segment = None
+        if ids or text:
+            segment = Segment(ids=torch.tensor(ids, dtype=torch.long), text=text, memory=memory)
+            document.segments += 1
+            document.entries += next(iter(memory.values()))[0].shape[1] if memory else 0
+        self.store.commit(document, segment, session_state(self.session))
+
+    def _invalid(self, offset: int, error: UnicodeDecodeError):
+        message = f"invalid UTF-8 at byte {offset} of document {self.document.id!r} ({error.reason})"
+        self.close()
+        self.store.set_status(self.document.id, "failed", error=message)
+        raise InvalidText(message, offset) from None
+
+    def _differs(self) -> str:
+        return (f"document {self.document.id!r} is stored complete with other content ({self.document.bytes:,} "
+                "bytes, a different sha256); send replace=true to replace it")
+
+
+def ingest_file(store: MemoryStore, mem_model, doc_id: str, path, *, replace: bool = False,
+                chunk_size: int = 1 << 16, progress: Callable[[int], None] | None = None) -> Document:
+    """Ingest a UTF-8 text file; a partly ingested document resumes at its committed offset."""
+    offset = 0
+    if not replace and doc_id in store and store.document(doc_id).status != "complete":
+        offset = store.document(doc_id).bytes
+    writer = DocumentWriter(store, mem_model, doc_id, offset=offset, replace=replace)
+    try:
+        with open(path, "rb") as file:
+            file.seek(offset)
+            if progress is not None:
+                progress(offset)
+            while data := file.read(chunk_size):
+                writer.write(data)
+                if progress is not None:
+                    progress(len(data))
+        return writer.finish()
+    finally:
+        writer.close()
+
+
+def session_state(session) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """A batch-1 session's local state for the store: XL caches, counters, RMT memory."""
+    tensors, counters = session.state.local_state()
+    tensors = {name: t[0] for name, t in tensors.items()}  # batch 1
+    if session.rmt is not None:
+        counters["rmt_segments"] = session.rmt.segments
+        if session.rmt.memory is not None:
+            tensors["rmt.memory"] = session.rmt.memory[0]
+    return tensors, counters
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+
+def load_documents(session, store: MemoryStore, doc_ids, allow_incomplete: bool = False) -> None:
+    """Load stored documents into a fresh batch-1 session (see ``MemoryModel.session``)."""
+    if not isinstance(store, MemoryStore):
+        raise TypeError(f"store must be a memlm.store.MemoryStore, got {type(store).__name__}")
+    if isinstance(doc_ids, str) or not doc_ids or not all(isinstance(d, str) for d in doc_ids):
+        raise ValueError(f"documents must be a non-empty list of document ids, got {doc_ids!r}")
+    if len(set(doc_ids)) != len(doc_ids):
+        raise ValueError(f"documents lists a document twice: {doc_ids!r}")
+    if session.batch_size != 1 or session.state.crossbatch is not None:
+        raise ValueError("stored documents load into a batch-1 session without crossbatch")
+    store.bind(session.mem_model)
+    documents = [store.document(doc_id) for doc_id in doc_ids]
+    for document in documents:
+        if document.status != "complete" and not allow_incomplete:
+            raise DocumentConflict(f"document {document.id!r} is {document.status}, not complete: finish its upload "
+                                   "(resume at its committed offset) before asking over it")
+    state, device = session.state, session.mem_model.device
+    if len(documents) == 1:
+        (document,) = documents
+        entries = _load_segments(state, store, document.id)
+        tensors, counters = store.state(document.id)
+        state.load_local_state({name: t[None] for name, t in tensors.items() if name.startswith("cache.")},
+                               {k: v for k, v in counters.items() if k != "rmt_segments"})
+        if session.rmt is not None:
+            session.rmt.segments = counters.get("rmt_segments", 0)
+            if "rmt.memory" in tensors:
+                session.rmt.memory = tensors["rmt.memory"][None].to(device, session.mem_model.dtype)
+        session.sources = [Source(document.id, 0, entries, document.memory_start)]
+        return
+    first = 0
+    for document in documents:
+        entries = _load_segments(state, store, document.id)
+        tensors, counters = store.state(document.id)
+        tail = 0
+        for layer in state.memory_layers:
+            if f"cache.{layer}.keys" in tensors:
+                keys = _text_entries(tensors[f"cache.{layer}.keys"], counters)
+                values = _text_entries(tensors[f"cache.{layer}.values"], counters)
+                state.add_memory(layer, keys[None], values[None])
+                tail = keys.shape[1]
+        session.sources.append(Source(document.id, first, entries + tail, document.memory_start))
+        first += entries + tail
+    state.local_start = first  # the loaded entries stand before the (empty) local context
+
+
+def _load_segments(state, store: MemoryStore, doc_id: str) -> int:
+    """Add a document's stored memory entries to the session's indexes; returns the entry count."""
+    entries = 0
+    for segment in store.segments(doc_id):
+        for layer, (keys, values) in segment.memory.items():
+            state.add_memory(layer, keys[None], values[None])
+        if segment.memory:
+            entries += next(iter(segment.memory.values()))[0].shape[1]
+    return entries
+
+
+def _text_entries(cached: torch.Tensor, counters: dict[str, int]) -> torch.Tensor:
+    """The text tokens of a stored local context [kv_heads, local, head_dim]: RMT read tokens left out."""
+    start = counters["cache_length"]
+    return torch.cat((cached[:, :start], cached[:, start + counters["read_length"] :]), dim=1)
+
+
+def save_session(session, store: MemoryStore, doc_id: str) -> Document:
+    """``Session.save_document``: store a session's document as complete."""
+    check_doc_id(doc_id)
+    if session.batch_size != 1:
+        raise ValueError(f"save_document stores one document: the session must have batch_size 1, got "
+                         f"{session.batch_size}")
+    if session.sources:
+        raise ValueError("this session was opened over stored documents; save_document stores a document a session "
+                         "read itself (feed its text into a fresh session)")
+    store.bind(session.mem_model)
+    state = session.state
+    ids = torch.cat(session._history, dim=1)[0].cpu() if session._history else torch.empty(0, dtype=torch.long)
+    memory, memory_start = {}, 0
+    for layer, index in state.indexes.items():
+        keys, values, memory_start = index.entries(0)
+        memory[layer] = (keys, values)
+    document = store.begin(doc_id)
+    document.status, document.tokens, document.memory_start = "complete", ids.numel(), memory_start
+    document.segments = 1
+    document.entries = next(iter(memory.values()))[0].shape[1] if memory else 0
+    tensors, counters = session_state(session)
+    counters["memory_start"] = memory_start  # a reloaded index numbers its entries from the first live one
+    try:
+        store.commit(document, Segment(ids=ids, text=b"", memory=memory), (tensors, counters))
+    except BaseException:
+        store.delete(doc_id)
+        raise
+    return document
+
+
+def ask(mem_model, store: MemoryStore, documents: list[str], prompt: str, *, max_new_tokens: int = 64,
+        temperature: float = 0.0, streamer: Callable[[torch.Tensor], None] | None = None, top: int = 8) -> Answer:
+    """Answer ``prompt`` over stored documents: greedy when ``temperature`` is 0, sampled otherwise.
+
+    ``retrieved`` lists the ``top`` memory entries with the highest scores among those the answer's tokens
+    retrieved (every head of every memory layer, at the last prompt token and each new token).
+    """
+    tokenizer = mem_model.tokenizer
+    if not isinstance(prompt, str):
+        raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or temperature < 0:
+        raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError("the prompt has no tokens")
+    with mem_model.session(store=store, documents=documents) as session:
+        if len(ids) > 1:
+            session.feed(torch.tensor([ids[:-1]], device=mem_model.device))
+        session.state.retrievals = []  # record what the last prompt token and the new tokens retrieve
+        new = session.generate(torch.tensor([ids[-1:]], device=mem_model.device), max_new_tokens=max_new_tokens,
+                               do_sample=temperature > 0, temperature=temperature or 1.0, streamer=streamer)
+        retrieved = _best_retrieved(session, top)
+    return Answer(text=tokenizer.decode(new[0], skip_special_tokens=True), tokens=new.shape[1], retrieved=retrieved)
+
+
+def _best_retrieved(session, top: int) -> list[dict]:
+    best: dict[int, float] = {}
+    for ids, scores in session.state.retrievals:
+        for entry, score in zip(ids[0, :, -1].flatten().tolist(), scores[0, :, -1].flatten().tolist(), strict=True):
+            if entry >= 0 and score > best.get(entry, -float("inf")):
+                best[entry] = score
+    found = []
+    for entry, score in sorted(best.items(), key=lambda item: -item[1])[:top]:
+        source = next((s for s in session.sources if s.first_entry <= entry < s.first_entry + s.entries), None)
+        if source is not None:
+            offset = source.first_token + entry - source.first_entry
+            found.append({"document": source.document, "token_offset": offset, "score": round(score, 4)})
+    return found

@@ -1,0 +1,449 @@
+"""MemoryStore: the memories of ingested documents, persisted in LMDB.
+
+A document is stored as it was streamed: one record per segment (its token ids, the UTF-8 text whose
+tokens it completed, and the keys/values that entered each memory layer's kNN index when it closed),
+plus the stream's local state at the last commit (XL caches, counters, RMT memory), so that an
+interrupted ingestion resumes exactly where it stopped and a session can continue a document or
+answer over several. Tensors are stored as safetensors bytes in their own dtype (the memory dtype
+of the model; float16/bfloat16 halve the disk); nothing is pickled.
+
+LMDB gives the guarantees the store needs: a segment record, the stream state and the document's
+progress are written in one transaction, so a crash at any instant leaves every document at its last
+committed segment; readers never block the writer. The map grows when full. An environment must not
+cross ``fork()``; every call checks it is still in the process that opened the store.
+
+Layout (named databases): ``meta`` (format version, fingerprint), ``documents`` (doc id -> JSON
+metadata), ``segments`` (doc id, 0, segment number -> record), ``checksums`` (same key -> sha256 of
+the record), ``states`` (doc id -> stream state).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import lmdb
+import torch
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+
+FORMAT_VERSION = 1
+DOC_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+STATUSES = ("ingesting", "complete", "failed")
+
+
+class StoreError(Exception):
+    """Base class of the store's errors; the service maps each kind to an HTTP status."""
+
+
+class DocumentNotFound(StoreError, KeyError):
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0])
+
+
+class DocumentConflict(StoreError):
+    """The request does not fit the document's stored state (offset, content, status)."""
+
+
+class FingerprintMismatch(StoreError):
+    """The store holds memories of another model, memlm config or tokenizer."""
+
+
+@dataclass
+class Document:
+    """A stored document's metadata.
+
+    bytes: UTF-8 bytes committed (the offset an interrupted upload resumes at); tokens: tokens fed and
+    stored; skip: tokens of the text after ``bytes`` that are already stored (a segment may end inside a
+    word); entries: memory entries stored per memory layer; memory_start: document position of the
+    first stored entry (> 0 only for a session saved after its memory evicted entries).
+    """
+
+    id: str
+    status: str = "ingesting"
+    bytes: int = 0
+    tokens: int = 0
+    segments: int = 0
+    entries: int = 0
+    skip: int = 0
+    memory_start: int = 0
+    sha256: str | None = None  # of the whole text, once complete
+    error: str | None = None
+    created: float = field(default_factory=time.time)
+    updated: float = field(default_factory=time.time)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Segment:
+    """One stored segment: ids [n] int64, the text bytes it completed, and layer -> keys, values
+    [kv_heads, entries, head_dim] that entered memory when it closed."""
+
+    ids: torch.Tensor
+    text: bytes
+    memory: dict[int, tuple[torch.Tensor, torch.Tensor]]
+
+
+def check_doc_id(doc_id: object) -> str:
+    if not isinstance(doc_id, str) or not DOC_ID.fullmatch(doc_id):
+        raise ValueError(f"document id must match [A-Za-z0-9._-]{{1,128}}, got {doc_id!r}")
+    return doc_id
+
+
+def fingerprint(mem_model) -> dict[str, str]:
+    """What must match for stored memories to be valid: the model (config, and a sample of every weight, so
+    that two checkpoints of one architecture differ), memlm's config and parameters, the tokenizer."""
+    model = mem_model.model
+    model_config = model.config.to_dict()
+    for volatile in ("_name_or_path", "transformers_version", "_attn_implementation", "attn_implementation",
+                     "_commit_hash", "dtype", "torch_dtype"):
+        model_config.pop(volatile, None)
+    weights = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        if name.startswith("memlm_"):
+            continue
+        flat = tensor.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 4096)].float().cpu()
+        weights.update(f"{name}{list(tensor.shape)}{tensor.dtype}".encode())
+        weights.update(sample.numpy().tobytes())
+    config = mem_model.config
+    memory_dtype = config.memory_dtype or str(mem_model.dtype).removeprefix("torch.")  # the stored tensors' dtype
+    memlm = hashlib.sha256(json.dumps({**config.to_dict(), "memory_dtype": memory_dtype}, sort_keys=True).encode())
+    for name, tensor in sorted(mem_model.memory_module.state_dict().items()):
+        memlm.update(name.encode() + tensor.detach().float().cpu().numpy().tobytes())
+    tokenizer = mem_model.tokenizer
+    if tokenizer is None:
+        vocab = "none"
+    elif hasattr(tokenizer, "backend_tokenizer"):
+        vocab = tokenizer.backend_tokenizer.to_str()
+    else:
+        vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
+    return {
+        "model": hashlib.sha256(json.dumps(model_config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        + weights.hexdigest()[:16],
+        "memlm": memlm.hexdigest()[:32],
+        "tokenizer": hashlib.sha256(vocab.encode()).hexdigest()[:32],
+    }
+
+
+class MemoryStore:
+    """Documents' memories in an LMDB environment at ``path`` (a directory, created with mode 0700).
+
+    Args:
+        path: the store's directory.
+        map_size: initial LMDB map size in bytes; it doubles whenever a write finds it full.
+        readonly: open without write access (``memlm docs``, checks).
+    """
+
+    def __init__(self, path: str | os.PathLike, map_size: int = 1 << 30, readonly: bool = False) -> None:
+        self.path = Path(path)
+        if readonly and not (self.path / "data.mdb").is_file():
+            raise FileNotFoundError(f"{self.path} is not a memlm store (no data.mdb)")
+        if not readonly:
+            self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._pid = os.getpid()
+        self._lock = threading.RLock()  # set_mapsize needs no transaction of this process in flight
+        self._env = lmdb.open(str(self.path), map_size=map_size, max_dbs=8, mode=0o600, readonly=readonly,
+                              readahead=False)
+        self.readonly = readonly
+        names = ("meta", "documents", "segments", "checksums", "states")
+        if readonly:
+            with self._env.begin() as txn:
+                self._db = {name: self._env.open_db(name.encode(), txn=txn, create=False) for name in names}
+        else:
+            self._db = {name: self._env.open_db(name.encode()) for name in names}
+        stored = self._get("meta", b"format")
+        if stored is None and not readonly:
+            self._write(lambda txn: txn.put(b"format", str(FORMAT_VERSION).encode(), db=self._db["meta"]))
+        elif stored is not None and int(stored) != FORMAT_VERSION:
+            raise StoreError(f"{self.path} has store format {int(stored)}; this memlm reads format {FORMAT_VERSION}")
+
+    # ----------------------------------------------------------------------------- lifecycle
+
+    def close(self) -> None:
+        if self._env is not None:
+            self._env.close()
+            self._env = None
+
+    def __enter__(self) -> MemoryStore:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"MemoryStore({str(self.path)!r})"
+
+    # ----------------------------------------------------------------------------- fingerprint
+
+    def bind(self, mem_model) -> None:
+        """Record ``mem_model``'s fingerprint in a new store, or check it against the stored one."""
+        mine = fingerprint(mem_model)
+        stored = self._get("meta", b"fingerprint")
+        if stored is None:
+            self._write(lambda txn: txn.put(b"fingerprint", json.dumps(mine).encode(), db=self._db["meta"]))
+            return
+        stored = json.loads(stored)
+        differ = [part for part in mine if stored.get(part) != mine[part]]
+        if differ:
+            raise FingerprintMismatch(
+                f"{self.path} holds memories made with another {' and '.join(differ)} (stored {stored}, this model "
+                f"{mine}); memories of different models cannot be mixed: use another store directory"
+            )
+
+    # ----------------------------------------------------------------------------- documents
+
+    def documents(self) -> list[Document]:
+        with self._read() as txn:
+            return [Document(**json.loads(value)) for _, value in txn.cursor(db=self._db["documents"])]
+
+    def document(self, doc_id: str) -> Document:
+        value = self._get("documents", check_doc_id(doc_id).encode())
+        if value is None:
+            raise DocumentNotFound(f"no document {doc_id!r} in {self.path}")
+        return Document(**json.loads(value))
+
+    def __contains__(self, doc_id: str) -> bool:
+        return self._get("documents", check_doc_id(doc_id).encode()) is not None
+
+    def delete(self, doc_id: str) -> Document:
+        """Remove a document and everything stored for it, in one transaction."""
+        document = self.document(doc_id)
+
+        def delete(txn):
+            for key in self._segment_keys(txn, doc_id):
+                txn.delete(key, db=self._db["segments"])
+                txn.delete(key, db=self._db["checksums"])
+            txn.delete(doc_id.encode(), db=self._db["states"])
+            txn.delete(doc_id.encode(), db=self._db["documents"])
+
+        self._write(delete)
+        return document
+
+    def segments(self, doc_id: str) -> Iterator[Segment]:
+        """The document's segments in order (each read in its own short transaction)."""
+        document = self.document(doc_id)
+        for number in range(document.segments):
+            value = self._get("segments", _segment_key(doc_id, number))
+            if value is None:
+                raise StoreError(f"segment {number} of {doc_id!r} is missing; run store.check()")
+            yield _decode_segment(value)
+
+    def tokens(self, doc_id: str) -> torch.Tensor:
+        """All stored token ids of a document, [tokens] int64."""
+        parts = [segment.ids for segment in self.segments(doc_id)]
+        return torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
+
+    def state(self, doc_id: str) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+        """The stream state at the document's last commit: tensors and counters (``StreamState.local_state``)."""
+        value = self._get("states", check_doc_id(doc_id).encode())
+        if value is None:
+            return {}, {}
+        return _decode_state(value)
+
+    # ----------------------------------------------------------------------------- writing
+
+    def begin(self, doc_id: str) -> Document:
+        """Create an empty document with status ``ingesting``; it must not exist."""
+        document = Document(id=check_doc_id(doc_id))
+
+        def begin(txn):
+            if not txn.put(doc_id.encode(), _encode_document(document), overwrite=False, db=self._db["documents"]):
+                raise DocumentConflict(f"document {doc_id!r} already exists")
+
+        self._write(begin)
+        return document
+
+    def commit(self, document: Document, segment: Segment | None, state: tuple[dict, dict]) -> None:
+        """Append ``segment`` (if any) as the document's next segment, replace its stream state and write its
+        metadata (``document``, already advanced by the caller), all in one transaction."""
+        document.updated = time.time()
+        state_value = _encode_state(*state)
+        segment_value = None if segment is None else _encode_segment(segment)
+
+        def commit(txn):
+            if segment_value is not None:
+                key = _segment_key(document.id, document.segments - 1)
+                txn.put(key, segment_value, db=self._db["segments"])
+                txn.put(key, hashlib.sha256(segment_value).digest(), db=self._db["checksums"])
+            txn.put(document.id.encode(), state_value, db=self._db["states"])
+            txn.put(document.id.encode(), _encode_document(document), db=self._db["documents"])
+
+        self._write(commit)
+
+    def set_status(self, doc_id: str, status: str, error: str | None = None) -> Document:
+        if status not in STATUSES:
+            raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
+        document = self.document(doc_id)
+        document.status, document.error, document.updated = status, error, time.time()
+        self._write(lambda txn: txn.put(doc_id.encode(), _encode_document(document), db=self._db["documents"]))
+        return document
+
+    # ----------------------------------------------------------------------------- verification
+
+    def check(self) -> list[str]:
+        """Verify every document: its segments are all there and nothing else is, each record matches its
+        checksum and parses, sizes add up to the metadata, the text hashes to the stored sha256. Returns the
+        problems found (an empty list: the store is sound)."""
+        problems = []
+        known = set()
+        for document in self.documents():
+            known.add(document.id)
+            problems += [f"{document.id}: {p}" for p in self._check_document(document)]
+        with self._read() as txn:
+            for key, _ in txn.cursor(db=self._db["segments"]):
+                doc_id = key.split(b"\0")[0].decode(errors="replace")
+                if doc_id not in known:
+                    problems.append(f"{doc_id}: segment records of a document that does not exist")
+                    known.add(doc_id)
+        return problems
+
+    def _check_document(self, document: Document) -> list[str]:
+        problems, tokens, entries, text = [], 0, None, hashlib.sha256()
+        text_bytes = 0
+        with self._read() as txn:
+            stored = len(self._segment_keys(txn, document.id))
+        if stored != document.segments:
+            problems.append(f"{stored} segment records, metadata says {document.segments}")
+        for number in range(document.segments):
+            key = _segment_key(document.id, number)
+            value, checksum = self._get("segments", key), self._get("checksums", key)
+            if value is None:
+                problems.append(f"segment {number} is missing")
+                continue
+            if checksum != hashlib.sha256(value).digest():
+                problems.append(f"segment {number} does not match its checksum (corrupted)")
+                continue
+            try:
+                segment = _decode_segment(value)
+            except Exception as error:  # a record that passes its checksum but does not parse
+                problems.append(f"segment {number} does not parse: {error}")
+                continue
+            tokens += segment.ids.numel()
+            counts = {k.shape[1] for k, _ in segment.memory.values()}
+            if len(counts) > 1:
+                problems.append(f"segment {number}: memory layers hold different entry counts {sorted(counts)}")
+            entries = (entries or 0) + (counts.pop() if counts else 0)
+            text.update(segment.text)
+            text_bytes += len(segment.text)
+        if tokens != document.tokens:
+            problems.append(f"segments hold {tokens} tokens, metadata says {document.tokens}")
+        if (entries or 0) != document.entries:
+            problems.append(f"segments hold {entries or 0} memory entries, metadata says {document.entries}")
+        if text_bytes != document.bytes:
+            problems.append(f"segments hold {text_bytes} text bytes, metadata says {document.bytes}")
+        if document.status == "complete" and document.sha256 not in (None, text.hexdigest()):
+            problems.append("the stored text does not hash to the document's sha256")
+        if document.segments:
+            try:
+                self.state(document.id)
+            except Exception as error:
+                problems.append(f"stream state does not parse: {error}")
+        return problems
+
+    # ----------------------------------------------------------------------------- LMDB plumbing
+
+    def _check_process(self) -> None:
+        if self._env is None:
+            raise RuntimeError(f"{self} is closed")
+        if os.getpid() != self._pid:
+            raise RuntimeError(f"{self} was opened in process {self._pid}; an LMDB environment must not cross fork(): "
+                               "open the store again in this process")
+
+    def _read(self):
+        """A short read transaction (use as a context manager)."""
+        self._check_process()
+        return _Locked(self._lock, self._env.begin(buffers=False))
+
+    def _get(self, db: str, key: bytes) -> bytes | None:
+        with self._read() as txn:
+            return txn.get(key, db=self._db[db])
+
+    def _write(self, body: Callable):
+        """Run ``body(txn)`` in one write transaction; grow the map and retry when it is full."""
+        self._check_process()
+        if self.readonly:
+            raise StoreError(f"{self} was opened read-only")
+        while True:
+            with self._lock:
+                try:
+                    with self._env.begin(write=True) as txn:
+                        return body(txn)
+                except lmdb.MapFullError:
+                    self._env.set_mapsize(self._env.info()["map_size"] * 2)
+                except lmdb.MapResizedError:  # another process grew it: adopt its size
+                    self._env.set_mapsize(0)
+
+    def _segment_keys(self, txn, doc_id: str) -> list[bytes]:
+        prefix = doc_id.encode() + b"\0"
+        cursor = txn.cursor(db=self._db["segments"])
+        keys = []
+        if cursor.set_range(prefix):
+            for key in cursor.iternext(values=False):
+                if not key.startswith(prefix):
+                    break
+                keys.append(key)
+        return keys
+
+
+class _Locked:
+    """A transaction used as a context manager while holding the store's lock."""
+
+    def __init__(self, lock: threading.RLock, txn) -> None:
+        self.lock, self.txn = lock, txn
+
+    def __enter__(self):
+        self.lock.acquire()
+        return self.txn
+
+    def __exit__(self, *exc_info) -> None:
+        try:
+            self.txn.abort()
+        finally:
+            self.lock.release()
+
+
+def _segment_key(doc_id: str, number: int) -> bytes:
+    return doc_id.encode() + b"\0" + number.to_bytes(8, "big")
+
+
+def _encode_document(document: Document) -> bytes:
+    return json.dumps(document.to_dict()).encode()
+
+
+def _encode_segment(segment: Segment) -> bytes:
+    tensors = {"ids": segment.ids.to(torch.int32).cpu().contiguous(),
+               "text": torch.frombuffer(bytearray(segment.text), dtype=torch.uint8) if segment.text
+               else torch.empty(0, dtype=torch.uint8)}
+    for layer, (keys, values) in segment.memory.items():
+        tensors[f"keys.{layer}"] = keys.cpu().contiguous()
+        tensors[f"values.{layer}"] = values.cpu().contiguous()
+    return save_tensors(tensors)
+
+
+def _decode_segment(value: bytes) -> Segment:
+    tensors = load_tensors(value)
+    layers = sorted(int(name.split(".")[1]) for name in tensors if name.startswith("keys."))
+    return Segment(ids=tensors["ids"].long(), text=tensors["text"].numpy().tobytes(),
+                   memory={layer: (tensors[f"keys.{layer}"], tensors[f"values.{layer}"]) for layer in layers})
+
+
+def _encode_state(tensors: dict[str, torch.Tensor], counters: dict[str, int]) -> bytes:
+    return save_tensors({name: t.detach().cpu().contiguous() for name, t in tensors.items()},
+                        metadata={"counters": json.dumps(counters)})
+
+
+def _decode_state(value: bytes) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    # safetensors' format: an 8-byte little-endian header size, then the JSON header holding the metadata
+    header_size = int.from_bytes(value[:8], "little")
+    metadata = json.loads(value[8 : 8 + header_size]).get("__metadata__", {})
+    return load_tensors(value), json.loads(metadata.get("counters", "{}"))
