@@ -141,28 +141,21 @@ class MemoryStore:
     Args:
         path: the store's directory.
         map_size: initial LMDB map size in bytes; it doubles whenever a write finds it full.
-        readonly: open without write access (``memlm docs``, checks).
+        create: make the store if ``path`` holds none (else FileNotFoundError).
     """
 
-    def __init__(self, path: str | os.PathLike, map_size: int = 1 << 30, readonly: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike, map_size: int = 1 << 30, create: bool = True) -> None:
         self.path = Path(path)
-        if readonly and not (self.path / "data.mdb").is_file():
+        if not create and not (self.path / "data.mdb").is_file():
             raise FileNotFoundError(f"{self.path} is not a memlm store (no data.mdb)")
-        if not readonly:
-            self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._pid = os.getpid()
         self._lock = threading.RLock()  # set_mapsize needs no transaction of this process in flight
-        self._env = lmdb.open(str(self.path), map_size=map_size, max_dbs=8, mode=0o600, readonly=readonly,
-                              readahead=False)
-        self.readonly = readonly
-        names = ("meta", "documents", "segments", "checksums", "states")
-        if readonly:
-            with self._env.begin() as txn:
-                self._db = {name: self._env.open_db(name.encode(), txn=txn, create=False) for name in names}
-        else:
-            self._db = {name: self._env.open_db(name.encode()) for name in names}
+        self._env = lmdb.open(str(self.path), map_size=map_size, max_dbs=8, mode=0o600, readahead=False)
+        self._db = {name: self._env.open_db(name.encode())
+                    for name in ("meta", "documents", "segments", "checksums", "states")}
         stored = self._get("meta", b"format")
-        if stored is None and not readonly:
+        if stored is None:
             self._write(lambda txn: txn.put(b"format", str(FORMAT_VERSION).encode(), db=self._db["meta"]))
         elif stored is not None and int(stored) != FORMAT_VERSION:
             raise StoreError(f"{self.path} has store format {int(stored)}; this memlm reads format {FORMAT_VERSION}")
@@ -371,8 +364,6 @@ class MemoryStore:
     def _write(self, body: Callable):
         """Run ``body(txn)`` in one write transaction; grow the map and retry when it is full."""
         self._check_process()
-        if self.readonly:
-            raise StoreError(f"{self} was opened read-only")
         while True:
             with self._lock:
                 try:

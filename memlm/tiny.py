@@ -76,14 +76,15 @@ def load_default(directory: str | Path | None = None, device: str | torch.device
     """The embedded default model: ``(mem_model, tokenizer)``, read from the package (no download).
 
     ``memory_overrides`` change its MemoryConfig, e.g. ``memory_layers=()`` (XL cache only) or
-    ``index="faiss"``; ``directory`` loads another model saved by ``examples/train_tiny.py``.
+    ``index="faiss"``; ``directory`` loads another model: a Hugging Face model directory with its tokenizer
+    and memlm's files (``MemoryModel.save_pretrained``), as ``examples/train_tiny.py`` writes.
     """
     directory = DEFAULT_DIR if directory is None else Path(directory)
     if not (directory / "model.safetensors").is_file():
         raise FileNotFoundError(f"{directory} holds no memlm-tiny model (model.safetensors); reinstall memlm or "
                                 "rebuild it with examples/train_tiny.py")
-    tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(directory)
-    model = transformers.LlamaForCausalLM.from_pretrained(directory, attn_implementation="sdpa").to(device).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory, attn_implementation="sdpa").to(device).eval()
     mem_model = MemoryModel.from_pretrained(model, directory, tokenizer=tokenizer)
     if not memory_overrides:
         return mem_model, tokenizer

@@ -1,0 +1,245 @@
+"""The HTTP service: stream documents into a MemoryStore and ask over them (FastAPI; ``memlm serve``).
+
+All model work (ingesting segments, answering) runs on one worker thread, in arrival order
+(``ModelWorker``): an upload queues one job per segment, so concurrent uploads and queries take turns
+and none waits for a whole document. The request handlers only read bodies and the store.
+
+Endpoints (``/openapi.json`` has the schema): ``PUT /v1/documents/{id}`` (body: the text, streamed;
+``?offset=N`` resumes, ``?replace=true`` starts over), ``GET /v1/documents``, ``GET`` and ``DELETE
+/v1/documents/{id}``, ``POST /v1/query`` (JSON; server-sent events with ``"stream": true``),
+``GET /healthz``. With a token, every ``/v1`` request needs ``Authorization: Bearer <token>``.
+Errors are JSON ``{"detail": ...}`` with the status that says what was wrong: 400 invalid UTF-8,
+401 token, 404 unknown document, 409 conflicts with the stored state, 413 too large, 415 content
+type, 422 invalid request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from functools import partial
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request
+from fastapi import Path as PathParam
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.requests import ClientDisconnect
+
+from . import __version__
+from .documents import DocumentTooLarge, DocumentWriter, InvalidText, ask
+from .store import DOC_ID, DocumentConflict, DocumentNotFound, FingerprintMismatch, MemoryStore, check_doc_id
+
+logger = logging.getLogger(__name__)
+
+DocId = Annotated[str, PathParam(pattern=f"^{DOC_ID.pattern}$", description="[A-Za-z0-9._-]{1,128}")]
+
+
+@dataclass
+class Limits:
+    """What one request may ask for."""
+
+    max_document_bytes: int = 1 << 30
+    max_prompt_chars: int = 16384
+    max_new_tokens: int = 1024
+
+    def __post_init__(self) -> None:
+        for name in ("max_document_bytes", "max_prompt_chars", "max_new_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+class QueryRequest(BaseModel):
+    """The body of ``POST /v1/query``."""
+
+    model_config = ConfigDict(extra="forbid")
+    documents: list[str] = Field(min_length=1, description="ids of complete documents to answer over")
+    prompt: str = Field(min_length=1)
+    max_new_tokens: int = Field(64, ge=1)
+    temperature: float = Field(0.0, ge=0.0, le=10.0, description="0: greedy decoding")
+    stream: bool = Field(False, description="answer with server-sent events, one per new piece of text")
+
+
+class ModelWorker:
+    """One thread that runs every piece of model work, in the order it was asked for."""
+
+    def __init__(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memlm-model")
+
+    async def run(self, fn, *args, **kwargs):
+        return await asyncio.get_running_loop().run_in_executor(self._executor, partial(fn, *args, **kwargs))
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+
+
+def create_app(store: MemoryStore, mem_model, *, token: str | None = None, limits: Limits | None = None) -> FastAPI:
+    """The service over ``store`` answering with ``mem_model`` (its tokenizer attached)."""
+    limits = limits or Limits()
+    store.bind(mem_model)  # refuse a store of another model before serving anything
+    worker = ModelWorker()
+    active: set[str] = set()  # documents an upload is writing now
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        worker.close()
+
+    app = FastAPI(title="memlm", version=__version__, lifespan=lifespan,
+                  description="Long-term memory for language models: ingest documents, ask over them.")
+
+    def authorize(authorization: Annotated[str | None, Header()] = None) -> None:
+        if token is None:
+            return
+        scheme, _, given = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+            raise HTTPException(401, "missing or wrong token: send 'Authorization: Bearer <token>'",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
+
+    @v1.put("/documents/{doc_id}", summary="Ingest a document (the body is its UTF-8 text, streamed)")
+    async def put_document(request: Request, doc_id: DocId, offset: Annotated[int, Query(ge=0)] = 0,
+                           replace: bool = False) -> dict:
+        _require_type(request, "text/plain", charset="utf-8", optional=True)
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and offset + int(length) > limits.max_document_bytes:
+            raise HTTPException(413, f"document would be {offset + int(length):,} bytes; the maximum is "
+                                     f"{limits.max_document_bytes:,}")
+        if doc_id in active:
+            raise HTTPException(409, f"document {doc_id!r} is being ingested by another request")
+        active.add(doc_id)
+        writer = None
+        try:
+            writer = await worker.run(DocumentWriter, store, mem_model, doc_id, offset=offset, replace=replace,
+                                      max_bytes=limits.max_document_bytes)
+            async for chunk in request.stream():
+                if chunk:
+                    await worker.run(writer.push, chunk)
+                    while await worker.run(writer.step):
+                        pass
+            return (await worker.run(writer.finish)).to_dict()
+        except ClientDisconnect:  # what is committed stays; the client resumes at the committed offset
+            return JSONResponse({"detail": "the client disconnected"}, status_code=400)
+        finally:
+            if writer is not None:
+                await worker.run(writer.close)
+            active.discard(doc_id)
+
+    @v1.get("/documents", summary="List the stored documents")
+    async def list_documents() -> dict:
+        return {"documents": [document.to_dict() for document in store.documents()]}
+
+    @v1.get("/documents/{doc_id}", summary="A document's status, tokens and committed byte offset")
+    async def get_document(doc_id: DocId) -> dict:
+        return {**store.document(doc_id).to_dict(), "uploading": doc_id in active}
+
+    @v1.delete("/documents/{doc_id}", summary="Delete a document and its memory")
+    async def delete_document(doc_id: DocId) -> dict:
+        if doc_id in active:
+            raise HTTPException(409, f"document {doc_id!r} is being ingested; delete it when the upload ends")
+        return (await asyncio.to_thread(store.delete, doc_id)).to_dict()
+
+    schema = {"requestBody": {"required": True,
+                              "content": {"application/json": {"schema": QueryRequest.model_json_schema()}}}}
+
+    @v1.post("/query", summary="Ask over stored documents", openapi_extra=schema)
+    async def query(request: Request):
+        _require_type(request, "application/json")
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > 4 * limits.max_prompt_chars + 65536:
+            raise HTTPException(413, f"query body of {int(length):,} bytes is too large")
+        try:
+            body = QueryRequest.model_validate(json.loads(await request.body()))
+        except json.JSONDecodeError as error:
+            raise HTTPException(422, f"the body is not valid JSON: {error}") from None
+        except ValidationError as error:
+            raise HTTPException(422, error.errors(include_url=False, include_context=False)) from None
+        if len(body.prompt) > limits.max_prompt_chars:
+            raise HTTPException(422, f"prompt has {len(body.prompt):,} characters; the maximum is "
+                                     f"{limits.max_prompt_chars:,}")
+        if body.max_new_tokens > limits.max_new_tokens:
+            raise HTTPException(422, f"max_new_tokens {body.max_new_tokens} exceeds the maximum "
+                                     f"{limits.max_new_tokens}")
+        for doc_id in body.documents:
+            check_doc_id(doc_id)
+            if store.document(doc_id).status != "complete" or doc_id in active:
+                raise HTTPException(409, f"document {doc_id!r} is not complete (status "
+                                         f"{store.document(doc_id).status}); finish its upload first")
+        run = partial(worker.run, ask, mem_model, store, body.documents, body.prompt,
+                      max_new_tokens=body.max_new_tokens, temperature=body.temperature)
+        if not body.stream:
+            return _answer_json(await run())
+        return StreamingResponse(_events(run, mem_model.tokenizer), media_type="text/event-stream")
+
+    @app.get("/healthz", summary="Liveness: the service and its store are up")
+    async def healthz() -> dict:
+        return {"status": "ok", "version": __version__, "documents": len(store.documents())}
+
+    app.include_router(v1)
+    for error_type, status in ((DocumentNotFound, 404), (DocumentConflict, 409), (FingerprintMismatch, 409),
+                               (InvalidText, 400), (DocumentTooLarge, 413), (ValueError, 422)):
+        app.add_exception_handler(error_type, partial(_error_response, status))
+    return app
+
+
+def _error_response(status: int, request: Request, error: Exception) -> JSONResponse:
+    body = {"detail": str(error)}
+    if isinstance(error, InvalidText):
+        body["offset"] = error.offset
+    return JSONResponse(body, status_code=status)
+
+
+def _require_type(request: Request, media_type: str, charset: str | None = None, optional: bool = False) -> None:
+    """415 unless the request's Content-Type is ``media_type`` (with ``charset`` if it names one)."""
+    header = request.headers.get("content-type")
+    if header is None and optional:
+        return
+    kind, *params = (part.strip().lower() for part in (header or "").split(";"))
+    charsets = [p.partition("=")[2].strip('"') for p in params if p.startswith("charset=")]
+    if kind != media_type or (charset and charsets and charsets[0] != charset):
+        expected = f"{media_type}; charset={charset}" if charset else media_type
+        raise HTTPException(415, f"expected Content-Type {expected}, got {header!r}")
+
+
+def _answer_json(answer) -> dict:
+    return {"text": answer.text, "tokens": answer.tokens, "retrieved": answer.retrieved}
+
+
+async def _events(run, tokenizer):
+    """Server-sent events: ``data: {"text": piece}`` as tokens come, then ``event: done`` with the whole answer
+    (or ``event: error``)."""
+    loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+    ids, sent = [], ""
+
+    def on_token(token) -> None:  # runs on the worker thread
+        nonlocal sent
+        ids.append(int(token[0]))
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        if len(text) > len(sent) and not text.endswith("\ufffd"):  # a character split across tokens waits
+            loop.call_soon_threadsafe(queue.put_nowait, ("data", {"text": text[len(sent):]}))
+            sent = text
+
+    async def answer() -> None:
+        try:
+            queue.put_nowait(("done", _answer_json(await run(streamer=on_token))))
+        except Exception as error:  # reported to the client as an event: the status line has gone out
+            logger.exception("streamed query failed")
+            queue.put_nowait(("error", {"detail": str(error)}))
+
+    task = asyncio.create_task(answer())
+    try:
+        while True:
+            kind, payload = await queue.get()
+            prefix = "" if kind == "data" else f"event: {kind}\n"
+            yield f"{prefix}data: {json.dumps(payload)}\n\n"
+            if kind != "data":
+                return
+    finally:
+        await task
