@@ -185,7 +185,7 @@ class DocumentWriter:
         while self.step():
             pass
         self.document.status, self.document.sha256, self.document.error = "complete", self.hash.hexdigest(), None
-        self._feed(self.pending)
+        self._feed(self.pending)  # always a last record (maybe empty), so the segment count depends on the tokens only
         self.close()
         return self.document
 
@@ -219,8 +219,8 @@ class DocumentWriter:
             self.used = 0
 
     def _feed(self, n: int) -> None:
-        """Feed the next ``n`` pending tokens (a full segment, or the document's last partial one; n may be 0 at
-        the end) and commit them with the document's progress."""
+        """Feed the next ``n`` pending tokens (a full segment, or the document's last partial one, maybe empty)
+        and commit them as a segment record with the document's progress and text up to the committed offset."""
         ids = []
         while len(ids) < n:
             piece = self.pieces[0][1]
@@ -244,11 +244,9 @@ class DocumentWriter:
         document = self.document
         document.bytes, document.skip = committed, self.used
         document.tokens += len(ids)
-        segment = None
-        if ids or text:
-            segment = Segment(ids=torch.tensor(ids, dtype=torch.long), text=text, memory=memory)
-            document.segments += 1
-            document.entries += next(iter(memory.values()))[0].shape[1] if memory else 0
+        document.segments += 1
+        document.entries += next(iter(memory.values()))[0].shape[1] if memory else 0
+        segment = Segment(ids=torch.tensor(ids, dtype=torch.long), text=text, memory=memory)
         self.store.commit(document, segment, session_state(self.session))
 
     def _invalid(self, offset: int, error: UnicodeDecodeError):
