@@ -61,7 +61,7 @@ class QueryRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     documents: list[str] = Field(min_length=1, description="ids of complete documents to answer over")
     prompt: str = Field(min_length=1)
-    max_new_tokens: int = Field(64, ge=1)
+    max_new_tokens: int | None = Field(None, ge=1, description="default: 64, or the server's maximum if lower")
     temperature: float = Field(0.0, ge=0.0, le=10.0, description="0: greedy decoding")
     stream: bool = Field(False, description="answer with server-sent events, one per new piece of text")
 
@@ -164,6 +164,8 @@ def create_app(store: MemoryStore, mem_model, *, token: str | None = None, limit
         if len(body.prompt) > limits.max_prompt_chars:
             raise HTTPException(422, f"prompt has {len(body.prompt):,} characters; the maximum is "
                                      f"{limits.max_prompt_chars:,}")
+        if body.max_new_tokens is None:
+            body.max_new_tokens = min(64, limits.max_new_tokens)
         if body.max_new_tokens > limits.max_new_tokens:
             raise HTTPException(422, f"max_new_tokens {body.max_new_tokens} exceeds the maximum "
                                      f"{limits.max_new_tokens}")

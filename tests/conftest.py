@@ -122,3 +122,15 @@ def tiny_t5() -> transformers.T5ForConditionalGeneration:
         vocab_size=VOCAB_SIZE, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, decoder_start_token_id=0,
     )
     return _seeded(lambda: transformers.T5ForConditionalGeneration(config))
+
+
+def stored(store, doc_id):
+    """Everything stored for a document except its times: metadata, segments (ids, memory), the whole text, the
+    stream state. (How the text is split between records depends on where uploads were cut, not the tokens.)"""
+    document = store.document(doc_id).to_dict()
+    del document["created"], document["updated"]
+    segments = [(s.ids.tolist(), {layer: (k.tolist(), v.tolist()) for layer, (k, v) in s.memory.items()})
+                for s in store.segments(doc_id)]
+    text = b"".join(s.text for s in store.segments(doc_id))
+    tensors, counters = store.state(doc_id)
+    return document, segments, text, {name: t.tolist() for name, t in tensors.items()}, counters

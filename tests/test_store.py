@@ -11,7 +11,7 @@ from memlm.cli import main
 from memlm.documents import DocumentTooLarge, DocumentWriter, InvalidText, ask, ingest_file
 from memlm.store import DocumentConflict, DocumentNotFound, FingerprintMismatch, MemoryStore
 
-from conftest import build_tiny_llama, make_text
+from conftest import build_tiny_llama, make_text, stored
 
 TEXT = make_text(300, seed=3).replace("river", "river ✓ naïve 日本") + "\n\nThe end."
 DATA = TEXT.encode()
@@ -30,18 +30,6 @@ def write(store, mem_model, doc_id, data, chunk=97, offset=0, finish=True, **kwa
         return writer.finish() if finish else store.document(doc_id)
     finally:
         writer.close()
-
-
-def stored(store, doc_id):
-    """Everything stored for a document except its times: metadata, segments (ids, memory), the whole text, the
-    stream state. (How the text is split between records depends on where uploads were cut, not the tokens.)"""
-    document = store.document(doc_id).to_dict()
-    del document["created"], document["updated"]
-    segments = [(s.ids.tolist(), {layer: (k.tolist(), v.tolist()) for layer, (k, v) in s.memory.items()})
-                for s in store.segments(doc_id)]
-    text = b"".join(s.text for s in store.segments(doc_id))
-    tensors, counters = store.state(doc_id)
-    return document, segments, text, {name: t.tolist() for name, t in tensors.items()}, counters
 
 
 @pytest.fixture

@@ -1,0 +1,284 @@
+"""The HTTP service for real: ``memlm serve`` (uvicorn) in a subprocess on 127.0.0.1, httpx and memlm.client.
+
+The server runs the embedded model (memlm-tiny) with float16 memory, as ``memlm serve`` does by default.
+"""
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+import transformers
+
+from memlm.cli import load_store_model, main
+from memlm.client import Client, ServiceError
+from memlm.documents import ingest_file
+from memlm.store import MemoryStore
+from memlm.tiny import DEFAULT_DIR
+
+from conftest import make_text, stored
+
+pytestmark = pytest.mark.slow
+BOOK = (make_text(250, seed=11) + " The pass key is 417. Remember it. 417 is the pass key. 日本 ✓ "
+        + make_text(250, seed=12))
+
+
+class Server:
+    """``memlm serve`` in a subprocess; its output goes to a log file that failures print."""
+
+    def __init__(self, store, tmp_path, *args: str, env: dict | None = None) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = tmp_path / f"server-{port}.log"
+        command = [sys.executable, "-m", "memlm.cli", "serve", "--store", str(store), "--port", str(port), *args]
+        with open(self.log, "wb") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                            env={**os.environ, "MEMLM_API_TOKEN": "", **(env or {})})
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"memlm serve exited with {self.process.returncode}:\n{self.log.read_text()}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.2)
+        self.stop()
+        raise AssertionError(f"memlm serve did not start:\n{self.log.read_text()}")
+
+    def kill(self) -> None:
+        os.kill(self.process.pid, signal.SIGKILL)
+        self.process.wait(30)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def committed_tokens(client, doc_id) -> int:
+    try:
+        return client.status(doc_id)["tokens"]
+    except ServiceError as error:
+        assert error.status == 404
+        return 0
+
+
+@pytest.fixture(scope="module")
+def tokenizer_tiny():
+    return transformers.AutoTokenizer.from_pretrained(DEFAULT_DIR)
+
+
+def test_ingest_and_query_over_http(tmp_path, tokenizer_tiny):
+    path = tmp_path / "book.txt"
+    path.write_text(BOOK, encoding="utf-8")
+    server = Server(tmp_path / "store", tmp_path)
+    try:
+        with Client(server.url) as client:
+            document = client.ingest("book", path, progress=False, chunk_size=1000)
+            expected = tokenizer_tiny(BOOK, add_special_tokens=False)["input_ids"]
+            assert document["status"] == "complete" and document["tokens"] == len(expected) > 10 * 64
+            assert document["bytes"] == len(BOOK.encode()) and [d["id"] for d in client.list()] == ["book"]
+            answer = client.query("book", " What is the pass key? The pass key is", max_new_tokens=2)
+            assert answer["text"].strip() == "417" and answer["tokens"] == 2
+            assert answer["retrieved"] and all(
+                r["document"] == "book" and 0 <= r["token_offset"] < len(expected) for r in answer["retrieved"])
+            pieces = list(client.stream_query(["book"], " What is the pass key? The pass key is", max_new_tokens=2))
+            assert "".join(pieces) == answer["text"]
+            again = client.ingest("book", path, progress=False)  # the same content: a no-op
+            assert again["updated"] == document["updated"]
+            assert client.delete("book")["id"] == "book" and client.list() == []
+        schema = httpx.get(f"{server.url}/openapi.json").json()
+        assert {"/v1/documents/{doc_id}", "/v1/query", "/healthz"} <= set(schema["paths"])
+    finally:
+        server.stop()
+    with MemoryStore(tmp_path / "store") as store:
+        assert store.documents() == [] and store.check() == []
+
+
+def test_kill_9_mid_upload_then_resume_stores_what_an_uninterrupted_upload_does(tmp_path):
+    path = tmp_path / "book.txt"
+    path.write_text(BOOK, encoding="utf-8")
+    data = path.read_bytes()
+    with MemoryStore(tmp_path / "reference") as reference:
+        ingest_file(reference, load_store_model(None), "book", path)
+        expected = stored(reference, "book")
+    for point, fraction in enumerate((0.2, 0.5, 0.9)):
+        store = tmp_path / f"store{point}"
+        server = Server(store, tmp_path)
+        release = threading.Event()
+
+        limit = int(fraction * len(data))
+
+        def body(limit=limit, release=release):
+            for start in range(0, limit, 2048):
+                yield data[start : min(start + 2048, limit)]
+            release.wait(60)
+
+        def upload(url=server.url, body=body):
+            with contextlib.suppress(httpx.TransportError):  # the server is killed under it
+                httpx.put(f"{url}/v1/documents/book", content=body(), timeout=60)
+
+        thread = threading.Thread(target=upload)
+        thread.start()
+        with Client(server.url) as client:
+            deadline = time.monotonic() + 60
+            while committed_tokens(client, "book") < 64 * (1 + 3 * point) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        server.kill()  # while segments are being ingested and committed
+        release.set()
+        thread.join(60)
+        with MemoryStore(store) as crashed:
+            committed = crashed.document("book")
+            assert committed.status == "ingesting" and committed.tokens > 0 and crashed.check() == []
+        server = Server(store, tmp_path)
+        try:
+            with Client(server.url) as client:
+                assert client.ingest("book", path, progress=False)["status"] == "complete"
+        finally:
+            server.stop()
+        with MemoryStore(store) as resumed:
+            assert stored(resumed, "book") == expected and resumed.check() == []
+
+
+def test_every_error_has_its_status_and_says_what_was_wrong(tmp_path):
+    limits = ("--max-document-bytes", "5000", "--max-prompt-chars", "100", "--max-new-tokens", "16")
+    server = Server(tmp_path / "store", tmp_path, *limits, env={"MEMLM_API_TOKEN": "s3cret"})
+    statuses = []
+    try:
+        http = httpx.Client(base_url=server.url, headers={"Authorization": "Bearer s3cret"}, timeout=60)
+        text = {"Content-Type": "text/plain; charset=utf-8"}
+
+        def expect(status, response, says):
+            statuses.append(response.status_code)
+            assert response.status_code == status, response.text
+            detail = response.json()["detail"]
+            assert says in (detail if isinstance(detail, str) else str(detail)), detail
+            return response.json()
+
+        assert http.put("/v1/documents/small", content=b"A small document.", headers=text).status_code == 200
+        expect(401, httpx.get(f"{server.url}/v1/documents"), "Authorization: Bearer")
+        expect(401, httpx.get(f"{server.url}/v1/documents", headers={"Authorization": "Bearer wrong"}), "wrong token")
+        expect(413, http.put("/v1/documents/big", content=b"x " * 3000, headers=text), "the maximum is 5,000")
+
+        def chunks():  # chunked: no Content-Length, the limit trips while streaming
+            for _ in range(10):
+                yield b"word " * 200
+
+        expect(413, http.put("/v1/documents/big", content=chunks(), headers=text), "exceeds the maximum of 5,000")
+        expect(404, http.get("/v1/documents/big"), "no document 'big'")  # nothing left behind
+        body = expect(400, http.put("/v1/documents/bad", content=b"fine text \xc3\x28", headers=text), "at byte 10")
+        assert body["offset"] == 10
+        expect(415, http.put("/v1/documents/x", content=b"{}", headers={"Content-Type": "application/json"}),
+               "expected Content-Type text/plain")
+        expect(415, http.post("/v1/query", content=b"hi", headers=text), "expected Content-Type application/json")
+        expect(422, http.post("/v1/query", content=b"{nope", headers={"Content-Type": "application/json"}),
+               "not valid JSON")
+        expect(422, http.post("/v1/query", json={"prompt": "hi"}), "documents")
+        expect(422, http.post("/v1/query", json={"documents": ["small"], "prompt": "x" * 101}), "maximum is 100")
+        expect(422, http.post("/v1/query", json={"documents": ["small"], "prompt": "hi", "max_new_tokens": 17}),
+               "exceeds the maximum 16")
+        expect(422, http.post("/v1/query", json={"documents": ["small"], "prompt": "hi", "temperature": -1}),
+               "temperature")
+        expect(422, http.post("/v1/query", json={"documents": ["a b"], "prompt": "hi"}), "document id must match")
+        expect(422, http.get("/v1/documents/" + "x" * 129), "pattern")
+        expect(422, http.put("/v1/documents/small?offset=-1", content=b"x", headers=text), "offset")
+        expect(404, http.post("/v1/query", json={"documents": ["nope"], "prompt": "hi"}), "no document 'nope'")
+        expect(404, http.delete("/v1/documents/nope"), "no document 'nope'")
+        expect(409, http.put("/v1/documents/small", content=b"Other text.", headers=text), "replace=true")
+        expect(409, http.put("/v1/documents/small?offset=5", content=b"x", headers=text), "is complete")
+        expect(409, http.put("/v1/documents/fresh?offset=5", content=b"x", headers=text), "does not exist")
+        replaced = http.put("/v1/documents/small?replace=true", content=b"Other text.", headers=text)
+        assert replaced.status_code == 200 and replaced.json()["bytes"] == 11
+
+        release = threading.Event()
+
+        def slow():
+            yield b"The first words of a slow upload "
+            release.wait(60)
+            yield b"and its end."
+
+        upload = threading.Thread(target=lambda: http.put("/v1/documents/slow", content=slow(), headers=text))
+        upload.start()
+        deadline = time.monotonic() + 30
+        while http.get("/v1/documents/slow").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        expect(409, http.put("/v1/documents/slow", content=b"again", headers=text), "being ingested by another")
+        expect(409, http.delete("/v1/documents/slow"), "being ingested")
+        expect(409, http.post("/v1/query", json={"documents": ["slow"], "prompt": "hi"}), "not complete")
+        expect(409, http.put("/v1/documents/bad?offset=3", content=b"x", headers=text), "resume with offset 0")
+        release.set()
+        upload.join(60)
+        assert http.get("/v1/documents/slow").json()["status"] == "complete"
+        assert httpx.get(f"{server.url}/healthz").json()["status"] == "ok"  # no token needed
+    finally:
+        server.stop()
+    assert 500 not in statuses
+    assert "Traceback" not in server.log.read_text()
+
+
+def test_concurrent_uploads_and_queries_all_complete(tmp_path, tokenizer_tiny):
+    texts = {f"doc{i}": make_text(90, seed=20 + i) for i in range(4)}
+    for doc_id, text in texts.items():
+        (tmp_path / f"{doc_id}.txt").write_text(text)
+    server = Server(tmp_path / "store", tmp_path)
+    results, errors = {}, []
+    try:
+        with Client(server.url) as client:
+            client.ingest("base", [BOOK.encode()], progress=False)
+
+        def ingest(doc_id):
+            with Client(server.url) as client:
+                results[doc_id] = client.ingest(doc_id, tmp_path / f"{doc_id}.txt", progress=False, chunk_size=512)
+
+        def ask(n):
+            with Client(server.url) as client:
+                for i in range(3):
+                    results[f"query{n}.{i}"] = client.query("base", " What is the pass key? The pass key is",
+                                                            max_new_tokens=2)
+
+        def guarded(target, *args):
+            try:
+                target(*args)
+            except Exception as error:
+                errors.append(error)
+
+        threads = [threading.Thread(target=guarded, args=(ingest, doc_id)) for doc_id in texts]
+        threads += [threading.Thread(target=guarded, args=(ask, n)) for n in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(300)
+    finally:
+        server.stop()
+    assert errors == []
+    assert all(results[f"query{n}.{i}"]["text"].strip() == "417" for n in range(2) for i in range(3))
+    with MemoryStore(tmp_path / "store") as store:
+        assert store.check() == []
+        for doc_id, text in texts.items():
+            assert results[doc_id]["status"] == "complete"
+            assert store.tokens(doc_id).tolist() == tokenizer_tiny(text, add_special_tokens=False)["input_ids"]
+
+
+def test_client_reports_errors_and_the_server_refuses_public_addresses_without_a_token(tmp_path, monkeypatch):
+    monkeypatch.delenv("MEMLM_API_TOKEN", raising=False)
+    with pytest.raises(SystemExit, match=r"refusing to listen on 0\.0\.0\.0 without a token"):
+        main(["serve", "--store", str(tmp_path / "store"), "--host", "0.0.0.0"])
+    empty = tmp_path / "token"
+    empty.write_text("\n")
+    with pytest.raises(SystemExit, match="is empty"):
+        main(["serve", "--store", str(tmp_path / "store"), "--token-file", str(empty)])
+    with Client("http://127.0.0.1:9") as client, pytest.raises(httpx.TransportError):
+        client.list()
+    assert issubclass(ServiceError, Exception) and ServiceError(404, "gone").status == 404
