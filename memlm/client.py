@@ -1,4 +1,4 @@
-"""A Python client of the memlm service (``memlm serve``), over httpx.
+"""A Python client of the memlm service (``memlm serve``), over httpx; and ``LocalServer``, which runs one.
 
 ``Client.ingest`` streams a file in chunks and, when the connection or the server fails, asks the
 server for the committed offset and resumes there (a path can be re-read from any offset; an
@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -175,3 +179,61 @@ def _detail(response: httpx.Response):
         return response.json().get("detail", response.text)
     except ValueError:
         return response.text
+
+
+class LocalServer:
+    """``memlm serve --store STORE ARGS...`` in a subprocess on 127.0.0.1 (tests, benchmarks, notebooks).
+
+    Starts at once and waits until ``/healthz`` answers; ``stop()`` (or leaving the ``with`` block) ends it,
+    ``kill()`` sends SIGKILL. Its output goes to ``log`` (a path; default: discarded).
+    """
+
+    def __init__(self, store: str | os.PathLike, *args: str, port: int | None = None, log=None,
+                 env: dict | None = None, timeout: float = 120.0) -> None:
+        if port is None:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = Path(log) if log else None
+        command = [sys.executable, "-m", "memlm.cli", "serve", "--store", str(store), "--port", str(port), *args]
+        output = open(self.log, "ab") if self.log else subprocess.DEVNULL  # noqa: SIM115 (closed below)
+        try:
+            self.process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT,
+                                            env={**os.environ, **(env or {})})
+        finally:
+            if self.log:
+                output.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"memlm serve exited with {self.process.returncode}{self._tail()}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"memlm serve did not answer within {timeout:.0f} s{self._tail()}")
+
+    def kill(self) -> None:
+        """SIGKILL: the process dies at once, as in a crash."""
+        os.kill(self.process.pid, signal.SIGKILL)
+        self.process.wait(30)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def __enter__(self) -> LocalServer:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    def _tail(self) -> str:
+        return f":\n{self.log.read_text()[-4000:]}" if self.log and self.log.is_file() else ""

@@ -4,11 +4,6 @@ The server runs the embedded model (memlm-tiny) with float16 memory, as ``memlm 
 """
 
 import contextlib
-import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -17,7 +12,7 @@ import pytest
 import transformers
 
 from memlm.cli import load_store_model, main
-from memlm.client import Client, ServiceError
+from memlm.client import Client, LocalServer, ServiceError
 from memlm.documents import ingest_file
 from memlm.store import MemoryStore
 from memlm.tiny import DEFAULT_DIR
@@ -29,42 +24,9 @@ BOOK = (make_text(250, seed=11) + " The pass key is 417. Remember it. 417 is the
         + make_text(250, seed=12))
 
 
-class Server:
-    """``memlm serve`` in a subprocess; its output goes to a log file that failures print."""
-
-    def __init__(self, store, tmp_path, *args: str, env: dict | None = None) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        self.log = tmp_path / f"server-{port}.log"
-        command = [sys.executable, "-m", "memlm.cli", "serve", "--store", str(store), "--port", str(port), *args]
-        with open(self.log, "wb") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                            env={**os.environ, "MEMLM_API_TOKEN": "", **(env or {})})
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"memlm serve exited with {self.process.returncode}:\n{self.log.read_text()}")
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.2)
-        self.stop()
-        raise AssertionError(f"memlm serve did not start:\n{self.log.read_text()}")
-
-    def kill(self) -> None:
-        os.kill(self.process.pid, signal.SIGKILL)
-        self.process.wait(30)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.kill()
+def serve(store, tmp_path, *args, env=None) -> LocalServer:
+    """``memlm serve`` without a token unless ``env`` sets one; its log beside the test's files."""
+    return LocalServer(store, *args, log=tmp_path / "server.log", env={"MEMLM_API_TOKEN": "", **(env or {})})
 
 
 def committed_tokens(client, doc_id) -> int:
@@ -83,7 +45,7 @@ def tokenizer_tiny():
 def test_ingest_and_query_over_http(tmp_path, tokenizer_tiny):
     path = tmp_path / "book.txt"
     path.write_text(BOOK, encoding="utf-8")
-    server = Server(tmp_path / "store", tmp_path)
+    server = serve(tmp_path / "store", tmp_path)
     try:
         with Client(server.url) as client:
             document = client.ingest("book", path, progress=False, chunk_size=1000)
@@ -116,7 +78,7 @@ def test_kill_9_mid_upload_then_resume_stores_what_an_uninterrupted_upload_does(
         expected = stored(reference, "book")
     for point, fraction in enumerate((0.2, 0.5, 0.9)):
         store = tmp_path / f"store{point}"
-        server = Server(store, tmp_path)
+        server = serve(store, tmp_path)
         release = threading.Event()
 
         limit = int(fraction * len(data))
@@ -142,7 +104,7 @@ def test_kill_9_mid_upload_then_resume_stores_what_an_uninterrupted_upload_does(
         with MemoryStore(store) as crashed:
             committed = crashed.document("book")
             assert committed.status == "ingesting" and committed.tokens > 0 and crashed.check() == []
-        server = Server(store, tmp_path)
+        server = serve(store, tmp_path)
         try:
             with Client(server.url) as client:
                 assert client.ingest("book", path, progress=False)["status"] == "complete"
@@ -154,7 +116,7 @@ def test_kill_9_mid_upload_then_resume_stores_what_an_uninterrupted_upload_does(
 
 def test_every_error_has_its_status_and_says_what_was_wrong(tmp_path):
     limits = ("--max-document-bytes", "5000", "--max-prompt-chars", "100", "--max-new-tokens", "16")
-    server = Server(tmp_path / "store", tmp_path, *limits, env={"MEMLM_API_TOKEN": "s3cret"})
+    server = serve(tmp_path / "store", tmp_path, *limits, env={"MEMLM_API_TOKEN": "s3cret"})
     statuses = []
     try:
         http = httpx.Client(base_url=server.url, headers={"Authorization": "Bearer s3cret"}, timeout=60)
@@ -232,7 +194,7 @@ def test_concurrent_uploads_and_queries_all_complete(tmp_path, tokenizer_tiny):
     texts = {f"doc{i}": make_text(90, seed=20 + i) for i in range(4)}
     for doc_id, text in texts.items():
         (tmp_path / f"{doc_id}.txt").write_text(text)
-    server = Server(tmp_path / "store", tmp_path)
+    server = serve(tmp_path / "store", tmp_path)
     results, errors = {}, []
     try:
         with Client(server.url) as client:
