@@ -9,6 +9,7 @@ import json
 import os
 import platform
 import sys
+import time
 from pathlib import Path
 
 from . import __version__
@@ -209,12 +210,17 @@ def ingest(args: argparse.Namespace) -> int:
     path = Path(args.file)
     if not path.is_file():
         raise SystemExit(f"memlm ingest: {path} is not a file")
+    mem_model = load_store_model(args.model)
     with MemoryStore(args.store) as store, tqdm(total=path.stat().st_size, unit="B", unit_scale=True,
                                                  desc=f"memlm ingest {args.doc_id}") as bar:
-        document = ingest_file(store, load_store_model(args.model), args.doc_id, path, replace=args.replace,
-                               progress=bar.update)
+        before = store.document(args.doc_id).tokens if args.doc_id in store and not args.replace else 0
+        start = time.perf_counter()
+        document = ingest_file(store, mem_model, args.doc_id, path, replace=args.replace, progress=bar.update)
+        seconds = time.perf_counter() - start
+    new = document.tokens - before
     print(f"{document.id}: {document.status}, {document.bytes:,} bytes, {document.tokens:,} tokens, "
-          f"{document.segments:,} segments")
+          f"{document.segments:,} segments; {new:,} tokens ingested in {seconds:.1f} s "
+          f"({new / max(seconds, 1e-9):,.0f} tokens/s)")
     return 0
 
 
