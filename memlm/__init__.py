@@ -22,7 +22,8 @@ from .config import MemoryConfig
 from .crossbatch import CrossBatch
 from .model import MemoryModel, attach
 from .session import FeedResult, Session
+from .store import MemoryStore
 from .tiny import load_default
 
-__all__ = ["CrossBatch", "FeedResult", "MemoryConfig", "MemoryModel", "Session", "__version__", "attach",
-           "load_default"]
+__all__ = ["CrossBatch", "FeedResult", "MemoryConfig", "MemoryModel", "MemoryStore", "Session", "__version__",
+           "attach", "load_default"]

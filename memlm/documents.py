@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import codecs
 import hashlib
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -161,12 +162,16 @@ class DocumentWriter:
             self._tokenize(self.text[:cut])
             self.text = self.text[cut:]
 
-    def step(self) -> bool:
-        """Feed and commit one full segment if one is ready; True if it did."""
-        if self.comparing or self.pending < self.segment_length:
-            return False
-        self._feed(self.segment_length)
-        return True
+    def step(self, seconds: float = 0.0) -> bool:
+        """Feed and commit the next full segment if one is ready, and more while ``seconds`` last; True if it
+        fed any."""
+        start, fed = time.perf_counter(), False
+        while not self.comparing and self.pending >= self.segment_length:
+            self._feed(self.segment_length)
+            fed = True
+            if time.perf_counter() - start >= seconds:
+                break
+        return fed
 
     def finish(self) -> Document:
         """The text has ended: ingest the rest (a last, partial segment) and mark the document complete."""

@@ -37,6 +37,8 @@ from .store import DOC_ID, DocumentConflict, DocumentNotFound, FingerprintMismat
 
 logger = logging.getLogger(__name__)
 
+#: model time one upload job may take before other requests get their turn
+STEP_SECONDS = 0.05
 DocId = Annotated[str, PathParam(pattern=f"^{DOC_ID.pattern}$", description="[A-Za-z0-9._-]{1,128}")]
 
 
@@ -122,7 +124,7 @@ def create_app(store: MemoryStore, mem_model, *, token: str | None = None, limit
             async for chunk in request.stream():
                 if chunk:
                     await worker.run(writer.push, chunk)
-                    while await worker.run(writer.step):
+                    while await worker.run(writer.step, STEP_SECONDS):
                         pass
             return (await worker.run(writer.finish)).to_dict()
         except ClientDisconnect:  # what is committed stays; the client resumes at the committed offset

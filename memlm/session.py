@@ -62,7 +62,7 @@ class Session:
         self._last_logits: torch.Tensor | None = None  # [batch, vocab] of the last token fed
         self._closed = False
         self._keep_logits_arg = "logits_to_keep" in inspect.signature(mem_model.model.forward).parameters
-        self._history: list[torch.Tensor] = []  # ids [batch, n] of every forward, for save_document
+        self._history: list[torch.Tensor] = []  # ids [1, n] of every forward, for save_document
         self.sources: list = []  # the stored documents this session's memory was loaded from (documents.Source)
         if store is not None or documents is not None:
             from .documents import load_documents
@@ -284,7 +284,8 @@ class Session:
             self.state.abort()
             raise
         self.state.commit()
-        self._history.append(ids.detach())
+        if self.batch_size == 1:  # what save_document stores (it takes batch-1 sessions only)
+            self._history.append(ids.detach())
         if write:
             rmt.write(out.hidden_states[-1][:, -write:])
         logits = out.logits[:, read : read + n] if keep_all else out.logits[:, -1 - write : out.logits.shape[1] - write]
