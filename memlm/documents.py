@@ -20,7 +20,7 @@ from __future__ import annotations
 import codecs
 import hashlib
 import time
-from collections import deque
+from collections import defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -59,7 +59,8 @@ class Source:
 @dataclass
 class Answer:
     """What ``ask`` returns: the generated text, its token count, and the memory entries the answer drew on
-    most: ``{"document", "token_offset", "score"}``, best first."""
+    most: ``{"document", "token_offset", "score"}``, best first; ``score`` is the entry's share of the memory
+    attention (0..1) averaged over heads, memory layers and answer tokens."""
 
     text: str
     tokens: int
@@ -396,8 +397,8 @@ def ask(mem_model, store: MemoryStore, documents: list[str], prompt: str, *, max
         temperature: float = 0.0, streamer: Callable[[torch.Tensor], None] | None = None, top: int = 8) -> Answer:
     """Answer ``prompt`` over stored documents: greedy when ``temperature`` is 0, sampled otherwise.
 
-    ``retrieved`` lists the ``top`` memory entries with the highest scores among those the answer's tokens
-    retrieved (every head of every memory layer, at the last prompt token and each new token).
+    ``retrieved`` lists the ``top`` memory entries that took the largest share of the memory attention of the
+    answer's tokens (the last prompt token and each new one; every head of every memory layer).
     """
     tokenizer = mem_model.tokenizer
     if not isinstance(prompt, str):
@@ -418,15 +419,22 @@ def ask(mem_model, store: MemoryStore, documents: list[str], prompt: str, *, max
 
 
 def _best_retrieved(session, top: int) -> list[dict]:
-    best: dict[int, float] = {}
-    for ids, scores in session.state.retrievals:
-        for entry, score in zip(ids[0, :, -1].flatten().tolist(), scores[0, :, -1].flatten().tolist(), strict=True):
-            if entry >= 0 and score > best.get(entry, -float("inf")):
-                best[entry] = score
+    """The entries with the largest share of the memory attention: each head's softmax over its retrieved
+    entries, averaged over heads, layers and answer tokens (raw inner products rank entries that every query
+    scores high, such as frequent tokens, above the one a head singles out)."""
+    share: dict[int, float] = defaultdict(float)
+    searches = 0
+    for ids, logits in session.state.retrievals:
+        ids, weights = ids[0, :, -1], torch.softmax(logits[0, :, -1], dim=-1).nan_to_num(0.0)  # [q_heads, k]
+        searches += ids.shape[0]
+        for entry, weight in zip(ids.flatten().tolist(), weights.flatten().tolist(), strict=True):
+            if entry >= 0:
+                share[entry] += weight
+    best = {entry: weight / max(searches, 1) for entry, weight in share.items()}
     found = []
     for entry, score in sorted(best.items(), key=lambda item: -item[1])[:top]:
         source = next((s for s in session.sources if s.first_entry <= entry < s.first_entry + s.entries), None)
         if source is not None:
             offset = source.first_token + entry - source.first_entry
-            found.append({"document": source.document, "token_offset": offset, "score": round(score, 4)})
+            found.append({"document": source.document, "token_offset": offset, "score": round(score, 5)})
     return found

@@ -83,7 +83,8 @@ class StreamState:
         # (what a MemoryStore commits with that segment)
         self.last_added: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.memory_start = 0  # document position of memory entry 0 (> 0 when a memory was reloaded after eviction)
-        self.retrievals: list | None = None  # set to a list to record every search: (ids, scores) [b, hq, n, k]
+        # set to a list to record every search: ids, attention logits [b, hq, n, k] (scores x the model's scale)
+        self.retrievals: list | None = None
 
     @property
     def tokens_seen(self) -> int:
@@ -146,7 +147,7 @@ class StreamState:
             if self.recent is not None:
                 mem_k, mem_v, mem_mask = self.recent.read(layer, self._frame(), inv_freq, q.dtype)
             elif layer in self.indexes:
-                mem_k, mem_v, mem_mask = self._retrieve(layer, q, inv_freq)
+                mem_k, mem_v, mem_mask = self._retrieve(layer, q, inv_freq, scale)
         out = memory_attention(q, k, v, mem_k, mem_v, mem_mask, gate=gate, fusion=self.config.fusion, scale=scale)
         return out.transpose(1, 2)
 
@@ -232,7 +233,7 @@ class StreamState:
         for name, value in counters.items():
             setattr(self, name, int(value))
 
-    def _retrieve(self, layer: int, q: torch.Tensor, inv_freq: torch.Tensor | None):
+    def _retrieve(self, layer: int, q: torch.Tensor, inv_freq: torch.Tensor | None, scale: float):
         """Each query head's top-k memory entries: keys, values [b, hq, n, k, d] and mask [b, hq, n, k]."""
         index = self.indexes[layer]
         batch, q_heads, n, head_dim = q.shape
@@ -240,7 +241,7 @@ class StreamState:
         found = index.search(q.detach().reshape(batch, index.num_heads, group * n, head_dim), self.config.top_k)
         shape = (batch, q_heads, n, self.config.top_k)
         if self.retrievals is not None:
-            self.retrievals.append((found.ids.reshape(shape), found.scores.reshape(shape)))
+            self.retrievals.append((found.ids.reshape(shape), found.scores.reshape(shape) * scale))
         mem_k, mem_v = found.keys.reshape(*shape, head_dim), found.values.reshape(*shape, head_dim)
         if inv_freq is not None:
             if self.config.memory_positions == "original":

@@ -56,6 +56,9 @@ def test_ingest_and_query_over_http(tmp_path, tokenizer_tiny):
             assert answer["text"].strip() == "417" and answer["tokens"] == 2
             assert answer["retrieved"] and all(
                 r["document"] == "book" and 0 <= r["token_offset"] < len(expected) for r in answer["retrieved"])
+            key = tokenizer_tiny(" 417", add_special_tokens=False)["input_ids"][-1]
+            mentions = {i for i, token in enumerate(expected) if token == key}  # "The pass key is 417. ... 417 is"
+            assert len(mentions) == 2 and {r["token_offset"] for r in answer["retrieved"][:2]} == mentions
             pieces = list(client.stream_query(["book"], " What is the pass key? The pass key is", max_new_tokens=2))
             assert "".join(pieces) == answer["text"]
             again = client.ingest("book", path, progress=False)  # the same content: a no-op
