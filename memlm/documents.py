@@ -346,14 +346,28 @@ def load_documents(session, store: MemoryStore, doc_ids, allow_incomplete: bool 
     state.local_start = first  # the loaded entries stand before the (empty) local context
 
 
-def _load_segments(state, store: MemoryStore, doc_id: str) -> int:
-    """Add a document's stored memory entries to the session's indexes; returns the entry count."""
-    entries = 0
+def _load_segments(state, store: MemoryStore, doc_id: str, batch_bytes: int = 64 << 20) -> int:
+    """Add a document's stored memory entries to the session's indexes, ``batch_bytes`` at a time (few large
+    adds are faster than one per segment, and an index gives entries the same slots however they arrive);
+    returns the entry count."""
+    keys, values, held, entries = defaultdict(list), defaultdict(list), 0, 0
+
+    def flush():
+        for layer in keys:
+            state.add_memory(layer, torch.cat(keys[layer], dim=1)[None], torch.cat(values[layer], dim=1)[None])
+        keys.clear()
+        values.clear()
+
     for segment in store.segments(doc_id):
-        for layer, (keys, values) in segment.memory.items():
-            state.add_memory(layer, keys[None], values[None])
-        if segment.memory:
-            entries += next(iter(segment.memory.values()))[0].shape[1]
+        for layer, (k, v) in segment.memory.items():
+            keys[layer].append(k)
+            values[layer].append(v)
+            held += k.nbytes + v.nbytes
+        entries += next(iter(segment.memory.values()))[0].shape[1] if segment.memory else 0
+        if held >= batch_bytes:
+            flush()
+            held = 0
+    flush()
     return entries
 
 

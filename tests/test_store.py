@@ -267,3 +267,20 @@ def test_ingest_file_resumes_a_partial_document(tmp_path, tokenizer):
         write(resumed, mem_model, "doc", TEXT[:4000].encode(), finish=False)
         ingest_file(resumed, mem_model, "doc", path, chunk_size=512)
         assert stored(resumed, "doc") == stored(whole, "doc")
+
+
+def test_memory_loads_the_same_in_one_add_or_many(store, tokenizer):
+    from memlm.documents import _load_segments
+
+    mem_model = memory_model(tokenizer, memory_capacity=1000)  # FIFO evicts during the load
+    write(store, mem_model, "doc", DATA)
+    loaded = []
+    for batch_bytes in (1, 1 << 30):  # a flush after every segment, or one add per layer
+        with mem_model.session() as session:
+            assert _load_segments(session.state, store, "doc", batch_bytes=batch_bytes) == store.document("doc").entries
+            index = session.state.indexes[1]
+            loaded.append((index.entries(), index.total_added.tolist(), index._keys.data[:, :, :1000].clone()))
+    (entries_a, total_a, slots_a), (entries_b, total_b, slots_b) = loaded
+    assert total_a == total_b and entries_a[2] == entries_b[2] > 0
+    assert torch.equal(entries_a[0], entries_b[0]) and torch.equal(entries_a[1], entries_b[1])
+    assert torch.equal(slots_a, slots_b)  # the same entries in the same slots
