@@ -84,8 +84,7 @@ class Client:
                     attempt += 1
                     if not (resume and is_path and retryable) or attempt > retries:
                         raise
-                    replace = False  # the replacement started: continue it
-                    self._wait_until_up(retry_wait, retries)
+                    self._wait_until_up(retry_wait, retries)  # a replacement starts over; a new upload resumes
         finally:
             bar.close()
 

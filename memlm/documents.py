@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from .session import _last_whitespace
-from .store import Document, DocumentConflict, MemoryStore, Segment, check_doc_id
+from .store import SHADOW, Document, DocumentConflict, MemoryStore, Segment, check_doc_id
 
 #: characters of text without whitespace held back before it is tokenized anyway
 MAX_PIECE = 1 << 16
@@ -74,8 +74,9 @@ class DocumentWriter:
     """Streams one document's UTF-8 bytes into ``store`` through ``mem_model``.
 
     ``write(data)`` (or ``push`` + repeated ``step``, to interleave other work between segments), then
-    ``finish()``. An existing document: ``offset`` must equal its committed ``bytes`` (resume), or
-    ``replace=True`` starts it over; a complete document re-sent whole is compared, not re-ingested.
+    ``finish()``. An existing document: ``offset`` must equal its committed ``bytes`` (resume); a complete
+    document re-sent whole is compared, not re-ingested; ``replace=True`` writes a new version beside it,
+    which takes its place when complete (until then, and if the replacement fails, the old one stays).
     """
 
     def __init__(self, store: MemoryStore, mem_model, doc_id: str, *, offset: int = 0, replace: bool = False,
@@ -89,10 +90,16 @@ class DocumentWriter:
         self.tokenizer = mem_model.tokenizer
         if self.tokenizer is None:
             raise ValueError("ingesting text needs a tokenizer: attach(model, config, tokenizer=...)")
+        self.doc_id = doc_id
         existing = store.document(doc_id) if doc_id in store else None
-        if existing is not None and replace:
-            store.delete(doc_id)
-            existing = None
+        self.replacing = existing is not None and replace
+        if self.replacing:  # written beside the stored document, which it replaces once complete
+            if offset:
+                raise DocumentConflict(f"a replacement of {doc_id!r} starts at offset 0, got {offset}")
+            if doc_id + SHADOW in store:  # an earlier replacement that never finished
+                store.delete(doc_id + SHADOW)
+            generation = int(existing.key.rpartition("~")[2]) + 1 if "~" in existing.key else 1
+            existing = store.begin(doc_id + SHADOW, key=f"{doc_id}~{generation}")
         self.comparing = existing is not None and existing.status == "complete"
         if existing is None:
             if offset:
@@ -138,10 +145,10 @@ class DocumentWriter:
     def push(self, data: bytes) -> None:
         """Take the next bytes (decode and tokenize; no model work)."""
         if self.max_bytes is not None and self.received + len(data) > self.max_bytes:
-            if not self.comparing:
+            if not self.comparing:  # a rejected document (or replacement) leaves nothing behind
                 self.close()
                 self.store.delete(self.document.id)
-            raise DocumentTooLarge(f"document {self.document.id!r} exceeds the maximum of {self.max_bytes:,} bytes")
+            raise DocumentTooLarge(f"document {self.doc_id!r} exceeds the maximum of {self.max_bytes:,} bytes")
         start, self.received = self.received, self.received + len(data)
         if self.comparing:
             self.hash.update(data)
@@ -193,6 +200,8 @@ class DocumentWriter:
         self.document.status, self.document.sha256, self.document.error = "complete", self.hash.hexdigest(), None
         self._feed(self.pending)  # always a last record (maybe empty), so the segment count depends on the tokens only
         self.close()
+        if self.replacing:
+            self.document = self.store.promote(self.document, self.doc_id)
         return self.document
 
     def close(self) -> None:
@@ -214,7 +223,7 @@ class DocumentWriter:
             head, self.expected = self.expected[: len(ids)], self.expected[len(ids) :]
             if ids[: len(head)] != head:
                 raise DocumentConflict(f"the text sent from byte {self.document.bytes} does not continue document "
-                                       f"{self.document.id!r}: its tokens differ from the stored ones")
+                                       f"{self.doc_id!r}: its tokens differ from the stored ones")
             self.used += len(head)
             self.pending -= len(head)
             self._drop_used()
@@ -256,13 +265,16 @@ class DocumentWriter:
         self.store.commit(document, segment, session_state(self.session))
 
     def _invalid(self, offset: int, error: UnicodeDecodeError):
-        message = f"invalid UTF-8 at byte {offset} of document {self.document.id!r} ({error.reason})"
+        message = f"invalid UTF-8 at byte {offset} of document {self.doc_id!r} ({error.reason})"
         self.close()
-        self.store.set_status(self.document.id, "failed", error=message)
+        if self.replacing:  # the stored document stays as it was
+            self.store.delete(self.document.id)
+        else:
+            self.store.set_status(self.document.id, "failed", error=message)
         raise InvalidText(message, offset) from None
 
     def _differs(self) -> str:
-        return (f"document {self.document.id!r} is stored complete with other content ({self.document.bytes:,} "
+        return (f"document {self.doc_id!r} is stored complete with other content ({self.document.bytes:,} "
                 "bytes, a different sha256); send replace=true to replace it")
 
 

@@ -173,7 +173,7 @@ def create_app(store: MemoryStore, mem_model, *, token: str | None = None, limit
                                      f"{limits.max_new_tokens}")
         for doc_id in body.documents:
             check_doc_id(doc_id)
-            if store.document(doc_id).status != "complete" or doc_id in active:
+            if store.document(doc_id).status != "complete":  # a replacement in progress answers from the old one
                 raise HTTPException(409, f"document {doc_id!r} is not complete (status "
                                          f"{store.document(doc_id).status}); finish its upload first")
         run = partial(worker.run, ask, mem_model, store, body.documents, body.prompt,

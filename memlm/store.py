@@ -36,6 +36,8 @@ from safetensors.torch import save as save_tensors
 
 FORMAT_VERSION = 1
 DOC_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+#: a replacement is written as document ``id + SHADOW`` and takes the id's place when complete
+SHADOW = "~replacement"
 STATUSES = ("ingesting", "complete", "failed")
 
 
@@ -63,10 +65,12 @@ class Document:
     bytes: UTF-8 bytes committed (the offset an interrupted upload resumes at); tokens: tokens fed and
     stored; skip: tokens of the text after ``bytes`` that are already stored (a segment may end inside a
     word); entries: memory entries stored per memory layer; memory_start: document position of the
-    first stored entry (> 0 only for a session saved after its memory evicted entries).
+    first stored entry (> 0 only for a session saved after its memory evicted entries); key: the name its
+    segments and state are stored under (the id, or ``id~N`` after N replacements).
     """
 
     id: str
+    key: str = ""
     status: str = "ingesting"
     bytes: int = 0
     tokens: int = 0
@@ -78,6 +82,9 @@ class Document:
     error: str | None = None
     created: float = field(default_factory=time.time)
     updated: float = field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        self.key = self.key or self.id
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -195,28 +202,27 @@ class MemoryStore:
 
     # ----------------------------------------------------------------------------- documents
 
-    def documents(self) -> list[Document]:
+    def documents(self, replacements: bool = False) -> list[Document]:
+        """Every document, in id order (``replacements``: with the unfinished replacements of documents)."""
         with self._read() as txn:
-            return [Document(**json.loads(value)) for _, value in txn.cursor(db=self._db["documents"])]
+            documents = [Document(**json.loads(value)) for _, value in txn.cursor(db=self._db["documents"])]
+        return [d for d in documents if replacements or not d.id.endswith(SHADOW)]
 
     def document(self, doc_id: str) -> Document:
-        value = self._get("documents", check_doc_id(doc_id).encode())
+        value = self._get("documents", _check_id(doc_id).encode())
         if value is None:
             raise DocumentNotFound(f"no document {doc_id!r} in {self.path}")
         return Document(**json.loads(value))
 
     def __contains__(self, doc_id: str) -> bool:
-        return self._get("documents", check_doc_id(doc_id).encode()) is not None
+        return self._get("documents", _check_id(doc_id).encode()) is not None
 
     def delete(self, doc_id: str) -> Document:
         """Remove a document and everything stored for it, in one transaction."""
         document = self.document(doc_id)
 
         def delete(txn):
-            for key in self._segment_keys(txn, doc_id):
-                txn.delete(key, db=self._db["segments"])
-                txn.delete(key, db=self._db["checksums"])
-            txn.delete(doc_id.encode(), db=self._db["states"])
+            self._delete_records(txn, document.key)
             txn.delete(doc_id.encode(), db=self._db["documents"])
 
         self._write(delete)
@@ -226,7 +232,7 @@ class MemoryStore:
         """The document's segments in order (each read in its own short transaction)."""
         document = self.document(doc_id)
         for number in range(document.segments):
-            value = self._get("segments", _segment_key(doc_id, number))
+            value = self._get("segments", _segment_key(document.key, number))
             if value is None:
                 raise StoreError(f"segment {number} of {doc_id!r} is missing; run store.check()")
             yield _decode_segment(value)
@@ -238,16 +244,17 @@ class MemoryStore:
 
     def state(self, doc_id: str) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
         """The stream state at the document's last commit: tensors and counters (``StreamState.local_state``)."""
-        value = self._get("states", check_doc_id(doc_id).encode())
+        value = self._get("states", self.document(doc_id).key.encode())
         if value is None:
             return {}, {}
         return _decode_state(value)
 
     # ----------------------------------------------------------------------------- writing
 
-    def begin(self, doc_id: str) -> Document:
-        """Create an empty document with status ``ingesting``; it must not exist."""
-        document = Document(id=check_doc_id(doc_id))
+    def begin(self, doc_id: str, key: str | None = None) -> Document:
+        """Create an empty document with status ``ingesting``, its records stored under ``key`` (default: its
+        id); it must not exist."""
+        document = Document(id=_check_id(doc_id), key=key or doc_id)
 
         def begin(txn):
             if not txn.put(doc_id.encode(), _encode_document(document), overwrite=False, db=self._db["documents"]):
@@ -265,13 +272,27 @@ class MemoryStore:
 
         def commit(txn):
             if segment_value is not None:
-                key = _segment_key(document.id, document.segments - 1)
+                key = _segment_key(document.key, document.segments - 1)
                 txn.put(key, segment_value, db=self._db["segments"])
                 txn.put(key, hashlib.sha256(segment_value).digest(), db=self._db["checksums"])
-            txn.put(document.id.encode(), state_value, db=self._db["states"])
+            txn.put(document.key.encode(), state_value, db=self._db["states"])
             txn.put(document.id.encode(), _encode_document(document), db=self._db["documents"])
 
         self._write(commit)
+
+    def promote(self, replacement: Document, doc_id: str) -> Document:
+        """A complete replacement takes the place of ``doc_id`` (whose records are deleted), in one transaction."""
+        promoted = Document(**{**replacement.to_dict(), "id": doc_id, "updated": time.time()})
+
+        def promote(txn):
+            old = txn.get(doc_id.encode(), db=self._db["documents"])
+            if old is not None:
+                self._delete_records(txn, Document(**json.loads(old)).key)
+            txn.put(doc_id.encode(), _encode_document(promoted), db=self._db["documents"])
+            txn.delete(replacement.id.encode(), db=self._db["documents"])
+
+        self._write(promote)
+        return promoted
 
     def set_status(self, doc_id: str, status: str, error: str | None = None) -> Document:
         if status not in STATUSES:
@@ -289,26 +310,26 @@ class MemoryStore:
         problems found (an empty list: the store is sound)."""
         problems = []
         known = set()
-        for document in self.documents():
-            known.add(document.id)
+        for document in self.documents(replacements=True):
+            known.add(document.key)
             problems += [f"{document.id}: {p}" for p in self._check_document(document)]
         with self._read() as txn:
             for key, _ in txn.cursor(db=self._db["segments"]):
-                doc_id = key.split(b"\0")[0].decode(errors="replace")
-                if doc_id not in known:
-                    problems.append(f"{doc_id}: segment records of a document that does not exist")
-                    known.add(doc_id)
+                name = key.split(b"\0")[0].decode(errors="replace")
+                if name not in known:
+                    problems.append(f"{name}: segment records of a document that does not exist")
+                    known.add(name)
         return problems
 
     def _check_document(self, document: Document) -> list[str]:
         problems, tokens, entries, text = [], 0, None, hashlib.sha256()
         text_bytes = 0
         with self._read() as txn:
-            stored = len(self._segment_keys(txn, document.id))
+            stored = len(self._segment_keys(txn, document.key))
         if stored != document.segments:
             problems.append(f"{stored} segment records, metadata says {document.segments}")
         for number in range(document.segments):
-            key = _segment_key(document.id, number)
+            key = _segment_key(document.key, number)
             value, checksum = self._get("segments", key), self._get("checksums", key)
             if value is None:
                 problems.append(f"segment {number} is missing")
@@ -374,8 +395,15 @@ class MemoryStore:
                 except lmdb.MapResizedError:  # another process grew it: adopt its size
                     self._env.set_mapsize(0)
 
-    def _segment_keys(self, txn, doc_id: str) -> list[bytes]:
-        prefix = doc_id.encode() + b"\0"
+    def _delete_records(self, txn, key: str) -> None:
+        """Delete the segments, checksums and state stored under ``key``."""
+        for segment_key in self._segment_keys(txn, key):
+            txn.delete(segment_key, db=self._db["segments"])
+            txn.delete(segment_key, db=self._db["checksums"])
+        txn.delete(key.encode(), db=self._db["states"])
+
+    def _segment_keys(self, txn, key: str) -> list[bytes]:
+        prefix = key.encode() + b"\0"
         cursor = txn.cursor(db=self._db["segments"])
         keys = []
         if cursor.set_range(prefix):
@@ -403,8 +431,14 @@ class _Locked:
             self.lock.release()
 
 
-def _segment_key(doc_id: str, number: int) -> bytes:
-    return doc_id.encode() + b"\0" + number.to_bytes(8, "big")
+def _check_id(doc_id: object) -> str:
+    """A document id, or the id of a document's replacement in progress."""
+    check_doc_id(doc_id.removesuffix(SHADOW) if isinstance(doc_id, str) else doc_id)
+    return doc_id
+
+
+def _segment_key(key: str, number: int) -> bytes:
+    return key.encode() + b"\0" + number.to_bytes(8, "big")
 
 
 def _encode_document(document: Document) -> bytes:

@@ -142,9 +142,21 @@ def test_complete_documents_are_compared_or_replaced(store, tokenizer):
     for different in (DATA[:-1] + b"!", DATA + b" more"):
         with pytest.raises(DocumentConflict, match="stored complete with other content"):
             write(store, mem_model, "doc", different)
+    # Replacements that fail or stop half-way leave the stored document as it was.
+    with pytest.raises(InvalidText, match="of document 'doc'"):
+        write(store, mem_model, "doc", b"New words \xff", replace=True)
+    with pytest.raises(DocumentTooLarge, match="document 'doc' exceeds"):
+        write(store, mem_model, "doc", DATA, replace=True, max_bytes=5000)
+    write(store, mem_model, "doc", DATA[:6000], replace=True, finish=False)  # a crash mid-replacement
+    assert [d.id for d in store.documents()] == ["doc"] and store.document("doc").sha256 == first.sha256
+    assert store.tokens("doc").numel() == first.tokens and store.check() == []
     replaced = write(store, mem_model, "doc", b"A short new text.", replace=True)
-    assert replaced.bytes == 17 and store.tokens("doc").tolist() == tokenizer("A short new text.")["input_ids"]
-    assert store.check() == []
+    assert replaced.id == "doc" and replaced.key == "doc~1" and replaced.bytes == 17
+    assert store.tokens("doc").tolist() == tokenizer("A short new text.")["input_ids"]
+    with store._env.begin() as txn:  # the old version's records are gone, and the unfinished replacement's
+        assert txn.stat(store._db["segments"])["entries"] == replaced.segments
+    assert write(store, mem_model, "doc", b"Third.", replace=True).key == "doc~2"
+    assert [d.id for d in store.documents(replacements=True)] == ["doc"] and store.check() == []
 
 
 @pytest.mark.parametrize(("data", "chunk", "offset"), [
