@@ -30,6 +30,7 @@ from memlm.cli import load_store_model
 from memlm.client import Client, LocalServer
 from memlm.store import MemoryStore
 
+SECTIONS = ["ingest", "concurrent", "latency"]
 PROMPT = " And what did Prince Andrew say? He said"
 
 
@@ -97,6 +98,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--queries", type=int, default=20)
     parser.add_argument("--repeat", type=int, default=2, help="runs of each ingestion path (median reported)")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=SECTIONS,
+                        help="what to measure (default: all)")
     parser.add_argument("--json", type=Path, help="write the measurements here")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench_service_"))
@@ -104,62 +107,65 @@ def main() -> None:
     text = first_tokens(args.book, args.tokens, mem_model.tokenizer)
     book = work / "book.txt"
     book.write_text(text, encoding="utf-8")
-    results = {"bytes": book.stat().st_size}
+    tokens = len(mem_model.tokenizer(text, add_special_tokens=False)["input_ids"])
+    del mem_model  # this process only sends requests and reads stores from here on
+    results = json.loads(args.json.read_text()) if args.json and args.json.is_file() else {}  # update earlier runs
+    results.update({"bytes": book.stat().st_size, "tokens": tokens})
 
-    # `memlm ingest` in a fresh process, as the server is one (its own timing of the ingestion, model loaded),
-    # and the client against `memlm serve`, alternately: on this CPU one run varies by +-10% from the next.
-    in_process, http = [], []
-    for run in range(args.repeat):
-        command = [sys.executable, "-m", "memlm.cli", "ingest", str(book), "--store", str(work / f"in_process{run}"),
-                   "--doc-id", "book"]
-        output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-        in_process.append(float(re.search(r"ingested in ([\d.]+) s", output).group(1)))
-        with LocalServer(work / f"http{run}") as server, Client(server.url) as client:
-            start = time.perf_counter()
-            client.ingest("book", book, progress=False)
-            http.append(time.perf_counter() - start)
-    with MemoryStore(work / "in_process0") as store:
-        results["tokens"] = tokens = store.document("book").tokens
-    results["in_process_runs_s"], results["http_runs_s"] = in_process, http
-    results["in_process_s"], results["http_s"] = statistics.median(in_process), statistics.median(http)
-    del mem_model
-    rows = [["in process (memlm ingest)", f"{tokens:,}", f"{results['in_process_s']:.1f}",
-             f"{tokens / results['in_process_s']:,.0f}", "1.00"],
-            ["HTTP (memlm serve + client)", f"{tokens:,}", f"{results['http_s']:.1f}",
-             f"{tokens / results['http_s']:,.0f}", f"{results['in_process_s'] / results['http_s']:.2f}"]]
-    table(f"Ingesting the first {tokens:,} tokens of {args.book.name} ({results['bytes']:,} bytes), median of "
-          f"{args.repeat} runs",
-          ["path", "tokens", "seconds", "tokens/s", "vs in process"], rows)
+    if "ingest" in args.sections:
+        # `memlm ingest` in a fresh process, as the server is one (its own timing of the ingestion, model loaded),
+        # and the client against `memlm serve`, alternately: on this CPU one run varies by +-10% from the next.
+        in_process, http = [], []
+        for run in range(args.repeat):
+            store = str(work / f"in_process{run}")
+            command = [sys.executable, "-m", "memlm.cli", "ingest", str(book), "--store", store, "--doc-id", "book"]
+            output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+            in_process.append(float(re.search(r"ingested in ([\d.]+) s", output).group(1)))
+            with LocalServer(work / f"http{run}") as server, Client(server.url) as client:
+                start = time.perf_counter()
+                client.ingest("book", book, progress=False)
+                http.append(time.perf_counter() - start)
+        results["in_process_runs_s"], results["http_runs_s"] = in_process, http
+        results["in_process_s"], results["http_s"] = statistics.median(in_process), statistics.median(http)
+        rows = [["in process (memlm ingest)", f"{tokens:,}", f"{results['in_process_s']:.1f}",
+                 f"{tokens / results['in_process_s']:,.0f}", "1.00"],
+                ["HTTP (memlm serve + client)", f"{tokens:,}", f"{results['http_s']:.1f}",
+                 f"{tokens / results['http_s']:,.0f}", f"{results['in_process_s'] / results['http_s']:.2f}"]]
+        table(f"Ingesting the first {tokens:,} tokens of {args.book.name} ({results['bytes']:,} bytes), median of "
+              f"{args.repeat} runs",
+              ["path", "tokens", "seconds", "tokens/s", "vs in process"], rows)
 
     parts = {f"part{i}": work / f"part{i}.txt" for i in range(args.parts)}
     for path, part in zip(parts.values(), split(text, args.parts), strict=True):
         path.write_text(part, encoding="utf-8")
-    rows = []
-    for clients in args.concurrency:
-        with LocalServer(work / f"concurrent{clients}") as server:
-            seconds = uploads(server.url, parts, clients)
-        with MemoryStore(work / f"concurrent{clients}") as store:
-            stored = sum(d.tokens for d in store.documents())
-            assert store.check() == [] and all(d.status == "complete" for d in store.documents())
-        results[f"concurrent_{clients}_s"] = seconds
-        rows.append([str(clients), f"{stored:,}", f"{seconds:.1f}", f"{stored / seconds:,.0f}"])
-    table(f"{args.parts} documents of ~{tokens // args.parts:,} tokens uploaded by N clients at once",
-          ["clients", "tokens", "seconds", "tokens/s"], rows)
+    if "concurrent" in args.sections:
+        rows = []
+        for clients in args.concurrency:
+            with LocalServer(work / f"concurrent{clients}") as server:
+                seconds = uploads(server.url, parts, clients)
+            with MemoryStore(work / f"concurrent{clients}") as store:
+                stored = sum(d.tokens for d in store.documents())
+                assert store.check() == [] and all(d.status == "complete" for d in store.documents())
+            results[f"concurrent_{clients}_s"] = seconds
+            rows.append([str(clients), f"{stored:,}", f"{seconds:.1f}", f"{stored / seconds:,.0f}"])
+        table(f"{args.parts} documents of ~{tokens // args.parts:,} tokens uploaded by N clients at once",
+              ["clients", "tokens", "seconds", "tokens/s"], rows)
 
-    with LocalServer(work / "latency") as server:
-        with Client(server.url) as client:
-            client.ingest("probe", parts["part0"], progress=False)
-        idle = latencies(server.url, "probe", args.queries)
-        others = {name: path for name, path in parts.items() if name != "probe"}
-        writer = threading.Thread(target=uploads, args=(server.url, others, 2))
-        writer.start()
-        busy = latencies(server.url, "probe", args.queries)
-        writer.join()
-    results["query_idle_s"], results["query_busy_s"] = idle, busy
-    rows = [[label, str(len(times)), f"{statistics.median(times) * 1000:,.0f}", f"{p95(times) * 1000:,.0f}"]
-            for label, times in (("idle", idle), ("while 2 clients upload", busy))]
-    table(f"Query latency: {PROMPT!r}, 8 new tokens, over one document of ~{tokens // args.parts:,} tokens",
-          ["service", "queries", "p50 ms", "p95 ms"], rows)
+    if "latency" in args.sections:
+        with LocalServer(work / "latency") as server:
+            with Client(server.url) as client:
+                client.ingest("probe", parts["part0"], progress=False)
+            idle = latencies(server.url, "probe", args.queries)
+            others = {name: path for name, path in parts.items() if name != "probe"}
+            writer = threading.Thread(target=uploads, args=(server.url, others, 2))
+            writer.start()
+            busy = latencies(server.url, "probe", args.queries)
+            writer.join()
+        results["query_idle_s"], results["query_busy_s"] = idle, busy
+        rows = [[label, str(len(times)), f"{statistics.median(times) * 1000:,.0f}", f"{p95(times) * 1000:,.0f}"]
+                for label, times in (("idle", idle), ("while 2 clients upload", busy))]
+        table(f"Query latency: {PROMPT!r}, 8 new tokens, over one document of ~{tokens // args.parts:,} tokens",
+              ["service", "queries", "p50 ms", "p95 ms"], rows)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
 
