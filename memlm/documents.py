@@ -113,6 +113,8 @@ class DocumentWriter:
             raise DocumentConflict(f"document {doc_id!r} is committed up to byte {existing.bytes}; resume with offset "
                                    f"{existing.bytes} (got {offset}) or replace it")
         self.document: Document = existing
+        if not self.comparing:  # a failed document resumes like an interrupted one
+            self.document.status, self.document.error = "ingesting", None
         self.received = offset  # document offset of the next byte to arrive
         self.hash = hashlib.sha256()
         self.session = None
