@@ -173,8 +173,10 @@ def test_invalid_utf8_names_its_byte_offset_and_keeps_what_was_committed(store, 
     assert e.value.offset == len(prefix) + offset
     document = store.document("doc")
     assert document.status == "failed" and "invalid UTF-8" in document.error and document.bytes >= committed.bytes
-    resumed = write(store, mem_model, "doc", prefix[document.bytes :] + b" and fine.", offset=document.bytes)
-    assert resumed.status == "complete" and resumed.error is None and resumed.bytes == len(prefix) + 10
+    fixed = (prefix + data)[: len(prefix) + offset] + b" and fine."  # the text with the bad bytes corrected
+    resumed = write(store, mem_model, "doc", fixed[document.bytes :], offset=document.bytes)
+    assert resumed.status == "complete" and resumed.error is None and b"".join(
+        s.text for s in store.segments("doc")) == fixed
 
 
 def test_writer_errors_are_clear_and_keep_the_store(store, tokenizer):
