@@ -29,6 +29,9 @@ import torch
 from .session import _last_whitespace
 from .store import SHADOW, Document, DocumentConflict, MemoryStore, Segment, check_doc_id
 
+#: characters per piece of text tokenized at once (pieces end before a whitespace; the committed offset is a
+#: piece start, so an interrupted upload re-sends at most about this much)
+PIECE = 4096
 #: characters of text without whitespace held back before it is tokenized anyway
 MAX_PIECE = 1 << 16
 
@@ -168,9 +171,10 @@ class DocumentWriter:
         cut = _last_whitespace(self.text)
         if cut == 0 and len(self.text) > MAX_PIECE:
             cut = len(self.text)  # no whitespace for a long stretch (e.g. CJK): tokenize anyway, never buffer it all
-        if cut > 0:
-            self._tokenize(self.text[:cut])
-            self.text = self.text[cut:]
+        while cut > 0:  # pieces of about PIECE characters: a resume re-sends at most one
+            end = (_last_whitespace(self.text[:PIECE]) or cut) if cut > PIECE else cut
+            self._tokenize(self.text[:end])
+            self.text, cut = self.text[end:], cut - end
 
     def step(self, seconds: float = 0.0) -> bool:
         """Feed and commit the next full segment if one is ready, and more while ``seconds`` last; True if it

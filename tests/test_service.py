@@ -24,9 +24,20 @@ BOOK = (make_text(250, seed=11) + " The pass key is 417. Remember it. 417 is the
         + make_text(250, seed=12))
 
 
-def serve(store, tmp_path, *args, env=None) -> LocalServer:
-    """``memlm serve`` without a token unless ``env`` sets one; its log beside the test's files."""
-    return LocalServer(store, *args, log=tmp_path / "server.log", env={"MEMLM_API_TOKEN": "", **(env or {})})
+@pytest.fixture
+def serve(tmp_path):
+    """Starts ``memlm serve`` (no token unless ``env`` sets one; its log beside the test's files); every server a
+    test starts is stopped when the test ends, passed or failed."""
+    started = []
+
+    def start(store, *args, env=None) -> LocalServer:
+        started.append(LocalServer(store, *args, log=tmp_path / "server.log",
+                                   env={"MEMLM_API_TOKEN": "", **(env or {})}))
+        return started[-1]
+
+    yield start
+    for server in started:
+        server.stop()
 
 
 def committed_tokens(client, doc_id) -> int:
@@ -42,10 +53,10 @@ def tokenizer_tiny():
     return transformers.AutoTokenizer.from_pretrained(DEFAULT_DIR)
 
 
-def test_ingest_and_query_over_http(tmp_path, tokenizer_tiny):
+def test_ingest_and_query_over_http(tmp_path, serve, tokenizer_tiny):
     path = tmp_path / "book.txt"
     path.write_text(BOOK, encoding="utf-8")
-    server = serve(tmp_path / "store", tmp_path)
+    server = serve(tmp_path / "store")
     try:
         with Client(server.url) as client:
             document = client.ingest("book", path, progress=False, chunk_size=1000)
@@ -72,7 +83,7 @@ def test_ingest_and_query_over_http(tmp_path, tokenizer_tiny):
         assert store.documents() == [] and store.check() == []
 
 
-def test_kill_9_mid_upload_then_resume_stores_what_an_uninterrupted_upload_does(tmp_path):
+def test_kill_9_mid_upload_then_resume_stores_what_an_uninterrupted_upload_does(tmp_path, serve):
     path = tmp_path / "book.txt"
     path.write_text(BOOK, encoding="utf-8")
     data = path.read_bytes()
@@ -81,7 +92,7 @@ def test_kill_9_mid_upload_then_resume_stores_what_an_uninterrupted_upload_does(
         expected = stored(reference, "book")
     for point, fraction in enumerate((0.2, 0.5, 0.9)):
         store = tmp_path / f"store{point}"
-        server = serve(store, tmp_path)
+        server = serve(store)
         release = threading.Event()
 
         limit = int(fraction * len(data))
@@ -107,7 +118,7 @@ def test_kill_9_mid_upload_then_resume_stores_what_an_uninterrupted_upload_does(
         with MemoryStore(store) as crashed:
             committed = crashed.document("book")
             assert committed.status == "ingesting" and committed.tokens > 0 and crashed.check() == []
-        server = serve(store, tmp_path)
+        server = serve(store)
         try:
             with Client(server.url) as client:
                 assert client.ingest("book", path, progress=False)["status"] == "complete"
@@ -117,9 +128,9 @@ def test_kill_9_mid_upload_then_resume_stores_what_an_uninterrupted_upload_does(
             assert stored(resumed, "book") == expected and resumed.check() == []
 
 
-def test_every_error_has_its_status_and_says_what_was_wrong(tmp_path):
+def test_every_error_has_its_status_and_says_what_was_wrong(tmp_path, serve):
     limits = ("--max-document-bytes", "5000", "--max-prompt-chars", "100", "--max-new-tokens", "16")
-    server = serve(tmp_path / "store", tmp_path, *limits, env={"MEMLM_API_TOKEN": "s3cret"})
+    server = serve(tmp_path / "store", *limits, env={"MEMLM_API_TOKEN": "s3cret"})
     statuses = []
     try:
         http = httpx.Client(base_url=server.url, headers={"Authorization": "Bearer s3cret"}, timeout=60)
@@ -193,11 +204,11 @@ def test_every_error_has_its_status_and_says_what_was_wrong(tmp_path):
     assert "Traceback" not in server.log.read_text()
 
 
-def test_concurrent_uploads_and_queries_all_complete(tmp_path, tokenizer_tiny):
+def test_concurrent_uploads_and_queries_all_complete(tmp_path, serve, tokenizer_tiny):
     texts = {f"doc{i}": make_text(90, seed=20 + i) for i in range(4)}
     for doc_id, text in texts.items():
         (tmp_path / f"{doc_id}.txt").write_text(text)
-    server = serve(tmp_path / "store", tmp_path)
+    server = serve(tmp_path / "store")
     results, errors = {}, []
     try:
         with Client(server.url) as client:
