@@ -264,10 +264,10 @@ class DocumentWriter:
         text, self.unstored = bytes(self.unstored[:stored]), self.unstored[stored:]
         document = self.document
         document.bytes, document.skip = committed, self.used
+        segment = Segment(ids=torch.tensor(ids, dtype=torch.long), text=text, memory=memory)
         document.tokens += len(ids)
         document.segments += 1
-        document.entries += next(iter(memory.values()))[0].shape[1] if memory else 0
-        segment = Segment(ids=torch.tensor(ids, dtype=torch.long), text=text, memory=memory)
+        document.entries += segment.entries
         self.store.commit(document, segment, session_state(self.session))
 
     def _invalid(self, offset: int, error: UnicodeDecodeError):
@@ -381,7 +381,7 @@ def _load_segments(state, store: MemoryStore, doc_id: str, batch_bytes: int = 64
             keys[layer].append(k)
             values[layer].append(v)
             held += k.nbytes + v.nbytes
-        entries += next(iter(segment.memory.values()))[0].shape[1] if segment.memory else 0
+        entries += segment.entries
         if held >= batch_bytes:
             flush()
             held = 0
@@ -411,14 +411,14 @@ def save_session(session, store: MemoryStore, doc_id: str) -> Document:
     for layer, index in state.indexes.items():
         keys, values, memory_start = index.entries(0)
         memory[layer] = (keys, values)
+    segment = Segment(ids=ids, text=b"", memory=memory)
     document = store.begin(doc_id)
     document.status, document.tokens, document.memory_start = "complete", ids.numel(), memory_start
-    document.segments = 1
-    document.entries = next(iter(memory.values()))[0].shape[1] if memory else 0
+    document.segments, document.entries = 1, segment.entries
     tensors, counters = session_state(session)
     counters["memory_start"] = memory_start  # a reloaded index numbers its entries from the first live one
     try:
-        store.commit(document, Segment(ids=ids, text=b"", memory=memory), (tensors, counters))
+        store.commit(document, segment, (tensors, counters))
     except BaseException:
         store.delete(doc_id)
         raise

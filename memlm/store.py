@@ -99,6 +99,11 @@ class Segment:
     text: bytes
     memory: dict[int, tuple[torch.Tensor, torch.Tensor]]
 
+    @property
+    def entries(self) -> int:
+        """Memory entries per memory layer."""
+        return next(iter(self.memory.values()))[0].shape[1] if self.memory else 0
+
 
 def check_doc_id(doc_id: object) -> str:
     if not isinstance(doc_id, str) or not DOC_ID.fullmatch(doc_id):
