@@ -327,8 +327,7 @@ class MemoryStore:
         return problems
 
     def _check_document(self, document: Document) -> list[str]:
-        problems, tokens, entries, text = [], 0, None, hashlib.sha256()
-        text_bytes = 0
+        problems, tokens, entries, text_bytes, text = [], 0, 0, 0, hashlib.sha256()
         with self._read() as txn:
             stored = len(self._segment_keys(txn, document.key))
         if stored != document.segments:
@@ -351,13 +350,13 @@ class MemoryStore:
             counts = {k.shape[1] for k, _ in segment.memory.values()}
             if len(counts) > 1:
                 problems.append(f"segment {number}: memory layers hold different entry counts {sorted(counts)}")
-            entries = (entries or 0) + (counts.pop() if counts else 0)
+            entries += segment.entries
             text.update(segment.text)
             text_bytes += len(segment.text)
         if tokens != document.tokens:
             problems.append(f"segments hold {tokens} tokens, metadata says {document.tokens}")
-        if (entries or 0) != document.entries:
-            problems.append(f"segments hold {entries or 0} memory entries, metadata says {document.entries}")
+        if entries != document.entries:
+            problems.append(f"segments hold {entries} memory entries, metadata says {document.entries}")
         if text_bytes != document.bytes:
             problems.append(f"segments hold {text_bytes} text bytes, metadata says {document.bytes}")
         if document.status == "complete" and document.sha256 not in (None, text.hexdigest()):
