@@ -124,10 +124,12 @@ class DocumentWriter:
         if self.comparing:
             return
         self.session = mem_model.session()
+        stored = []  # the stored token ids, for the check of the skipped ones below
         if self.document.segments:
             load_documents(self.session, store, [doc_id], allow_incomplete=True)
             for segment in store.segments(doc_id):
                 self.hash.update(segment.text)
+                stored += segment.ids.tolist()
         self.decoder = codecs.getincrementaldecoder("utf-8")()
         self.text = ""  # decoded, not yet tokenized; starts at byte ``text_start``
         self.text_start = offset
@@ -137,7 +139,7 @@ class DocumentWriter:
         self.pending = 0  # tokens of ``pieces`` not fed
         # Tokens after the committed offset that are already stored: the re-sent text must give them again.
         skip = self.document.skip
-        self.expected = store.tokens(doc_id)[-skip:].tolist() if skip else []
+        self.expected = stored[-skip:] if skip else []
 
     # ----------------------------------------------------------------------------------- stream
 
@@ -287,9 +289,8 @@ class DocumentWriter:
 def ingest_file(store: MemoryStore, mem_model, doc_id: str, path, *, replace: bool = False,
                 chunk_size: int = 1 << 16, progress: Callable[[int], None] | None = None) -> Document:
     """Ingest a UTF-8 text file; a partly ingested document resumes at its committed offset."""
-    offset = 0
-    if not replace and doc_id in store and store.document(doc_id).status != "complete":
-        offset = store.document(doc_id).bytes
+    stored = store.document(doc_id) if doc_id in store else None
+    offset = stored.bytes if stored is not None and not replace and stored.status != "complete" else 0
     writer = DocumentWriter(store, mem_model, doc_id, offset=offset, replace=replace)
     try:
         with open(path, "rb") as file:
@@ -319,22 +320,28 @@ def session_state(session) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
 # ------------------------------------------------------------------------------------------ reading
 
 
-def load_documents(session, store: MemoryStore, doc_ids, allow_incomplete: bool = False) -> None:
-    """Load stored documents into a fresh batch-1 session (see ``MemoryModel.session``)."""
+def stored_documents(store: MemoryStore, doc_ids, allow_incomplete: bool = False) -> list[Document]:
+    """The documents ``doc_ids`` of ``store``: valid ids, each once, stored, complete (unless ``allow_incomplete``)."""
     if not isinstance(store, MemoryStore):
         raise TypeError(f"store must be a memlm.store.MemoryStore, got {type(store).__name__}")
     if isinstance(doc_ids, str) or not doc_ids or not all(isinstance(d, str) for d in doc_ids):
         raise ValueError(f"documents must be a non-empty list of document ids, got {doc_ids!r}")
     if len(set(doc_ids)) != len(doc_ids):
         raise ValueError(f"documents lists a document twice: {doc_ids!r}")
-    if session.batch_size != 1 or session.state.crossbatch is not None:
-        raise ValueError("stored documents load into a batch-1 session without crossbatch")
-    store.bind(session.mem_model)
-    documents = [store.document(doc_id) for doc_id in doc_ids]
+    documents = [store.document(check_doc_id(doc_id)) for doc_id in doc_ids]
     for document in documents:
         if document.status != "complete" and not allow_incomplete:
             raise DocumentConflict(f"document {document.id!r} is {document.status}, not complete: finish its upload "
                                    "(resume at its committed offset) before asking over it")
+    return documents
+
+
+def load_documents(session, store: MemoryStore, doc_ids, allow_incomplete: bool = False) -> None:
+    """Load stored documents into a fresh batch-1 session (see ``MemoryModel.session``)."""
+    documents = stored_documents(store, doc_ids, allow_incomplete)
+    if session.batch_size != 1 or session.state.crossbatch is not None:
+        raise ValueError("stored documents load into a batch-1 session without crossbatch")
+    store.bind(session.mem_model)
     state, device = session.state, session.mem_model.device
     if len(documents) == 1:
         (document,) = documents

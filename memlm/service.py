@@ -32,8 +32,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import ClientDisconnect
 
 from . import __version__
-from .documents import DocumentTooLarge, DocumentWriter, InvalidText, ask
-from .store import DOC_ID, DocumentConflict, DocumentNotFound, FingerprintMismatch, MemoryStore, check_doc_id
+from .documents import DocumentTooLarge, DocumentWriter, InvalidText, ask, stored_documents
+from .store import DOC_ID, DocumentConflict, DocumentNotFound, FingerprintMismatch, MemoryStore
 
 logger = logging.getLogger(__name__)
 
@@ -171,11 +171,7 @@ def create_app(store: MemoryStore, mem_model, *, token: str | None = None, limit
         if body.max_new_tokens > limits.max_new_tokens:
             raise HTTPException(422, f"max_new_tokens {body.max_new_tokens} exceeds the maximum "
                                      f"{limits.max_new_tokens}")
-        for doc_id in body.documents:
-            check_doc_id(doc_id)
-            if store.document(doc_id).status != "complete":  # a replacement in progress answers from the old one
-                raise HTTPException(409, f"document {doc_id!r} is not complete (status "
-                                         f"{store.document(doc_id).status}); finish its upload first")
+        stored_documents(store, body.documents)  # 404 / 409 / 422 now rather than after the queue
         run = partial(worker.run, ask, mem_model, store, body.documents, body.prompt,
                       max_new_tokens=body.max_new_tokens, temperature=body.temperature)
         if not body.stream:
