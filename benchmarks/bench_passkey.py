@@ -21,7 +21,7 @@ from pathlib import Path
 
 from bench_index import table
 
-from memlm.passkey import passkey_trials
+from memlm.eval.passkey import passkey_trials
 from memlm.tiny import PASSKEY_DIGITS, load_default
 
 MODES = {"memory on": {}, "XL only": {"memory_layers": ()}, "memory off": {"memory_layers": (), "xl_length": 0}}

@@ -27,7 +27,7 @@ from pathlib import Path
 from bench_index import table
 
 from memlm.cli import load_store_model
-from memlm.client import Client, LocalServer
+from memlm.serve.client import Client, LocalServer
 from memlm.store import MemoryStore
 
 SECTIONS = ["ingest", "concurrent", "latency"]

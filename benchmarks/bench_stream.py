@@ -106,7 +106,7 @@ def bench_scaling(checkpoints: list[int], window: int = 32) -> None:
                 done += 512
             recent = sorted(latencies[-window:])
             rows.append([f"{checkpoint:,}", f"{1e3 * recent[len(recent) // 2]:.1f}",
-                         f"{int(session.state.indexes[3].size[0]):,}", f"{rss_mib():,.0f}", f"{peak_rss_mib():,.0f}"])
+                         f"{int(session.state.knn.indexes[3].size[0]):,}", f"{rss_mib():,.0f}", f"{peak_rss_mib():,.0f}"])
     mem_model.detach()
     base = float(rows[0][1])
     for row in rows:

@@ -26,7 +26,7 @@ import transformers
 from bench_index import table
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-from memlm.unlimiformer import Unlimiformer, UnlimiformerConfig
+from memlm.summarize.unlimiformer import Unlimiformer, UnlimiformerConfig
 
 BOOK = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "war_and_peace.txt"
 STEPS = 32

@@ -24,8 +24,8 @@ import transformers
 from bench_index import table
 
 from memlm import MemoryConfig, attach
-from memlm.data import AssociativeRecall
 from memlm.train import TrainConfig, Trainer
+from memlm.train.data import AssociativeRecall
 
 SEGMENT, DOCUMENT, BATCH = 128, 512, 8
 RUNS = {

@@ -19,7 +19,7 @@ import threading
 import time
 from pathlib import Path
 
-from memlm.client import Client, LocalServer, ServiceError
+from memlm.serve.client import Client, LocalServer, ServiceError
 
 QUESTION = " What is the pass key? The pass key is"
 

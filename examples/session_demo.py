@@ -59,7 +59,7 @@ def main() -> None:
         result = session.feed(ids, progress=True)
         seconds = time.perf_counter() - start
         answer = session.generate("the river", max_new_tokens=20)
-        in_memory = int(session.state.indexes[3].size[0])
+        in_memory = int(session.state.knn.indexes[3].size[0])
     model = mem_model.detach()
 
     print(f"fed {result.tokens:,} tokens in {result.segments} segments, {result.tokens / seconds:,.0f} tokens/s")

@@ -26,10 +26,10 @@ import time
 from pathlib import Path
 
 from memlm import attach
-from memlm.data import FILLER, Passkey, TextDocuments
-from memlm.passkey import passkey_trials
+from memlm.eval.passkey import passkey_trials
 from memlm.tiny import PASSKEY_DIGITS, memory_config, new_model, train_tokenizer
 from memlm.train import TrainConfig, Trainer
+from memlm.train.data import FILLER, Passkey, TextDocuments
 
 
 def tokenizer_corpus(text: str, seed: int = 0) -> list[str]:

@@ -1,10 +1,12 @@
-"""memlm.kernels: fused memory attention.
+"""memlm.kernels: attention as blocks of (out, lse), their merge, and fused memory attention.
 
-``memory_attention`` is the one entry point the runtime calls at every layer. It runs the fused
-Triton kernels (``fused.py``) on CUDA tensors when Triton is installed and the pure-torch reference
-(``reference.py``, SDPA for the local part) everywhere else. ``MEMLM_KERNEL=ref`` or ``=triton``
-forces one path; a forced Triton path raises on inputs it cannot take instead of falling back. The
-choice is made per call: importing this package imports neither Triton nor ``memlm.index``.
+``attention_block`` / ``merge_blocks`` (``blocks.py``) are the algebra every attention of memlm is
+built from. ``memory_attention`` is the one entry point the runtime calls at a memory layer. It runs
+the fused Triton kernels (``fused.py``) on CUDA tensors when Triton is installed and the inputs are
+ones they take, and the pure-torch reference (``reference.py``) everywhere else. ``MEMLM_KERNEL=ref``
+or ``=triton`` forces one path; a forced Triton path raises on inputs it cannot take instead of
+falling back. The choice is made per call: importing this package imports neither Triton nor
+``memlm.index``.
 """
 
 from __future__ import annotations
@@ -12,35 +14,47 @@ from __future__ import annotations
 import importlib.util
 import os
 
+from .blocks import attention_block, causal_mask, merge_blocks, sink_block
 from .reference import check_memory_attention_args, memory_attention_ref
 
-__all__ = ["KERNELS", "memory_attention", "memory_attention_ref", "select_kernel"]
+__all__ = ["KERNELS", "attention_block", "causal_mask", "memory_attention", "memory_attention_ref", "merge_blocks",
+           "select_kernel", "sink_block"]
 
 KERNELS = ("auto", "ref", "triton")
 
 
 def memory_attention(
-    q, k, v, mem_k=None, mem_v=None, mem_mask=None, gate=None, fusion="gate", scale=None, causal=True
+    q, k, v, mem_k=None, mem_v=None, mem_mask=None, gate=None, fusion="gate", scale=None, causal=True,
+    window=None, softcap=None, sinks=None, dropout=0.0,
 ):
     """Local attention fused with memory attention; arguments and shapes as ``memory_attention_ref``.
 
     Retrieved memory (the 5-d layout) is stop-gradient on every path; shared memory gets gradients.
     """
-    if select_kernel(q, k, v, mem_k, mem_v, mem_mask, gate, fusion, causal) == "triton":
+    plain = window is None and softcap is None and sinks is None and not dropout
+    if select_kernel(q, k, v, mem_k, mem_v, mem_mask, gate, fusion, causal, plain) == "triton":
         from .fused import memory_attention_triton
 
         return memory_attention_triton(q, k, v, mem_k, mem_v, mem_mask, gate, fusion, scale, causal)
-    return memory_attention_ref(q, k, v, mem_k, mem_v, mem_mask, gate, fusion, scale, causal)
+    return memory_attention_ref(q, k, v, mem_k, mem_v, mem_mask, gate, fusion, scale, causal, window, softcap, sinks,
+                                dropout)
 
 
-def select_kernel(q, k, v, mem_k=None, mem_v=None, mem_mask=None, gate=None, fusion="gate", causal=True) -> str:
-    """``"triton"`` or ``"ref"``: which path ``memory_attention`` takes for these inputs (reads MEMLM_KERNEL)."""
+def select_kernel(q, k, v, mem_k=None, mem_v=None, mem_mask=None, gate=None, fusion="gate", causal=True,
+                  plain=True) -> str:
+    """``"triton"`` or ``"ref"``: which path ``memory_attention`` takes for these inputs (reads MEMLM_KERNEL).
+
+    ``plain``: no sliding window, soft-capping, sinks or dropout (the Triton kernels compute none of them).
+    """
     choice = os.environ.get("MEMLM_KERNEL", "auto").strip().lower() or "auto"
     if choice not in KERNELS:
         raise ValueError(f"MEMLM_KERNEL must be one of {KERNELS}, got {choice!r}")
+    if choice == "triton" and not plain:
+        raise ValueError("MEMLM_KERNEL=triton: the Triton kernels compute no sliding window, softcap, sinks or "
+                         "dropout; unset MEMLM_KERNEL to use the reference for this model")
     if choice != "auto":
         return choice
-    if not getattr(q, "is_cuda", False) or importlib.util.find_spec("triton") is None:
+    if not plain or not getattr(q, "is_cuda", False) or importlib.util.find_spec("triton") is None:
         return "ref"
     check_memory_attention_args(q, k, v, mem_k, mem_v, mem_mask, gate, fusion, causal)
     from .fused import unsupported

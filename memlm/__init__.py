@@ -10,20 +10,13 @@ Memorizing-Transformer kNN memory (``memlm.index``) and fused memory attention (
         answer = session.generate(question, max_new_tokens=64)
 """
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("memlm")
-except PackageNotFoundError:  # running from a source tree that was not installed
-    __version__ = "0.0.0"
-
-# Imported after __version__, which model.py reads.
-from .config import MemoryConfig
-from .crossbatch import CrossBatch
-from .model import MemoryModel, attach
-from .session import FeedResult, Session
-from .store import MemoryStore
-from .tiny import load_default
+from memlm.config import MemoryConfig
+from memlm.memory.crossbatch import CrossBatch
+from memlm.runtime.model import MemoryModel, attach
+from memlm.runtime.session import FeedResult, Session
+from memlm.store import MemoryStore
+from memlm.tiny import load_default
+from memlm.version import __version__
 
 __all__ = ["CrossBatch", "FeedResult", "MemoryConfig", "MemoryModel", "MemoryStore", "Session", "__version__",
            "attach", "load_default"]

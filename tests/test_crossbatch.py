@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from memlm import CrossBatch, MemoryConfig, attach
-from memlm.crossbatch import CrossBatchMemory
+from memlm.memory.crossbatch import CrossBatchMemory
+from memlm.positions.policy import PositionPolicy
 
 from conftest import document
 
@@ -20,15 +21,17 @@ def tagged(batch: int, start: int, n: int) -> torch.Tensor:
 
 
 def test_memory_holds_own_recent_contexts_then_negatives_from_other_rows():
-    memory = CrossBatchMemory(CrossBatch(positives=2, negatives=2), batch_size=3, segment_length=4)
-    assert memory.read(0, 0, None, torch.float32) == (None, None, None)
+    memory = CrossBatchMemory(CrossBatch(positives=2, negatives=2), batch_size=3, segment_length=4,
+                              positions=PositionPolicy("rebase", "first", rotary=None))
+    q = torch.zeros(3, 2, 1, 4)
+    assert memory.read(0, q, 0, 1.0) == (None, None, None)
     memory.add(0, tagged(3, 0, 4), tagged(3, 0, 4))
-    keys, values, mask = memory.read(0, 0, None, torch.float32)
+    keys, values, mask = memory.read(0, q, 0, 1.0)
     assert keys.shape == (3, 2, 3 * 8, 4) and mask.shape == (3, 2, 24)
     assert mask[0, 0].tolist() == ([False] * 4 + [True] * 4) * 3  # half the capacity filled so far
     for start in (4, 8):
         memory.add(0, tagged(3, start, 4), tagged(3, start, 4))
-    keys, values, mask = memory.read(0, 0, None, torch.float32)
+    keys, values, mask = memory.read(0, q, 0, 1.0)
     assert mask.all()
     for row in range(3):
         blocks = keys[row].view(2, 3, 8, 4)  # [heads, own + 2 negatives, capacity, features]

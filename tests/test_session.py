@@ -16,10 +16,10 @@ def test_leaving_the_block_frees_the_session_even_after_an_error(tiny_llama):
     mem_model = attach(tiny_llama, MemoryConfig(**SMALL))
     with pytest.raises(KeyError), mem_model.session() as session:
         session.feed(document(80))
-        index = session.state.indexes[1]
+        index = session.state.knn.indexes[1]
         assert int(index.size[0]) > 0
         raise KeyError("user code failed")
-    assert int(index.size[0]) == 0 and session.state.cache == {}
+    assert int(index.size[0]) == 0 and session.state.local.cache == {}
     for use in (lambda: session.feed(document(4)), lambda: session.generate(document(2)), session.reset):
         with pytest.raises(RuntimeError, match="session is closed"):
             use()
@@ -44,7 +44,7 @@ def test_reset_forgets_the_document_and_keeps_the_session(tiny_llama):
     with mem_model.session() as session:
         first = session.feed(ids, return_logits=True).logits
         session.reset()
-        assert session.tokens_seen == 0 and session.state.indexes == {}
+        assert session.tokens_seen == 0 and session.state.knn.indexes == {}
         torch.testing.assert_close(session.feed(ids, return_logits=True).logits, first, atol=0, rtol=0)
 
 
@@ -70,8 +70,8 @@ def test_feed_stream_gives_the_tokens_of_the_joined_text(tiny_llama, tokenizer):
         assert result.tokens == expected.tokens
         # Same tokens; only the forwards are cut differently, so the sums may round differently.
         torch.testing.assert_close(streamed._last_logits, whole._last_logits, atol=1e-5, rtol=0)
-        for layer, (keys, _) in whole.state.cache.items():
-            torch.testing.assert_close(streamed.state.cache[layer][0], keys, atol=1e-5, rtol=0)
+        for layer, (keys, _) in whole.state.local.cache.items():
+            torch.testing.assert_close(streamed.state.local.cache[layer][0], keys, atol=1e-5, rtol=0)
         with pytest.raises(TypeError, match="text chunks"):
             streamed.feed_stream([b"bytes"])
 
@@ -191,7 +191,12 @@ def test_bad_attach_leaves_the_model_unchanged(tiny_llama, tiny_gpt2, tiny_bart)
         attach(tiny_bart, MemoryConfig(memory_layers=(0,)))
     assert tiny_bart.config._attn_implementation != "memlm" and not hasattr(tiny_bart, "memlm_memory")
     with pytest.raises(ValueError, match="exceeds GPT2LMHeadModel's max_position_embeddings \\(256\\)"):
-        attach(tiny_gpt2, MemoryConfig(segment_length=200, xl_length=100, memory_layers=(0,)))
+        attach(tiny_gpt2, MemoryConfig(segment_length=300, xl_length=0, memory_layers=(0,)))
+    assert_untouched(tiny_gpt2)
+    # an absolute-position model cannot move its cached tokens: rebased positions would collide
+    with pytest.raises(ValueError, match="GPT2LMHeadModel has absolute position embeddings.*xl_length=16 would give "
+                                         "cached and new tokens the same positions"):
+        attach(tiny_gpt2, MemoryConfig(segment_length=16, xl_length=16, memory_layers=(0,)))
     assert_untouched(tiny_gpt2)
     with pytest.raises(TypeError, match="expects a MemoryConfig"):
         attach(tiny_llama, {"segment_length": 8})
@@ -206,7 +211,7 @@ def test_bad_session_input_is_refused_and_nothing_stored_is_lost(tiny_llama, tin
     mem_model = attach(tiny_llama, MemoryConfig(**SMALL))
     with mem_model.session(batch_size=2) as session:
         session.feed(torch.cat([document(40, seed=12), document(40, seed=13)]))
-        seen, sizes = session.tokens_seen, session.state.indexes[1].size.clone()
+        seen, sizes = session.tokens_seen, session.state.knn.indexes[1].size.clone()
         with pytest.raises(ValueError, match="text input needs a tokenizer"):
             session.feed("some text")
         with pytest.raises(ValueError, match="batch_size 2, got ids for 1 rows"):
@@ -223,7 +228,7 @@ def test_bad_session_input_is_refused_and_nothing_stored_is_lost(tiny_llama, tin
             session.generate(torch.zeros(2, 2, dtype=torch.long), max_new_tokens=-1)
         with pytest.raises(ValueError, match="top_p must be in"):
             session.generate(torch.zeros(2, 2, dtype=torch.long), top_p=0)
-        assert session.tokens_seen == seen and torch.equal(session.state.indexes[1].size, sizes)
+        assert session.tokens_seen == seen and torch.equal(session.state.knn.indexes[1].size, sizes)
     with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
         mem_model.session(batch_size=0)
 
@@ -231,10 +236,10 @@ def test_bad_session_input_is_refused_and_nothing_stored_is_lost(tiny_llama, tin
                                               position_mode="absolute"))
     with absolute.session() as session:
         session.feed(document(250, seed=14))
-        cache = {layer: k.clone() for layer, (k, _) in session.state.cache.items()}
+        cache = {layer: k.clone() for layer, (k, _) in session.state.local.cache.items()}
         with pytest.raises(ValueError, match="position 259 is past this model's max_position_embeddings \\(256\\)"):
             session.feed(document(10, seed=15))
         with pytest.raises(ValueError, match="position 257 is past"):
             session.generate(document(2, seed=15), max_new_tokens=7)
         assert session.tokens_seen == 250
-        assert all(torch.equal(session.state.cache[layer][0], k) for layer, k in cache.items())
+        assert all(torch.equal(session.state.local.cache[layer][0], k) for layer, k in cache.items())

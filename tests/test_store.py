@@ -8,8 +8,8 @@ from safetensors import safe_open
 
 from memlm import MemoryConfig, attach
 from memlm.cli import main
-from memlm.documents import DocumentTooLarge, DocumentWriter, InvalidText, ask, ingest_file
 from memlm.store import DocumentConflict, DocumentNotFound, FingerprintMismatch, MemoryStore
+from memlm.store.documents import DocumentTooLarge, DocumentWriter, InvalidText, ask, ingest_file
 
 from conftest import build_tiny_llama, make_text, stored
 
@@ -51,7 +51,7 @@ def test_ingestion_stores_the_tokenizers_tokens_and_the_sessions_memory(store, t
     with mem_model.session() as session:
         session.feed(TEXT)
         for layer in (0, 1):
-            keys, values, first = session.state.indexes[layer].entries()
+            keys, values, first = session.state.knn.indexes[layer].entries()
             stored_keys = torch.cat([s.memory[layer][0] for s in store.segments("doc") if s.memory], dim=1)
             stored_values = torch.cat([s.memory[layer][1] for s in store.segments("doc") if s.memory], dim=1)
             assert first == 0 and torch.equal(stored_keys, keys) and torch.equal(stored_values, values)
@@ -103,10 +103,10 @@ def test_session_over_several_documents_and_ask(store, tokenizer):
         write(store, mem_model, doc_id, text.encode())
     tokens = {doc_id: store.document(doc_id).tokens for doc_id in texts}
     with mem_model.session(store=store, documents=["a", "b"]) as session:
-        assert int(session.state.indexes[0].size[0]) == tokens["a"] + tokens["b"]  # every token, tails included
+        assert int(session.state.knn.indexes[0].size[0]) == tokens["a"] + tokens["b"]  # every token, tails included
         assert [(s.document, s.first_entry, s.entries) for s in session.sources] == [
             ("a", 0, tokens["a"]), ("b", tokens["a"], tokens["b"])]
-        assert session.state.cache == {} and session.tokens_seen == tokens["a"] + tokens["b"]
+        assert session.state.local.cache == {} and session.tokens_seen == tokens["a"] + tokens["b"]
     answer = ask(mem_model, store, ["a", "b"], " The garden", max_new_tokens=5)
     assert answer.tokens == 5 and isinstance(answer.text, str) and answer.retrieved
     for found in answer.retrieved:
@@ -286,7 +286,7 @@ def test_ingest_file_resumes_a_partial_document(tmp_path, tokenizer):
 
 
 def test_memory_loads_the_same_in_one_add_or_many(store, tokenizer):
-    from memlm.documents import _load_segments
+    from memlm.store.sessions import load_segments as _load_segments
 
     mem_model = memory_model(tokenizer, memory_capacity=1000)  # FIFO evicts during the load
     write(store, mem_model, "doc", DATA)
@@ -294,7 +294,7 @@ def test_memory_loads_the_same_in_one_add_or_many(store, tokenizer):
     for batch_bytes in (1, 1 << 30):  # a flush after every segment, or one add per layer
         with mem_model.session() as session:
             assert _load_segments(session.state, store, "doc", batch_bytes=batch_bytes) == store.document("doc").entries
-            index = session.state.indexes[1]
+            index = session.state.knn.indexes[1]
             loaded.append((index.entries(), index.total_added.tolist(), index._keys.data[:, :, :1000].clone()))
     (entries_a, total_a, slots_a), (entries_b, total_b, slots_b) = loaded
     assert total_a == total_b and entries_a[2] == entries_b[2] > 0

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from memlm import cli
-from memlm.passkey import passkey_trials
+from memlm.eval.passkey import passkey_trials
 from memlm.tiny import DEFAULT_DIR, MEMORY, PASSKEY_DIGITS, load_default
 
 MAX_BYTES = 10 * 2**20

@@ -10,8 +10,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from memlm import MemoryConfig, attach
-from memlm.data import AssociativeRecall
 from memlm.train import TrainConfig, Trainer
+from memlm.train.data import AssociativeRecall
 
 from conftest import VOCAB_SIZE, build_tiny_llama
 

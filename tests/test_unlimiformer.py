@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers
 
-from memlm.unlimiformer import Unlimiformer, UnlimiformerConfig, encoder_windows
+from memlm.summarize.unlimiformer import Unlimiformer, UnlimiformerConfig, encoder_windows
 
 from conftest import document
 

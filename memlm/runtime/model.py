@@ -1,9 +1,15 @@
 """attach / detach: give a Hugging Face decoder model a memory without touching its weights.
 
-``attach`` checks everything first, then changes exactly three things: it registers the ``"memlm"``
-attention function (``attention.py``), switches this model to it, and hangs one module of new
-parameters on the model as ``memlm_memory`` (the per-head gates, the RMT memory embeddings).
-``detach`` undoes exactly those.
+``attach`` checks everything first, then changes exactly three things: it registers memlm's attention
+function for the model's attention implementation (``attention.py``), switches this model to it, and
+hangs one module of new parameters on the model as ``memlm_memory`` (the per-head gates, the RMT
+memory embeddings). ``detach`` undoes exactly those.
+
+Models with absolute position embeddings (GPT-2) carry each token's position in its hidden states, so
+a cached key cannot be moved: with ``position_mode="rebase"`` and an XL cache, cached and new tokens
+would share positions. ``attach`` refuses that configuration; such models stream with ``xl_length=0``
+(kNN memory and RMT restart positions every segment) or ``position_mode="absolute"`` (document
+offsets, up to ``max_position_embeddings``).
 """
 
 from __future__ import annotations
@@ -16,10 +22,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
 
-from . import __version__
-from .attention import ATTENTION_NAME, register
-from .config import MemoryConfig
-from .rotary import find_rotary
+from memlm.config import MemoryConfig
+from memlm.positions.rotary import find_rotary
+from memlm.version import __version__
+
+from .attention import register
 from .session import Session
 
 MODULE_NAME = "memlm_memory"
@@ -62,12 +69,20 @@ class MemoryModel:
         self.memory_layers = config.resolve_layers(model.config.num_hidden_layers)
         self.rotary = find_rotary(model)
         self.max_positions = None
-        if self.rotary is None:  # absolute position embeddings (GPT-2): local positions must stay in range
+        if self.rotary is None:  # absolute position embeddings (GPT-2): see the module docstring
             self.max_positions = model.config.max_position_embeddings
-            local = config.xl_length + config.segment_length + 2 * config.rmt_tokens
-            if config.position_mode == "rebase" and local > self.max_positions:
+            if config.position_mode == "rebase" and config.xl_length:
                 raise ValueError(
-                    f"xl_length + segment_length + 2 * rmt_tokens = {local} exceeds {name}'s "
+                    f"{name} has absolute position embeddings: a cached token keeps the position it was computed "
+                    f"at, so position_mode='rebase' with xl_length={config.xl_length} would give cached and new "
+                    "tokens the same positions; use xl_length=0 (kNN memory and RMT restart positions every "
+                    "segment) or position_mode='absolute' (document offsets, up to max_position_embeddings="
+                    f"{self.max_positions})"
+                )
+            local = config.segment_length + 2 * config.rmt_tokens
+            if local > self.max_positions:
+                raise ValueError(
+                    f"segment_length + 2 * rmt_tokens = {local} exceeds {name}'s "
                     f"max_position_embeddings ({self.max_positions})"
                 )
         embedding_size = model.get_input_embeddings().embedding_dim
@@ -79,10 +94,11 @@ class MemoryModel:
         if tokenizer is not None and not callable(tokenizer):
             raise TypeError(f"tokenizer must be a transformers tokenizer, got {type(tokenizer).__name__}")
 
+        self.previous_attention = model.config._attn_implementation or "eager"
+        name = register(self.previous_attention)  # raises for implementations a session cannot stream with
+
         self.model, self.config, self.tokenizer = model, config, tokenizer
-        self._previous_attention = model.config._attn_implementation
-        register()
-        model.set_attn_implementation(ATTENTION_NAME)
+        model.set_attn_implementation(name)
         module = MemoryModule(config, len(self.memory_layers), model.config.num_attention_heads,
                               model.get_input_embeddings())
         model.add_module(MODULE_NAME, module)
@@ -90,12 +106,17 @@ class MemoryModel:
 
     @property
     def memory_module(self) -> MemoryModule:
-        self._check_attached()
+        self.check_attached()
         return getattr(self.model, MODULE_NAME)
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def layer_devices(self) -> dict[int, torch.device]:
+        """layer -> the device of its attention (a model dispatched over devices has several)."""
+        return layer_devices(self.model, self.model.config.num_hidden_layers)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -112,20 +133,20 @@ class MemoryModel:
         Several: their memories are loaded into the index in the given order and the local context
         starts empty. The FIFO ``memory_capacity`` applies (see ``documents.py`` for large corpora).
         """
-        self._check_attached()
+        self.check_attached()
         return Session(self, batch_size=batch_size, crossbatch=crossbatch, store=store, documents=documents)
 
     def detach(self) -> PreTrainedModel:
         """Remove everything attach added and return the original model."""
-        self._check_attached()
+        self.check_attached()
         delattr(self.model, MODULE_NAME)
-        self.model.set_attn_implementation(self._previous_attention)
+        self.model.set_attn_implementation(self.previous_attention)
         self._attached = False
         return self.model
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Write the memlm config (JSON) and memlm's parameters (safetensors); not the base model."""
-        self._check_attached()
+        self.check_attached()
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         config = {"memlm_version": __version__, **self.config.to_dict()}
@@ -151,7 +172,7 @@ class MemoryModel:
             raise ValueError(f"{directory / WEIGHTS_FILE} does not fit this model: {error}") from error
         return mem_model
 
-    def _check_attached(self) -> None:
+    def check_attached(self) -> None:
         if not self._attached:
             raise RuntimeError("this MemoryModel was detached; attach the model again to use memlm")
 
@@ -163,3 +184,17 @@ class MemoryModel:
 def attach(model: PreTrainedModel, config: MemoryConfig | None = None, tokenizer=None) -> MemoryModel:
     """Give ``model`` a memory described by ``config`` (default ``MemoryConfig()``); see ``MemoryModel``."""
     return MemoryModel(model, config if config is not None else MemoryConfig(), tokenizer=tokenizer)
+
+
+def layer_devices(model: nn.Module, num_layers: int) -> dict[int, torch.device]:
+    """layer -> the device of the parameters of the modules that serve it (transformers gives every attention
+    module its ``layer_idx``); layers without such a module get the device of the model's first parameter."""
+    default = next(model.parameters()).device
+    devices = {}
+    for module in model.modules():
+        layer = getattr(module, "layer_idx", None)
+        if isinstance(layer, int) and layer not in devices:
+            parameter = next(module.parameters(recurse=True), None)
+            if parameter is not None:
+                devices[layer] = parameter.device
+    return {layer: devices.get(layer, default) for layer in range(num_layers)}

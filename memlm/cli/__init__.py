@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import __version__
+from memlm.version import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,8 +108,8 @@ def info() -> str:
 
 
 def demo(args: argparse.Namespace) -> int:
-    from .passkey import passkey_trials
-    from .tiny import PASSKEY_DIGITS, load_default
+    from memlm.eval.passkey import passkey_trials
+    from memlm.tiny import PASSKEY_DIGITS, load_default
 
     if args.length < 64:
         raise SystemExit(f"memlm demo: --length must be at least 64 tokens, got {args.length}")
@@ -134,7 +134,7 @@ def demo(args: argparse.Namespace) -> int:
 def summarize(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .summarize import Summarizer, load, rouge, to_markdown
+    from memlm.summarize.summarizer import Summarizer, load, rouge, to_markdown
 
     book = Path(args.book)
     if not book.is_file():
@@ -157,7 +157,7 @@ def summarize(args: argparse.Namespace) -> int:
 
 def load_store_model(path: str | None):
     """The model a store works with: ``path`` or memlm-tiny, keeping memory in float16 unless its config says."""
-    from .tiny import DEFAULT_DIR, load_default
+    from memlm.tiny import DEFAULT_DIR, load_default
 
     directory = Path(path) if path else DEFAULT_DIR
     config = directory / "memlm_config.json"
@@ -171,8 +171,8 @@ def load_store_model(path: str | None):
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from .service import Limits, create_app
-    from .store import MemoryStore
+    from memlm.serve.app import Limits, create_app
+    from memlm.store import MemoryStore
 
     token = os.environ.get("MEMLM_API_TOKEN") or None
     if args.token_file:
@@ -204,8 +204,8 @@ def _is_loopback(host: str) -> bool:
 def ingest(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from .documents import ingest_file
-    from .store import MemoryStore
+    from memlm.store import MemoryStore
+    from memlm.store.documents import ingest_file
 
     path = Path(args.file)
     if not path.is_file():
@@ -225,8 +225,8 @@ def ingest(args: argparse.Namespace) -> int:
 
 
 def ask(args: argparse.Namespace) -> int:
-    from .documents import ask as answer
-    from .store import MemoryStore
+    from memlm.store import MemoryStore
+    from memlm.store.documents import ask as answer
 
     with MemoryStore(args.store, create=False) as store:
         result = answer(load_store_model(args.model), store, args.doc, args.question,
@@ -238,7 +238,7 @@ def ask(args: argparse.Namespace) -> int:
 
 
 def docs(args: argparse.Namespace) -> int:
-    from .store import MemoryStore
+    from memlm.store import MemoryStore
 
     with MemoryStore(args.store, create=False) as store:
         documents = store.documents()
@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         print(info())
         return 0
     if args.command == "train":
-        from .recipe import run
+        from memlm.train.recipe import run
 
         metrics = run(args.config, args.output, steps=args.steps, resume=args.resume)
         print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         return demo(args)
     handlers = {"serve": serve, "ingest": ingest, "ask": ask, "docs": docs}
     if args.command in handlers:
-        from .store import StoreError
+        from memlm.store import StoreError
 
         try:
             return handlers[args.command](args)

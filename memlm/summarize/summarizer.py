@@ -22,8 +22,9 @@ import torch
 import transformers
 from tqdm.auto import tqdm
 
-from .config import MemoryConfig
-from .model import attach
+from memlm.config import MemoryConfig
+from memlm.runtime.model import attach
+
 from .unlimiformer import Unlimiformer, UnlimiformerConfig
 
 METHODS = ("unlimiformer", "memory", "hierarchical")

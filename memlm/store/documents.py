@@ -26,8 +26,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .session import _last_whitespace
-from .store import SHADOW, Document, DocumentConflict, MemoryStore, Segment, check_doc_id
+from memlm.runtime.session import last_whitespace
+
+from .records import SHADOW, Document, DocumentConflict, Segment, check_doc_id
+from .sessions import session_state
+from .store import MemoryStore
 
 #: characters per piece of text tokenized at once (pieces end before a whitespace; the committed offset is a
 #: piece start, so an interrupted upload re-sends at most about this much)
@@ -46,17 +49,6 @@ class InvalidText(ValueError):
 
 class DocumentTooLarge(ValueError):
     """A document exceeds the configured maximum size."""
-
-
-@dataclass
-class Source:
-    """A stored document's memory inside a session: index entry ids first_entry .. first_entry + entries - 1
-    hold the document's tokens first_token, first_token + 1, ..."""
-
-    document: str
-    first_entry: int
-    entries: int
-    first_token: int = 0
 
 
 @dataclass
@@ -126,7 +118,7 @@ class DocumentWriter:
         self.session = mem_model.session()
         stored = []  # the stored token ids, for the check of the skipped ones below
         if self.document.segments:
-            load_documents(self.session, store, [doc_id], allow_incomplete=True)
+            store.restore(self.session, [doc_id], allow_incomplete=True)
             for segment in store.segments(doc_id):
                 self.hash.update(segment.text)
                 stored += segment.ids.tolist()
@@ -170,11 +162,11 @@ class DocumentWriter:
         self.unstored += data
         self.hash.update(data)
         self.text += text
-        cut = _last_whitespace(self.text)
+        cut = last_whitespace(self.text)
         if cut == 0 and len(self.text) > MAX_PIECE:
             cut = len(self.text)  # no whitespace for a long stretch (e.g. CJK): tokenize anyway, never buffer it all
         while cut > 0:  # pieces of about PIECE characters: a resume re-sends at most one
-            end = (_last_whitespace(self.text[:PIECE]) or cut) if cut > PIECE else cut
+            end = (last_whitespace(self.text[:PIECE]) or cut) if cut > PIECE else cut
             self._tokenize(self.text[:end])
             self.text, cut = self.text[end:], cut - end
 
@@ -306,132 +298,6 @@ def ingest_file(store: MemoryStore, mem_model, doc_id: str, path, *, replace: bo
         writer.close()
 
 
-def session_state(session) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-    """A batch-1 session's local state for the store: XL caches, counters, RMT memory."""
-    tensors, counters = session.state.local_state()
-    tensors = {name: t[0] for name, t in tensors.items()}  # batch 1
-    if session.rmt is not None:
-        counters["rmt_segments"] = session.rmt.segments
-        if session.rmt.memory is not None:
-            tensors["rmt.memory"] = session.rmt.memory[0]
-    return tensors, counters
-
-
-# ------------------------------------------------------------------------------------------ reading
-
-
-def stored_documents(store: MemoryStore, doc_ids, allow_incomplete: bool = False) -> list[Document]:
-    """The documents ``doc_ids`` of ``store``: valid ids, each once, stored, complete (unless ``allow_incomplete``)."""
-    if not isinstance(store, MemoryStore):
-        raise TypeError(f"store must be a memlm.store.MemoryStore, got {type(store).__name__}")
-    if isinstance(doc_ids, str) or not doc_ids or not all(isinstance(d, str) for d in doc_ids):
-        raise ValueError(f"documents must be a non-empty list of document ids, got {doc_ids!r}")
-    if len(set(doc_ids)) != len(doc_ids):
-        raise ValueError(f"documents lists a document twice: {doc_ids!r}")
-    documents = [store.document(check_doc_id(doc_id)) for doc_id in doc_ids]
-    for document in documents:
-        if document.status != "complete" and not allow_incomplete:
-            raise DocumentConflict(f"document {document.id!r} is {document.status}, not complete: finish its upload "
-                                   "(resume at its committed offset) before asking over it")
-    return documents
-
-
-def load_documents(session, store: MemoryStore, doc_ids, allow_incomplete: bool = False) -> None:
-    """Load stored documents into a fresh batch-1 session (see ``MemoryModel.session``)."""
-    documents = stored_documents(store, doc_ids, allow_incomplete)
-    if session.batch_size != 1 or session.state.crossbatch is not None:
-        raise ValueError("stored documents load into a batch-1 session without crossbatch")
-    store.bind(session.mem_model)
-    state, device = session.state, session.mem_model.device
-    if len(documents) == 1:
-        (document,) = documents
-        entries = _load_segments(state, store, document.id)
-        tensors, counters = store.state(document.id)
-        state.load_local_state({name: t[None] for name, t in tensors.items() if name.startswith("cache.")},
-                               {k: v for k, v in counters.items() if k != "rmt_segments"})
-        if session.rmt is not None:
-            session.rmt.segments = counters.get("rmt_segments", 0)
-            if "rmt.memory" in tensors:
-                session.rmt.memory = tensors["rmt.memory"][None].to(device, session.mem_model.dtype)
-        session.sources = [Source(document.id, 0, entries, document.memory_start)]
-        return
-    first = 0
-    for document in documents:
-        entries = _load_segments(state, store, document.id)
-        tensors, counters = store.state(document.id)
-        tail = 0
-        for layer in state.memory_layers:
-            if f"cache.{layer}.keys" in tensors:
-                keys = _text_entries(tensors[f"cache.{layer}.keys"], counters)
-                values = _text_entries(tensors[f"cache.{layer}.values"], counters)
-                state.add_memory(layer, keys[None], values[None])
-                tail = keys.shape[1]
-        session.sources.append(Source(document.id, first, entries + tail, document.memory_start))
-        first += entries + tail
-    state.local_start = first  # the loaded entries stand before the (empty) local context
-
-
-def _load_segments(state, store: MemoryStore, doc_id: str, batch_bytes: int = 64 << 20) -> int:
-    """Add a document's stored memory entries to the session's indexes, ``batch_bytes`` at a time (few large
-    adds are faster than one per segment, and an index gives entries the same slots however they arrive);
-    returns the entry count."""
-    keys, values, held, entries = defaultdict(list), defaultdict(list), 0, 0
-
-    def flush():
-        for layer in keys:
-            state.add_memory(layer, torch.cat(keys[layer], dim=1)[None], torch.cat(values[layer], dim=1)[None])
-        keys.clear()
-        values.clear()
-
-    for segment in store.segments(doc_id):
-        for layer, (k, v) in segment.memory.items():
-            keys[layer].append(k)
-            values[layer].append(v)
-            held += k.nbytes + v.nbytes
-        entries += segment.entries
-        if held >= batch_bytes:
-            flush()
-            held = 0
-    flush()
-    return entries
-
-
-def _text_entries(cached: torch.Tensor, counters: dict[str, int]) -> torch.Tensor:
-    """The text tokens of a stored local context [kv_heads, local, head_dim]: RMT read tokens left out."""
-    start = counters["cache_length"]
-    return torch.cat((cached[:, :start], cached[:, start + counters["read_length"] :]), dim=1)
-
-
-def save_session(session, store: MemoryStore, doc_id: str) -> Document:
-    """``Session.save_document``: store a session's document as complete."""
-    check_doc_id(doc_id)
-    if session.batch_size != 1:
-        raise ValueError(f"save_document stores one document: the session must have batch_size 1, got "
-                         f"{session.batch_size}")
-    if session.sources:
-        raise ValueError("this session was opened over stored documents; save_document stores a document a session "
-                         "read itself (feed its text into a fresh session)")
-    store.bind(session.mem_model)
-    state = session.state
-    ids = torch.cat(session._history, dim=1)[0].cpu() if session._history else torch.empty(0, dtype=torch.long)
-    memory, memory_start = {}, 0
-    for layer, index in state.indexes.items():
-        keys, values, memory_start = index.entries(0)
-        memory[layer] = (keys, values)
-    segment = Segment(ids=ids, text=b"", memory=memory)
-    document = store.begin(doc_id)
-    document.status, document.tokens, document.memory_start = "complete", ids.numel(), memory_start
-    document.segments, document.entries = 1, segment.entries
-    tensors, counters = session_state(session)
-    counters["memory_start"] = memory_start  # a reloaded index numbers its entries from the first live one
-    try:
-        store.commit(document, segment, (tensors, counters))
-    except BaseException:
-        store.delete(doc_id)
-        raise
-    return document
-
-
 def ask(mem_model, store: MemoryStore, documents: list[str], prompt: str, *, max_new_tokens: int = 64,
         temperature: float = 0.0, streamer: Callable[[torch.Tensor], None] | None = None, top: int = 8) -> Answer:
     """Answer ``prompt`` over stored documents: greedy when ``temperature`` is 0, sampled otherwise.
@@ -450,7 +316,7 @@ def ask(mem_model, store: MemoryStore, documents: list[str], prompt: str, *, max
     with mem_model.session(store=store, documents=documents) as session:
         if len(ids) > 1:
             session.feed(torch.tensor([ids[:-1]], device=mem_model.device))
-        session.state.retrievals = []  # record what the last prompt token and the new tokens retrieve
+        session.state.knn.retrievals = []  # record what the last prompt token and the new tokens retrieve
         new = session.generate(torch.tensor([ids[-1:]], device=mem_model.device), max_new_tokens=max_new_tokens,
                                do_sample=temperature > 0, temperature=temperature or 1.0, streamer=streamer)
         retrieved = _best_retrieved(session, top)
@@ -463,7 +329,7 @@ def _best_retrieved(session, top: int) -> list[dict]:
     scores high, such as frequent tokens, above the one a head singles out)."""
     share: dict[int, float] = defaultdict(float)
     searches = 0
-    for ids, logits in session.state.retrievals:
+    for ids, logits in session.state.knn.retrievals:
         ids, weights = ids[0, :, -1], torch.softmax(logits[0, :, -1], dim=-1).nan_to_num(0.0)  # [q_heads, k]
         searches += ids.shape[0]
         for entry, weight in zip(ids.flatten().tolist(), weights.flatten().tolist(), strict=True):

@@ -26,10 +26,11 @@ import torch.distributed as dist
 import transformers
 import yaml
 
-from .config import MemoryConfig
+from memlm.config import MemoryConfig
+from memlm.runtime.model import attach
+
 from .data import AssociativeRecall, Passkey, TextDocuments
-from .model import attach
-from .train import TrainConfig, Trainer
+from .trainer import TrainConfig, Trainer
 
 SECTIONS = ("model", "memory", "task", "train", "evaluate")
 TASKS = ("associative_recall", "passkey", "text")

@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 import transformers
 
-from .config import MemoryConfig
-from .model import MemoryModel
+from memlm.config import MemoryConfig
+from memlm.runtime.model import MemoryModel
 
 #: The shipped model's directory inside the installed package.
-DEFAULT_DIR = Path(__file__).parent / "tiny"
+DEFAULT_DIR = Path(__file__).parent
 VOCAB_SIZE = 2048
 #: Digits of the pass keys memlm-tiny was trained to find: one token (see the README for longer keys).
 PASSKEY_DIGITS = 3

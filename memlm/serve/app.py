@@ -31,9 +31,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import ClientDisconnect
 
-from . import __version__
-from .documents import DocumentTooLarge, DocumentWriter, InvalidText, ask, stored_documents
-from .store import DOC_ID, DocumentConflict, DocumentNotFound, FingerprintMismatch, MemoryStore
+from memlm.store.documents import DocumentTooLarge, DocumentWriter, InvalidText, ask
+from memlm.store.records import DOC_ID, DocumentConflict, DocumentNotFound, FingerprintMismatch
+from memlm.store.store import MemoryStore, stored_documents
+from memlm.version import __version__
 
 logger = logging.getLogger(__name__)
 

@@ -35,13 +35,17 @@ def rotate(keys: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) 
     """Rotate keys by ``positions`` (which may be negative or fractional).
 
     keys: [..., head_dim]; positions: broadcastable to keys.shape[:-1]; inv_freq: [rot_dim / 2].
-    Computed in float32, returned in the keys' dtype.
+    Angles are computed in float64 (document positions reach millions, where float32 angles are off by
+    hundredths of a radian), the rotation in float32 (float64 for float64 keys); returned in the keys' dtype.
     """
     rot_dim = 2 * inv_freq.shape[0]
-    angles = positions.to(torch.float32).unsqueeze(-1) * inv_freq.to(device=keys.device, dtype=torch.float32)
+    compute = torch.float64 if keys.dtype == torch.float64 else torch.float32
+    where = torch.device("cpu") if keys.device.type == "mps" else keys.device  # MPS has no float64
+    angles = positions.to(where, torch.float64).unsqueeze(-1) * inv_freq.to(where, torch.float64)
     angles = torch.cat((angles, angles), dim=-1)
-    x = keys.float()
-    rotated = x[..., :rot_dim] * angles.cos() + rotate_half(x[..., :rot_dim]) * angles.sin()
+    cos, sin = angles.cos().to(keys.device, compute), angles.sin().to(keys.device, compute)
+    x = keys.to(compute)
+    rotated = x[..., :rot_dim] * cos + rotate_half(x[..., :rot_dim]) * sin
     if rot_dim < keys.shape[-1]:
         rotated = torch.cat((rotated, x[..., rot_dim:]), dim=-1)
     return rotated.to(keys.dtype)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .rotary import rotate
+from memlm.positions.policy import PositionPolicy
 
 
 @dataclass(frozen=True)
@@ -49,10 +49,15 @@ class CrossBatchMemory:
     """Per memory layer, the recent memory of every row: unrotated keys, values [batch, kv_heads, n, d]
     with n <= capacity = positives * segment_length, oldest first, with their graph."""
 
-    def __init__(self, crossbatch: CrossBatch, batch_size: int, segment_length: int) -> None:
+    def __init__(self, crossbatch: CrossBatch, batch_size: int, segment_length: int,
+                 positions: PositionPolicy) -> None:
         crossbatch.check_batch(batch_size)
         self.crossbatch = crossbatch
         self.capacity = crossbatch.positives * segment_length
+        self.positions = positions
+        self.reset()
+
+    def reset(self) -> None:
         self.entries: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def add(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
@@ -62,10 +67,11 @@ class CrossBatchMemory:
             keys, values = torch.cat((old_k, keys), dim=2), torch.cat((old_v, values), dim=2)
         self.entries[layer] = keys[:, :, -self.capacity :], values[:, :, -self.capacity :]
 
-    def read(self, layer: int, frame: int, inv_freq: torch.Tensor | None, dtype: torch.dtype):
-        """Memory of every row in the shared layout: keys, values [batch, kv_heads, (1 + negatives) * capacity, d]
-        (own first, then the negatives in row order) and mask [batch, kv_heads, same] (False = empty slot);
-        None before anything entered memory."""
+    def read(self, layer: int, q: torch.Tensor, local_start: int, scale: float):
+        """Memory of every row in the shared layout, for queries q [batch, q_heads, n, d]: keys, values
+        [batch, kv_heads, (1 + negatives) * capacity, d] (own first, then the negatives in row order; keys at the
+        first position of the local context) and mask [batch, kv_heads, same] (False = empty slot); None before
+        anything entered memory."""
         if layer not in self.entries:
             return None, None, None
         keys, values = self.entries[layer]
@@ -77,10 +83,9 @@ class CrossBatchMemory:
         order = torch.stack([(rows + shift) % batch for shift in range(self.crossbatch.negatives + 1)], dim=1)
         # [batch, 1 + negatives, kv_heads, capacity, d] -> [batch, kv_heads, (1 + negatives) * capacity, d]
         mem_k, mem_v = (t[order].transpose(1, 2).flatten(2, 3) for t in (keys, values))
-        if inv_freq is not None and frame != 0:
-            mem_k = rotate(mem_k, torch.tensor(frame, device=keys.device), inv_freq)
+        mem_k = self.positions.rotate(mem_k, self.positions.frame(local_start))
         mem_mask = mask.repeat(self.crossbatch.negatives + 1).expand(batch, kv_heads, -1)
-        return mem_k.to(dtype), mem_v.to(dtype), mem_mask
+        return mem_k.to(q.dtype), mem_v.to(q.dtype), mem_mask
 
     def detach_(self) -> None:
         self.entries = {layer: (k.detach(), v.detach()) for layer, (k, v) in self.entries.items()}

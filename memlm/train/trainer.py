@@ -44,10 +44,11 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
-from .config import known_fields
-from .crossbatch import CrossBatch
+from memlm.config import known_fields
+from memlm.memory.crossbatch import CrossBatch
+from memlm.runtime.model import MODULE_NAME, MemoryModel
+
 from .data import IGNORE_INDEX, make_batch
-from .model import MODULE_NAME, MemoryModel
 
 TRAINABLE = ("memory", "lora", "all")
 SCHEDULES = ("cosine", "constant")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .data import Passkey
+from memlm.train.data import Passkey
 
 
 @dataclass

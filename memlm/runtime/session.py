@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
-from .rmt import RecurrentMemory
+from memlm.memory.rmt import RecurrentMemory
+
 from .stream import StreamState
 
 IGNORE_INDEX = -100
@@ -51,8 +52,9 @@ class Session:
             gates=mem_model.memory_module.gates,
             rotary=mem_model.rotary,
             max_positions=mem_model.max_positions,
-            device=mem_model.device,
+            devices=mem_model.layer_devices,
             dtype=mem_model.dtype,
+            previous_attention=mem_model.previous_attention,
             crossbatch=crossbatch,
         )
         config = mem_model.config
@@ -62,13 +64,13 @@ class Session:
         self._last_logits: torch.Tensor | None = None  # [batch, vocab] of the last token fed
         self._closed = False
         self._keep_logits_arg = "logits_to_keep" in inspect.signature(mem_model.model.forward).parameters
-        self._history: list[torch.Tensor] = []  # ids [1, n] of every forward, for save_document
-        self.sources: list = []  # the stored documents this session's memory was loaded from (documents.Source)
+        self.history: list[torch.Tensor] = []  # ids [1, n] of every forward (batch 1), for save_document
+        self.sources: list = []  # the stored documents this session's memory was loaded from (store.Source)
         if store is not None or documents is not None:
-            from .documents import load_documents
-
+            if not callable(getattr(store, "restore", None)):
+                raise TypeError(f"store must be a memlm.MemoryStore, got {type(store).__name__}")
             try:
-                load_documents(self, store, documents)
+                store.restore(self, documents)
             except BaseException:
                 self.close()
                 raise
@@ -85,8 +87,6 @@ class Session:
     def close(self) -> None:
         """Free the document state (memories emptied, caches dropped); the session cannot be used after."""
         if not self._closed:
-            for index in self.state.indexes.values():
-                index.reset()
             self._forget()
             self._closed = True
 
@@ -108,16 +108,16 @@ class Session:
         if self.rmt is not None:
             self.rmt.reset()
         self._last_logits = None
-        self._history, self.sources = [], []
+        self.history, self.sources = [], []
 
     def save_document(self, store, doc_id: str):
         """Store what this session has read as a complete document ``doc_id`` of ``store`` (a
         ``memlm.store.MemoryStore``): its token ids, memory and local state; ``mem_model.session(store=store,
         documents=[doc_id])`` continues it later, in any process. Batch 1 only. Returns the ``Document``."""
         self._check_open()
-        from .documents import save_session
-
-        return save_session(self, store, doc_id)
+        if not callable(getattr(store, "save", None)):
+            raise TypeError(f"store must be a memlm.MemoryStore, got {type(store).__name__}")
+        return store.save(self, doc_id)
 
     @property
     def tokens_seen(self) -> int:
@@ -156,7 +156,7 @@ class Session:
         with torch.set_grad_enabled(grad):
             start = 0
             while start < total:
-                n = min(total - start, self.mem_model.config.segment_length - self.state.open_length)
+                n = min(total - start, self.mem_model.config.segment_length - self.state.local.open_length)
                 keep_all = labels is not None or return_logits
                 logits = self._forward(ids[:, start : start + n], keep_all)
                 if labels is not None:
@@ -191,7 +191,7 @@ class Session:
             if not isinstance(chunk, str):
                 raise TypeError(f"feed_stream expects text chunks (str), got {type(chunk).__name__}")
             buffer += chunk
-            cut = _last_whitespace(buffer)
+            cut = last_whitespace(buffer)
             if cut > 0:
                 result = self.feed(buffer[:cut], progress=progress)
                 tokens, segments, buffer = tokens + result.tokens, segments + result.segments, buffer[cut:]
@@ -268,8 +268,8 @@ class Session:
         completes it ends with the write tokens (``rmt.py``); their logits are cut off here.
         """
         n, model, rmt, state = ids.shape[1], self.mem_model.model, self.rmt, self.state
-        read = rmt.tokens if rmt is not None and state.open_length == 0 else 0
-        write = rmt.tokens if rmt is not None and state.open_length + n == self.mem_model.config.segment_length else 0
+        read = rmt.tokens if rmt is not None and state.local.open_length == 0 else 0
+        write = rmt.tokens if rmt is not None and state.local.open_length + n == self.mem_model.config.segment_length else 0
         inputs = {"input_ids": ids}
         if read or write:
             memory = rmt.read(model.dtype)
@@ -285,7 +285,7 @@ class Session:
             raise
         self.state.commit()
         if self.batch_size == 1:  # what save_document stores (it takes batch-1 sessions only)
-            self._history.append(ids.detach())
+            self.history.append(ids.detach())
         if write:
             rmt.write(out.hidden_states[-1][:, -write:])
         logits = out.logits[:, read : read + n] if keep_all else out.logits[:, -1 - write : out.logits.shape[1] - write]
@@ -334,7 +334,7 @@ class Session:
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("this session is closed (its with-block ended); open a new one: mem_model.session()")
-        self.mem_model._check_attached()
+        self.mem_model.check_attached()
 
 
 def _is_text(x) -> bool:
@@ -342,7 +342,7 @@ def _is_text(x) -> bool:
     return isinstance(x, str) or (isinstance(x, list) and bool(x) and all(isinstance(t, str) for t in x))
 
 
-def _last_whitespace(text: str) -> int:
+def last_whitespace(text: str) -> int:
     """Index of the last whitespace character (0 if none): text before it tokenizes on its own."""
     match = re.search(r"\s\S*\Z", text)
     return match.start() if match else 0

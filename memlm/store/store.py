@@ -22,11 +22,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import lmdb
@@ -34,81 +32,20 @@ import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
+from .records import (
+    SHADOW,
+    STATUSES,
+    Document,
+    DocumentConflict,
+    DocumentNotFound,
+    FingerprintMismatch,
+    Segment,
+    StoreError,
+    check_doc_id,
+)
+from .sessions import load_documents, save_session
+
 FORMAT_VERSION = 1
-DOC_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
-#: a replacement is written as document ``id + SHADOW`` and takes the id's place when complete
-SHADOW = "~replacement"
-STATUSES = ("ingesting", "complete", "failed")
-
-
-class StoreError(Exception):
-    """Base class of the store's errors; the service maps each kind to an HTTP status."""
-
-
-class DocumentNotFound(StoreError, KeyError):
-    def __str__(self) -> str:  # KeyError would repr() the message
-        return str(self.args[0])
-
-
-class DocumentConflict(StoreError):
-    """The request does not fit the document's stored state (offset, content, status)."""
-
-
-class FingerprintMismatch(StoreError):
-    """The store holds memories of another model, memlm config or tokenizer."""
-
-
-@dataclass
-class Document:
-    """A stored document's metadata.
-
-    bytes: UTF-8 bytes committed (the offset an interrupted upload resumes at); tokens: tokens fed and
-    stored; skip: tokens of the text after ``bytes`` that are already stored (a segment may end inside a
-    word); entries: memory entries stored per memory layer; memory_start: document position of the
-    first stored entry (> 0 only for a session saved after its memory evicted entries); key: the name its
-    segments and state are stored under (the id, or ``id~N`` after N replacements).
-    """
-
-    id: str
-    key: str = ""
-    status: str = "ingesting"
-    bytes: int = 0
-    tokens: int = 0
-    segments: int = 0
-    entries: int = 0
-    skip: int = 0
-    memory_start: int = 0
-    sha256: str | None = None  # of the whole text, once complete
-    error: str | None = None
-    created: float = field(default_factory=time.time)
-    updated: float = field(default_factory=time.time)
-
-    def __post_init__(self) -> None:
-        self.key = self.key or self.id
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass
-class Segment:
-    """One stored segment: ids [n] int64, the text bytes it completed, and layer -> keys, values
-    [kv_heads, entries, head_dim] that entered memory when it closed."""
-
-    ids: torch.Tensor
-    text: bytes
-    memory: dict[int, tuple[torch.Tensor, torch.Tensor]]
-
-    @property
-    def entries(self) -> int:
-        """Memory entries per memory layer."""
-        return next(iter(self.memory.values()))[0].shape[1] if self.memory else 0
-
-
-def check_doc_id(doc_id: object) -> str:
-    if not isinstance(doc_id, str) or not DOC_ID.fullmatch(doc_id):
-        raise ValueError(f"document id must match [A-Za-z0-9._-]{{1,128}}, got {doc_id!r}")
-    return doc_id
 
 
 def fingerprint(mem_model) -> dict[str, str]:
@@ -145,6 +82,22 @@ def fingerprint(mem_model) -> dict[str, str]:
         "memlm": memlm.hexdigest()[:32],
         "tokenizer": hashlib.sha256(vocab.encode()).hexdigest()[:32],
     }
+
+
+def stored_documents(store: MemoryStore, doc_ids, allow_incomplete: bool = False) -> list[Document]:
+    """The documents ``doc_ids`` of ``store``: valid ids, each once, stored, complete (unless ``allow_incomplete``)."""
+    if not isinstance(store, MemoryStore):
+        raise TypeError(f"store must be a memlm.store.MemoryStore, got {type(store).__name__}")
+    if isinstance(doc_ids, str) or not doc_ids or not all(isinstance(d, str) for d in doc_ids):
+        raise ValueError(f"documents must be a non-empty list of document ids, got {doc_ids!r}")
+    if len(set(doc_ids)) != len(doc_ids):
+        raise ValueError(f"documents lists a document twice: {doc_ids!r}")
+    documents = [store.document(check_doc_id(doc_id)) for doc_id in doc_ids]
+    for document in documents:
+        if document.status != "complete" and not allow_incomplete:
+            raise DocumentConflict(f"document {document.id!r} is {document.status}, not complete: finish its upload "
+                                   "(resume at its committed offset) before asking over it")
+    return documents
 
 
 class MemoryStore:
@@ -253,6 +206,16 @@ class MemoryStore:
         if value is None:
             return {}, {}
         return _decode_state(value)
+
+    # ----------------------------------------------------------------------------- sessions
+
+    def restore(self, session, doc_ids, allow_incomplete: bool = False) -> None:
+        """Load stored documents into a fresh batch-1 session (``mem_model.session(store=..., documents=...)``)."""
+        load_documents(self, session, stored_documents(self, doc_ids, allow_incomplete))
+
+    def save(self, session, doc_id: str) -> Document:
+        """Store what a batch-1 session has read as the complete document ``doc_id`` (``Session.save_document``)."""
+        return save_session(self, session, doc_id)
 
     # ----------------------------------------------------------------------------- writing
 

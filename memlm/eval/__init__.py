@@ -1,0 +1,1 @@
+"""Evaluation: the passkey retrieval test (``memlm.eval.passkey``)."""

@@ -1,0 +1,132 @@
+"""The local context: which tokens every layer keeps and attends to directly (Transformer-XL, Dai et al. 2019).
+
+A stream is a sequence of *segments* of ``segment_length`` tokens. The local context of the tokens
+being processed is [XL cache ; RMT read tokens ; the open segment so far ; the new tokens] (RMT
+write tokens follow the new tokens in the forward that closes a segment, ``memory/rmt.py``, and are
+never kept). When a segment closes, the read tokens are dropped, the last ``xl_length`` tokens stay
+as the XL cache, and the older ones are handed over (``close_segment`` returns them) so that they
+enter the memory at the moment they leave: no token is attended twice.
+
+Keys are kept unrotated; the position policy rotates them on use. Per layer the cache holds
+keys, values [batch, kv_heads, local, head_dim] on the layer's device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class LocalContext:
+    """The cached keys/values of every layer and the counters that place them in the document."""
+
+    def __init__(self, segment_length: int, xl_length: int) -> None:
+        self.segment_length, self.xl_length = segment_length, xl_length
+        self.reset()
+
+    def reset(self) -> None:
+        # layer -> unrotated keys, values [batch, kv_heads, cache + read + open, head_dim]
+        self.cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # what the forward in flight computed
+        self.new = (0, 0, 0)  # read, text, write tokens of the forward in flight
+        self.local_start = 0  # document position of the first cached text token
+        self.cache_length = 0  # tokens of closed segments kept (the XL cache)
+        self.read_length = 0  # RMT read tokens of the open segment
+        self.open_length = 0  # tokens of the segment not yet closed
+
+    @property
+    def tokens_seen(self) -> int:
+        """Text tokens of the document so far (committed forwards)."""
+        return self.local_start + self.cache_length + self.open_length
+
+    @property
+    def length(self) -> int:
+        """Entries of the local context: cache, read tokens, open segment."""
+        return self.cache_length + self.read_length + self.open_length
+
+    @property
+    def in_forward(self) -> bool:
+        return self.new != (0, 0, 0)
+
+    def begin(self, n: int, read: int = 0, write: int = 0) -> None:
+        """A forward of ``read`` RMT read tokens, ``n`` text tokens and ``write`` RMT write tokens starts."""
+        if not 0 < n <= self.segment_length - self.open_length:
+            raise ValueError(f"{n} new tokens do not fit the open segment ({self.open_length} of "
+                             f"{self.segment_length} tokens used)")
+        self.pending, self.new = {}, (read, n, write)
+
+    def extend(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Record the forward's unrotated keys, values [batch, kv_heads, new, d] of ``layer``; returns the layer's
+        local context before them (unrotated keys, values [batch, kv_heads, length, d]; None if empty)."""
+        self.pending[layer] = (keys, values)
+        return self.cache.get(layer, (None, None))
+
+    def commit(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """The forward succeeded: its read and text tokens join the local context (write tokens never do).
+
+        When that completes the segment, it closes: returns layer -> the unrotated keys, values
+        [batch, kv_heads, evicted, d] that left the local context (empty otherwise).
+        """
+        read, n, _ = self.new
+        for layer, (k, v) in self.pending.items():
+            k, v = k[:, :, : read + n], v[:, :, : read + n]
+            if layer in self.cache:
+                cached_k, cached_v = self.cache[layer]
+                k, v = torch.cat((cached_k, k), dim=2), torch.cat((cached_v, v), dim=2)
+            self.cache[layer] = (k, v)
+        self.pending, self.new = {}, (0, 0, 0)
+        self.read_length += read
+        self.open_length += n
+        return self.close_segment() if self.open_length == self.segment_length else {}
+
+    def abort(self) -> None:
+        """The forward failed: drop what it computed, keep everything stored."""
+        self.pending, self.new = {}, (0, 0, 0)
+
+    def close_segment(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Drop the read tokens; keep the last ``xl_length`` tokens; return the older ones per layer."""
+        start, end = self.cache_length, self.cache_length + self.read_length  # the read tokens' slots
+        kept = self.cache_length + self.open_length
+        drop = max(0, kept - self.xl_length)
+        evicted = {}
+        for layer, (k, v) in self.cache.items():
+            if end > start:
+                k, v = (torch.cat((t[:, :, :start], t[:, :, end:]), dim=2) for t in (k, v))
+            if drop:
+                evicted[layer] = (k[:, :, :drop], v[:, :, :drop])
+            self.cache[layer] = (k[:, :, drop:], v[:, :, drop:])
+        self.local_start += drop
+        self.cache_length = kept - drop
+        self.read_length = self.open_length = 0
+        return evicted
+
+    def detach_graph(self) -> None:
+        """Cut the graph behind the cached tensors; keep their values."""
+        self.cache = {layer: (k.detach(), v.detach()) for layer, (k, v) in self.cache.items()}
+
+    def text_entries(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The text tokens of a layer's local context, keys, values [batch, kv_heads, n, d] (read tokens left out)."""
+        k, v = self.cache[layer]
+        start, end = self.cache_length, self.cache_length + self.read_length
+        return tuple(torch.cat((t[:, :, :start], t[:, :, end:]), dim=2) for t in (k, v))
+
+    # ------------------------------------------------------------------------------- persistence
+
+    COUNTERS = ("local_start", "cache_length", "read_length", "open_length")
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+        """Tensors ``cache.{layer}.keys|values`` and the counters."""
+        if self.in_forward:
+            raise RuntimeError("cannot save a stream in the middle of a forward")
+        tensors = {}
+        for layer, (keys, values) in self.cache.items():
+            tensors[f"cache.{layer}.keys"], tensors[f"cache.{layer}.values"] = keys, values
+        return tensors, {name: getattr(self, name) for name in self.COUNTERS}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], counters: dict[str, int],
+                        devices: dict[int, torch.device]) -> None:
+        """Restore what ``state_dict`` returned, each layer's tensors on ``devices[layer]``."""
+        layers = sorted({int(name.split(".")[1]) for name in tensors if name.startswith("cache.")})
+        self.cache = {layer: (tensors[f"cache.{layer}.keys"].to(devices[layer]),
+                              tensors[f"cache.{layer}.values"].to(devices[layer])) for layer in layers}
+        for name in self.COUNTERS:
+            setattr(self, name, int(counters.get(name, 0)))
