@@ -105,8 +105,9 @@ def bench_scaling(checkpoints: list[int], window: int = 32) -> None:
                 latencies.append(time.perf_counter() - start)
                 done += 512
             recent = sorted(latencies[-window:])
-            rows.append([f"{checkpoint:,}", f"{1e3 * recent[len(recent) // 2]:.1f}",
-                         f"{int(session.state.knn.indexes[3].size[0]):,}", f"{rss_mib():,.0f}", f"{peak_rss_mib():,.0f}"])
+            entries = int(session.state.knn.indexes[3].size[0])
+            rows.append([f"{checkpoint:,}", f"{1e3 * recent[len(recent) // 2]:.1f}", f"{entries:,}",
+                         f"{rss_mib():,.0f}", f"{peak_rss_mib():,.0f}"])
     mem_model.detach()
     base = float(rows[0][1])
     for row in rows:

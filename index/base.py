@@ -122,8 +122,7 @@ class MemoryIndex(ABC):
         queries: [batch, heads, q, dim], any float dtype (scored in float32).
         """
         self._check_queries(queries)
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"k must be an integer >= 1, got {k!r}")
+        _check_count("k", k)
         if int(self.size.max()) == 0 or queries.shape[2] == 0:
             return self._empty_result(queries.shape[2], k)
         return self._search(queries.detach().float(), k)

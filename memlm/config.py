@@ -14,35 +14,46 @@ INDEX_BACKENDS = ("torch", "faiss")
 MEMORY_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def _help(text: str, default):
+def check_integer(name: str, value: object, low: int = 0, optional: bool = False) -> int | None:
+    """``value`` if it is an integer (not a bool) >= ``low`` (or None, when ``optional``); else a ValueError that
+    names it and repeats it."""
+    if optional and value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be {'None or ' if optional else ''}an integer >= {low}, got {value!r}")
+    return value
+
+
+def option(text: str, default):
+    """A dataclass field with a help string."""
     return field(default=default, metadata={"help": text})
 
 
 @dataclass
 class MemoryConfig:
-    """How a document is streamed through a model and what it remembers (see DESIGN.md)."""
+    """How a document is streamed through a model and what it remembers (see docs/DESIGN.md)."""
 
-    segment_length: int = _help("tokens per forward pass", 512)
-    xl_length: int = _help("Transformer-XL cache per layer, in tokens (0 = off)", 512)
-    memory_layers: tuple[int, ...] = _help("layers with kNN memory; negative counts from the top; () = off", (-4,))
-    top_k: int = _help("memory entries each query retrieves", 32)
-    memory_capacity: int = _help("FIFO entries per sequence per memory layer", 65536)
-    fusion: str = _help("'gate' (Memorizing Transformers) or 'joint' (Focused Transformer, one softmax)", "gate")
-    gate_init: float = _help("initial gate logit of every head (fusion='gate')", 0.0)
-    memory_positions: str = _help(
+    segment_length: int = option("tokens per forward pass", 512)
+    xl_length: int = option("Transformer-XL cache per layer, in tokens (0 = off)", 512)
+    memory_layers: tuple[int, ...] = option("layers with kNN memory; negative counts from the top; () = off", (-4,))
+    top_k: int = option("memory entries each query retrieves", 32)
+    memory_capacity: int = option("FIFO entries per sequence per memory layer", 65536)
+    fusion: str = option("'gate' (Memorizing Transformers) or 'joint' (Focused Transformer, one softmax)", "gate")
+    gate_init: float = option("initial gate logit of every head (fusion='gate')", 0.0)
+    memory_positions: str = option(
         "'first': retrieved keys sit at position 0 of the local context; 'original': at their true distance",
         "first",
     )
-    position_mode: str = _help("'rebase': local positions restart at 0 every segment; 'absolute': document offsets",
+    position_mode: str = option("'rebase': local positions restart at 0 every segment; 'absolute': document offsets",
                                "rebase")
-    index: str = _help("index backend: 'torch' or 'faiss'", "torch")
+    index: str = option("index backend: 'torch' or 'faiss'", "torch")
     index_kwargs: dict = field(
         default_factory=dict, metadata={"help": "extra arguments of the index backend, e.g. {'kind': 'ivf'}"}
     )
-    memory_dtype: str | None = _help("dtype of stored memory: 'float32', 'float16', 'bfloat16'; None = the model's",
+    memory_dtype: str | None = option("dtype of stored memory: 'float32', 'float16', 'bfloat16'; None = the model's",
                                      None)
-    rmt_tokens: int = _help("Recurrent Memory Transformer read/write tokens per segment (0 = off)", 0)
-    rmt_bptt_depth: int | None = _help(
+    rmt_tokens: int = option("Recurrent Memory Transformer read/write tokens per segment (0 = off)", 0)
+    rmt_bptt_depth: int | None = option(
         "with gradients enabled, cut the graph through RMT memory every k segments; None = never cut", None
     )
 
@@ -56,9 +67,7 @@ class MemoryConfig:
         self.index_kwargs = dict(self.index_kwargs or {})
         for name, low in (("segment_length", 1), ("xl_length", 0), ("top_k", 1), ("memory_capacity", 1),
                           ("rmt_tokens", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+            check_integer(name, getattr(self, name), low)
         if not isinstance(self.memory_layers, tuple) or not all(
             isinstance(i, int) and not isinstance(i, bool) for i in self.memory_layers
         ):
@@ -75,9 +84,7 @@ class MemoryConfig:
             self.gate_init
         ):
             raise ValueError(f"gate_init must be a finite number, got {self.gate_init!r}")
-        depth = self.rmt_bptt_depth
-        if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int) or depth < 1):
-            raise ValueError(f"rmt_bptt_depth must be None or an integer >= 1, got {depth!r}")
+        check_integer("rmt_bptt_depth", self.rmt_bptt_depth, 1, optional=True)
         if self.memory_dtype is not None and self.memory_dtype not in MEMORY_DTYPES:
             raise ValueError(f"memory_dtype must be None or one of {tuple(MEMORY_DTYPES)}, got {self.memory_dtype!r}")
 

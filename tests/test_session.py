@@ -194,7 +194,7 @@ def test_bad_attach_leaves_the_model_unchanged(tiny_llama, tiny_gpt2, tiny_bart)
         attach(tiny_gpt2, MemoryConfig(segment_length=300, xl_length=0, memory_layers=(0,)))
     assert_untouched(tiny_gpt2)
     # an absolute-position model cannot move its cached tokens: rebased positions would collide
-    with pytest.raises(ValueError, match="GPT2LMHeadModel has absolute position embeddings.*xl_length=16 would give "
+    with pytest.raises(ValueError, match=r"GPT2LMHeadModel has absolute position embeddings.*xl_length=16 would give "
                                          "cached and new tokens the same positions"):
         attach(tiny_gpt2, MemoryConfig(segment_length=16, xl_length=16, memory_layers=(0,)))
     assert_untouched(tiny_gpt2)

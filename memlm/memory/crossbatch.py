@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from memlm.config import check_integer
 from memlm.positions.policy import PositionPolicy
 
 
@@ -33,9 +34,7 @@ class CrossBatch:
 
     def __post_init__(self) -> None:
         for name in ("positives", "negatives"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"crossbatch {name} must be an integer >= 0, got {value!r}")
+            check_integer(f"crossbatch {name}", getattr(self, name), 0)
         if self.positives == 0:
             raise ValueError("crossbatch positives must be >= 1: a row's memory needs its own document's contexts")
 

@@ -10,7 +10,7 @@ decoder code does, which needs hidden size == embedding size (``attach`` checks 
 
 Positions: read and write tokens are ordinary members of the local context while their segment is
 open: [XL cache ; read ; segment ; write], numbered consecutively like every local token
-(DESIGN.md), so the segment sits N positions after the cache and every segment looks the same. They
+(docs/DESIGN.md), so the segment sits N positions after the cache and every segment looks the same. They
 are never kept in the XL cache or the kNN memory, and their logits are never returned.
 
 Backpropagation through time: with gradients enabled, the memory keeps its graph, so a loss in a

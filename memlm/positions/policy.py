@@ -1,7 +1,7 @@
 """The position policy: where every local token and memory entry stands, and the rotation that puts it there.
 
 Keys are kept unrotated (as if at position 0) in the local context, and rotated on use with the
-model's own rotary frequencies (``rotary.py``). The rules (DESIGN.md, "Positions"):
+model's own rotary frequencies (``rotary.py``). The rules (docs/DESIGN.md, "Positions"):
 
 * ``position_mode="rebase"``: the local context occupies positions 0 .. L-1 (its *frame* starts at 0);
   ``"absolute"``: it starts at its document offset. RoPE scores depend on distances only, so the two

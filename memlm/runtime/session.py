@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
+from memlm.config import check_integer
 from memlm.memory.rmt import RecurrentMemory
 
 from .stream import StreamState
@@ -41,8 +42,7 @@ class Session:
     """Streams documents through ``mem_model``; see ``MemoryModel.session``."""
 
     def __init__(self, mem_model, batch_size: int = 1, crossbatch=None, store=None, documents=None) -> None:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        check_integer("batch_size", batch_size, 1)
         self.mem_model = mem_model
         self.batch_size = batch_size
         self.state = StreamState(
@@ -214,8 +214,7 @@ class Session:
         ``generation_config``.
         """
         self._check_open()
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        check_integer("max_new_tokens", max_new_tokens, 0)
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature!r}")
         if not 0 < top_p <= 1:
@@ -268,8 +267,9 @@ class Session:
         completes it ends with the write tokens (``rmt.py``); their logits are cut off here.
         """
         n, model, rmt, state = ids.shape[1], self.mem_model.model, self.rmt, self.state
-        read = rmt.tokens if rmt is not None and state.local.open_length == 0 else 0
-        write = rmt.tokens if rmt is not None and state.local.open_length + n == self.mem_model.config.segment_length else 0
+        opened = state.local.open_length
+        read = rmt.tokens if rmt is not None and opened == 0 else 0
+        write = rmt.tokens if rmt is not None and opened + n == self.mem_model.config.segment_length else 0
         inputs = {"input_ids": ids}
         if read or write:
             memory = rmt.read(model.dtype)

@@ -1,4 +1,4 @@
-"""The state of one document stream, composed of three parts (DESIGN.md, "The runtime"):
+"""The state of one document stream, composed of three parts (docs/DESIGN.md, "The runtime"):
 
 * the local context (``local.py``): XL cache + open segment, and the FIFO hand-over to memory;
 * the memory reader: the kNN index (``memory/knn.py``), the CrossBatch memory while training

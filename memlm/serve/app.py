@@ -31,6 +31,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import ClientDisconnect
 
+from memlm.config import check_integer
 from memlm.store.documents import DocumentTooLarge, DocumentWriter, InvalidText, ask
 from memlm.store.records import DOC_ID, DocumentConflict, DocumentNotFound, FingerprintMismatch
 from memlm.store.store import MemoryStore, stored_documents
@@ -53,9 +54,7 @@ class Limits:
 
     def __post_init__(self) -> None:
         for name in ("max_document_bytes", "max_prompt_chars", "max_new_tokens"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+            check_integer(name, getattr(self, name), 1)
 
 
 class QueryRequest(BaseModel):

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from memlm.config import check_integer
 from memlm.runtime.session import last_whitespace
 
 from .records import SHADOW, Document, DocumentConflict, Segment, check_doc_id
@@ -77,8 +78,7 @@ class DocumentWriter:
     def __init__(self, store: MemoryStore, mem_model, doc_id: str, *, offset: int = 0, replace: bool = False,
                  max_bytes: int | None = None) -> None:
         check_doc_id(doc_id)
-        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-            raise ValueError(f"offset must be an integer >= 0, got {offset!r}")
+        check_integer("offset", offset, 0)
         store.bind(mem_model)
         self.store, self.mem_model, self.max_bytes = store, mem_model, max_bytes
         self.segment_length = mem_model.config.segment_length

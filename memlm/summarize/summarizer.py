@@ -22,7 +22,7 @@ import torch
 import transformers
 from tqdm.auto import tqdm
 
-from memlm.config import MemoryConfig
+from memlm.config import MemoryConfig, check_integer
 from memlm.runtime.model import attach
 
 from .unlimiformer import Unlimiformer, UnlimiformerConfig
@@ -80,8 +80,7 @@ class Summarizer:
         if method == "memory" and encoder_decoder:
             raise ValueError(f"method 'memory' needs a decoder-only model; {type(model).__name__} is an "
                              "encoder-decoder: use --method unlimiformer or hierarchical")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        check_integer("max_new_tokens", max_new_tokens, 1)
         self.model, self.tokenizer, self.method = model, tokenizer, method
         self.max_new_tokens, self.top_k, self.progress = max_new_tokens, top_k, progress
         self.encoder_decoder = encoder_decoder

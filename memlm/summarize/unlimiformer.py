@@ -31,6 +31,7 @@ from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import BaseModelOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from memlm.config import check_integer
 from memlm.index import create_index
 
 ATTENTION_NAME = "memlm_unlimiformer"
@@ -53,12 +54,8 @@ class UnlimiformerConfig:
 
     def __post_init__(self) -> None:
         for name, low in (("top_k", 1), ("layer_begin", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-        if self.window is not None and (isinstance(self.window, bool) or not isinstance(self.window, int)
-                                        or self.window < 4):
-            raise ValueError(f"window must be an integer >= 4 or None, got {self.window!r}")
+            check_integer(name, getattr(self, name), low)
+        check_integer("window", self.window, 4, optional=True)
 
 
 def encoder_windows(length: int, window: int) -> list[tuple[int, int, int, int]]:
@@ -142,8 +139,7 @@ class Unlimiformer:
 
         The input is text, ids [batch, tokens], or an ``EncodedInput`` from ``encode`` (to decode from one
         encoding several times)."""
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        check_integer("max_new_tokens", max_new_tokens, 1)
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature!r}")
         is_text = isinstance(input_ids_or_text, str)

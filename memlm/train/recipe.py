@@ -10,7 +10,7 @@
     train: {steps: 1000, batch_size: 16, ...}         # TrainConfig
     evaluate: {documents: 128}                        # held-out evaluation after training (optional)
 
-``memlm train --config recipe.yaml --output DIR`` runs it (under ``torchrun`` on every rank): DIR gets
+``memlm train --config examples/train_recall.yaml --output DIR`` runs it (under ``torchrun`` on every rank): DIR gets
 the checkpoints, the trained model (``DIR/model``), memlm's weights (``DIR/memlm``) and
 ``DIR/metrics.json``.
 """

@@ -44,7 +44,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
-from memlm.config import known_fields
+from memlm.config import check_integer, known_fields
 from memlm.memory.crossbatch import CrossBatch
 from memlm.runtime.model import MODULE_NAME, MemoryModel
 
@@ -87,14 +87,10 @@ class TrainConfig:
         self.curriculum = tuple(tuple(int(x) for x in pair) for pair in self.curriculum)
         self.lora_targets = tuple(self.lora_targets)
         for name in ("steps", "batch_size", "document_tokens", "grad_accumulation", "lora_rank", "lora_alpha"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+            check_integer(name, getattr(self, name), 1)
         for name in ("warmup_steps", "seed", "crossbatch_positives", "crossbatch_negatives", "checkpoint_every",
                      "step_segments"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+            check_integer(name, getattr(self, name), 0)
         for name, allowed in (("trainable", TRAINABLE), ("schedule", SCHEDULES), ("precision", PRECISIONS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
