@@ -2,6 +2,11 @@
 
     python benchmarks/bench_stream.py            # the full workload (about 15 minutes on 2 cores)
     python benchmarks/bench_stream.py --quick    # smaller sizes, a few minutes
+    python benchmarks/bench_stream.py --previous DIR   # also: this memlm against another one, interleaved
+
+``--previous DIR`` names a directory where another memlm is installed (``pip install --no-deps --target DIR
+CHECKOUT``): two worker processes, one per version, stream the same tokens through the same model and take
+turns segment by segment, so the drift of a shared machine hits both alike.
 
 Random-weight models (speed does not depend on the weights), float32, this machine's CPU threads.
 Every figure is measured in this run; compare the ratios, which are taken side by side.
@@ -12,8 +17,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import os
 import resource
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 import transformers
@@ -164,10 +173,74 @@ def bench_rmt(n_tokens: int, sizes: list[int], segment: int = 512) -> None:
            f"no RMT, segment {segment}+2N: first", "... last", "RSS MiB"], rows)
 
 
+VERSION_VARIANTS = {
+    "xl 512": {"segment_length": 512, "xl_length": 512, "memory_layers": ()},
+    "xl 512 + kNN memory (1 layer, 65,536, k 32)": {"segment_length": 512, "xl_length": 512, "memory_layers": (-4,),
+                                                    "top_k": 32, "memory_capacity": 65536, "fusion": "gate"},
+}
+
+
+@torch.no_grad()
+def version_worker(variant: str, n_tokens: int) -> None:
+    """One side of ``bench_versions``: feeds a segment per line read from stdin and prints its seconds."""
+    import memlm
+
+    model = llama(layers=12, hidden=768, heads=12, vocab=32000, max_positions=4096)
+    ids = tokens(n_tokens, 32000)
+    with memlm.attach(model, MemoryConfig(**VERSION_VARIANTS[variant])).session() as session:
+        print(memlm.__file__, flush=True)
+        for start in range(0, n_tokens, 512):
+            sys.stdin.readline()
+            begin = time.perf_counter()
+            session.feed(ids[:, start : start + 512])
+            print(time.perf_counter() - begin, flush=True)
+
+
+def bench_versions(previous: Path, n_tokens: int) -> None:
+    rows = []
+    for variant in VERSION_VARIANTS:
+        workers = {}
+        for version, path in (("previous", previous), ("this", None)):
+            env = dict(os.environ)
+            if path is not None:
+                env["PYTHONPATH"] = os.pathsep.join([str(path), *filter(None, [env.get("PYTHONPATH")])])
+            workers[version] = subprocess.Popen(
+                [sys.executable, __file__, "--worker", variant, "--worker-tokens", str(n_tokens)], env=env,
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parent)
+        where = {version: worker.stdout.readline().strip() for version, worker in workers.items()}
+        if where["previous"] == where["this"]:
+            raise SystemExit(f"--previous {previous} holds no other memlm: both workers imported {where['this']}")
+        seconds = dict.fromkeys(workers, 0.0)
+        for _ in range(0, n_tokens, 512):
+            for version, worker in workers.items():
+                worker.stdin.write("go\n")
+                worker.stdin.flush()
+                seconds[version] += float(worker.stdout.readline())
+        for worker in workers.values():
+            worker.stdin.close()
+            worker.wait()
+        rates = {version: n_tokens / s for version, s in seconds.items()}
+        rows.append([variant, f"{rates['previous']:,.0f}", f"{rates['this']:,.0f}",
+                     f"{rates['this'] / rates['previous']:.3f}"])
+    table(f"memlm v1 vs v2: {n_tokens:,} tokens, the 12-layer Llama above, segment 512, the two versions taking "
+          f"turns segment by segment (previous: {previous})", ["run", "v1 tokens/s", "v2 tokens/s", "v2 / v1"], rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller sizes (for a first look)")
+    parser.add_argument("--previous", type=Path, help="a directory with another memlm installed, to compare with")
+    parser.add_argument("--only-versions", action="store_true", help="with --previous: only that comparison")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-tokens", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker:
+        version_worker(args.worker, args.worker_tokens)
+        return
+    if args.previous:
+        bench_versions(args.previous, 16384 if args.quick else 65536)
+        if args.only_versions:
+            return
     print(f"memlm streaming benchmark, torch {torch.__version__}, {torch.get_num_threads()} threads")
     if args.quick:
         bench_rmt(16384, [0, 4, 16, 64])
