@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import resource
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -51,18 +52,33 @@ def test_windows_tile_the_input_and_keep_their_middles():
                 assert end - hi == window // 4  # and of right context
 
 
+MEASURE_PEAK = """
+import resource, sys, torch, transformers
+from memlm.summarize.unlimiformer import Unlimiformer, UnlimiformerConfig
+torch.manual_seed(0)
+config = transformers.BartConfig(vocab_size=320, d_model=64, encoder_layers=2, decoder_layers=2,
+    encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128,
+    max_position_embeddings=256)
+unlimiformer = Unlimiformer(transformers.BartForConditionalGeneration(config).eval(), UnlimiformerConfig(top_k=16))
+ids = torch.randint(0, 320, (1, int(sys.argv[1])), generator=torch.Generator().manual_seed(3))
+unlimiformer.generate(ids[:, :512], max_new_tokens=4, eos_token_id=[])  # warm up every code path
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+new = unlimiformer.generate(ids, max_new_tokens=4, eos_token_id=[])
+assert new.shape == (1, 4)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+"""
+
+
 @pytest.mark.slow
-def test_a_20k_token_input_runs_with_bounded_memory(tiny_bart):
-    """20,480 tokens through tiny BART (256 positions): memory grows by the states, not by layers x keys/values."""
-    ids = document(20480, seed=3)
-    unlimiformer = Unlimiformer(tiny_bart, UnlimiformerConfig(top_k=16))
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    new = unlimiformer.generate(ids, max_new_tokens=4, eos_token_id=[])
-    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
-    assert new.shape == (1, 4)
+def test_a_20k_token_input_runs_with_bounded_memory():
+    """20,480 tokens through tiny BART (256 positions): memory grows by the states, not by layers x keys/values.
+    Measured in a fresh process, whose peak resident memory nothing before the run has raised."""
+    result = subprocess.run([sys.executable, "-c", MEASURE_PEAK, "20480"], capture_output=True, text=True,
+                            check=True)
+    grown_mb = float(result.stdout.strip().splitlines()[-1])
     # keys + values of all states in the index: 2 x 20,480 x 64 floats = 10 MB; a full cross-attention cache
     # for 2 layers would add 2 x 2 x 20,480 x 64 floats, and full attention scores 20,480 per head and query.
-    assert grown_mb < 200, grown_mb
+    assert 5 < grown_mb < 200, grown_mb  # above 5: the measurement sees the index it must see
 
 
 def test_bad_inputs_are_refused(tiny_bart, tiny_llama):

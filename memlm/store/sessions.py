@@ -116,8 +116,7 @@ def save_session(store, session, doc_id: str) -> Document:
     state = session.state
     ids = torch.cat(session.history, dim=1)[0].cpu() if session.history else torch.empty(0, dtype=torch.long)
     memory, memory_start = {}, 0
-    indexes = state.knn.indexes if state.memory is not None else {}
-    for layer in indexes:
+    for layer in state.knn.indexes if state.memory is not None else ():
         keys, values, memory_start = state.knn.entries(layer)
         memory[layer] = (keys, values)
     segment = Segment(ids=ids, text=b"", memory=memory)
