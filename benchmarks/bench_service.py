@@ -3,7 +3,7 @@
     python benchmarks/bench_service.py [--book ../shared/data/war_and_peace.txt] [--tokens 200000]
 
 1. The first ``--tokens`` tokens of the book ingested by ``memlm ingest`` (in process) and through
-   ``memlm serve`` with ``memlm.client`` (streamed in 64 KB chunks): tokens/s and their ratio.
+   ``memlm serve`` with ``memlm.serve.client`` (streamed in 64 KB chunks): tokens/s and their ratio.
 2. The same text cut into ``--parts`` documents, uploaded by 1, 4 and 8 clients at once: total tokens/s.
 3. Query latency (``max_new_tokens`` 8 over one stored part) with the service idle and while two clients
    upload: p50 / p95 of ``--queries`` queries each.

@@ -1,7 +1,7 @@
 """The passkey test: can a model find a number hidden far back in a long haystack?
 
 A haystack of filler sentences hides ``The pass key is N. Remember it. N is the pass key.`` at a
-chosen depth and ends with ``What is the pass key? The pass key is`` (``memlm.data.Passkey``, the
+chosen depth and ends with ``What is the pass key? The pass key is`` (``memlm.train.data.Passkey``, the
 Landmark-Attention / LongLLaMA test). The haystack is streamed into a session, the answer decoded
 greedily; it is right when every token of `` N`` comes out. ``memlm demo`` runs one trial,
 ``benchmarks/bench_passkey.py`` a grid of them.

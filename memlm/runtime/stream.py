@@ -125,11 +125,10 @@ class StreamState:
 
     def attend(self, module: nn.Module, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                scale: float, dropout: float = 0.0, sliding_window: int | None = None, softcap: float | None = None,
-               sinks: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
-        """Attention of the new tokens at one layer.
+               sinks: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention of the new tokens at one layer, with the attention arguments the model passed.
 
         q: [batch, q_heads, n, head_dim]; k, v: [batch, kv_heads, n, head_dim] (positions applied).
-        ``kwargs`` go to the model's own attention function (layers without memory).
         Returns [batch, n, q_heads, head_dim], the layout transformers' attention functions return.
         """
         if self.position_ids is None:
@@ -147,7 +146,7 @@ class StreamState:
             v = torch.cat((cached_v.to(v.dtype), v), dim=2)
         if layer not in self.memory_layers:
             return self.model_attention(module, q, k, v, scale=scale, dropout=dropout, sliding_window=sliding_window,
-                                        softcap=softcap, sinks=sinks, **kwargs)
+                                        softcap=softcap, sinks=sinks)
         mem_k = mem_v = mem_mask = None
         if self.memory is not None:
             mem_k, mem_v, mem_mask = self.memory.read(layer, q, local.local_start, scale)
@@ -157,8 +156,11 @@ class StreamState:
                                dropout=dropout if module.training else 0.0)
         return out.transpose(1, 2)
 
-    def model_attention(self, module, q, k, v, *, scale, sliding_window, sinks, **kwargs) -> torch.Tensor:
+    def model_attention(self, module, q, k, v, *, scale, dropout, sliding_window, softcap, sinks) -> torch.Tensor:
         """The model's own attention of q [b, hq, n, d] over the local context k, v [b, hkv, ctx, d]."""
+        kwargs = {"dropout": dropout}
+        if softcap is not None:
+            kwargs["softcap"] = softcap
         if sinks is not None:
             kwargs["s_aux"] = sinks
         mask = None  # flash attention is causal by itself (bottom-right aligned) and slides its own window

@@ -1,6 +1,6 @@
 """Training memory models: one trainer for Memorizing Transformers, Focused Transformer and RMT.
 
-Every step streams a batch of documents (one per row, ``memlm.data``) through a session segment by
+Every step streams a batch of documents (one per row, ``memlm.train.data``) through a session segment by
 segment, exactly as inference does, sums the language-model loss over every segment, and takes one
 optimizer step (AdamW, warmup + cosine or constant schedule, gradient clipping and accumulation). With
 ``step_segments``, a long document is trained in windows, one optimizer step each, its session (XL
@@ -137,7 +137,7 @@ class StepResult:
 
 
 class Trainer:
-    """Trains ``mem_model`` on documents of ``task`` (``memlm.data``) as ``config`` says."""
+    """Trains ``mem_model`` on documents of ``task`` (``memlm.train.data``) as ``config`` says."""
 
     def __init__(self, mem_model: MemoryModel, task, config: TrainConfig) -> None:
         if not isinstance(mem_model, MemoryModel):
