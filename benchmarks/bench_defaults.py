@@ -49,7 +49,7 @@ def train_base_lm(text: str, steps: int, context: int = 128, batch: int = 16, se
         optimizer.step()
         schedule.step()
         optimizer.zero_grad()
-    return model.eval(), tokenizer, float(loss)
+    return model.eval(), tokenizer, float(loss.detach())
 
 
 @torch.no_grad()

@@ -20,7 +20,15 @@ import math
 
 import torch
 
-from .blocks import attention_block, causal_mask, check_block_args, merge_blocks, shape_of, sink_block
+from .blocks import (
+    attention_block,
+    attention_output,
+    causal_mask,
+    check_block_args,
+    merge_blocks,
+    shape_of,
+    sink_block,
+)
 
 FUSIONS = ("gate", "joint")
 
@@ -68,18 +76,23 @@ def memory_attention_ref(
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     options = {"scale": scale, "softcap": softcap, "dropout": dropout}
     seq, ctx = q.shape[2], k.shape[2]
-    local_mask = causal_mask(seq, ctx, window, q.device) if causal and window is not None else None
-    local = attention_block(q, k, v, mask=local_mask, causal=causal and window is None, **options)
-    if sinks is not None:
-        local = merge_blocks(*local, *sink_block(sinks, local[0]))
-    if mem_k is None:
-        return local[0]
-    memory = memory_block(q, mem_k, mem_v, mem_mask, **options)
-    if fusion == "joint":
-        return merge_blocks(*local, *memory)[0]
+    local_args = {"mask": causal_mask(seq, ctx, window, q.device) if causal and window is not None else None,
+                  "causal": causal and window is None}
+    memory = None if mem_k is None else memory_block(q, mem_k, mem_v, mem_mask, **options)
+    if (memory is None or fusion == "gate") and softcap is None and sinks is None:  # no local lse needed
+        local_out = attention_output(q, k, v, **local_args, scale=scale, dropout=dropout)
+    else:
+        local = attention_block(q, k, v, **local_args, **options)
+        if sinks is not None:
+            local = merge_blocks(*local, *sink_block(sinks, local[0]))
+        if memory is not None and fusion == "joint":
+            return merge_blocks(*local, *memory)[0]
+        local_out = local[0]
+    if memory is None:
+        return local_out
     has_memory = torch.isfinite(memory[1]).unsqueeze(-1)
-    g = torch.sigmoid(gate.to(local[0].dtype)).view(1, -1, 1, 1)
-    return torch.where(has_memory, g * memory[0] + (1 - g) * local[0], local[0])
+    g = torch.sigmoid(gate.to(local_out.dtype)).view(1, -1, 1, 1)
+    return torch.where(has_memory, g * memory[0] + (1 - g) * local_out, local_out)
 
 
 def memory_block(q, mem_k, mem_v, mem_mask=None, scale=None, softcap=None, dropout=0.0):

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from memlm.kernels import attention_block, causal_mask, memory_attention_ref, merge_blocks
+from memlm.kernels import attention_block, attention_output, causal_mask, memory_attention_ref, merge_blocks
 
 TOL = {"atol": 1e-12, "rtol": 0.0}
 
@@ -70,6 +70,17 @@ def test_attention_block_is_softmax_attention_with_its_log_denominator(q_heads, 
     torch.testing.assert_close(out, expected_out, **TOL)
     torch.testing.assert_close(lse, expected_lse, **TOL)
     assert lse[0, 0, 0] == -math.inf and (out[0, 0, 0] == 0).all()
+
+
+@pytest.mark.parametrize(("n", "ctx", "with_mask"), [(5, 9, True), (6, 6, False), (4, 10, False)])
+def test_attention_output_is_the_out_of_the_block(n, ctx, with_mask):
+    """SDPA's fused route to the block's out, for when the lse is not needed (empty rows give 0 on both)."""
+    q, k, v = random(2, 6, n, 8, seed=40), random(2, 2, ctx, 8, seed=41), random(2, 2, ctx, 8, seed=42)
+    mask = torch.rand(2, 6, n, ctx, generator=torch.Generator().manual_seed(43)) > 0.5 if with_mask else None
+    if with_mask:
+        mask[1, 3, 0] = False
+    expected, _ = attention_block(q, k, v, mask=mask, causal=True, scale=0.3)
+    torch.testing.assert_close(attention_output(q, k, v, mask=mask, causal=True, scale=0.3), expected, **TOL)
 
 
 def test_causal_mask_with_a_sliding_window_sees_the_latest_keys_only():

@@ -25,7 +25,8 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 #: implementations a session can run its layers without memory on, and whether they take a mask
-STREAMABLE = {"eager": True, "sdpa": True, "flash_attention_2": False, "flash_attention_3": False}
+STREAMABLE = {"eager": True, "sdpa": True, "flash_attention_2": False, "flash_attention_3": False,
+              "flash_attention_4": False}
 #: arguments some models pass that do not change what attention computes
 BOOKKEEPING = frozenset({"position_ids", "use_cache", "output_attentions", "output_hidden_states",
                          "output_router_logits", "return_dict", "cache_position", "is_causal"})
