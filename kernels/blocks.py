@@ -99,14 +99,15 @@ def attention_output(
     (its fused kernels: twice as fast as the block on this CPU). Arguments and shapes as ``attention_block``."""
     check_block_args(q, k, v)
     n, ctx = q.shape[2], k.shape[2]
-    visible = causal_mask(n, ctx, device=q.device) if causal and n != ctx else None
+    square_causal = causal and n == ctx and mask is None  # SDPA's is_causal: no mask to build
+    visible = causal_mask(n, ctx, device=q.device) if causal and not square_causal else None
     if mask is not None:
         visible = mask if visible is None else visible & mask
     bias = None
     if visible is not None:  # an additive mask: SDPA's CPU kernel takes its fast path with it, not with a bool one
         bias = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(~visible, -math.inf)
     out = torch.nn.functional.scaled_dot_product_attention(
-        q, k, v, attn_mask=bias, dropout_p=dropout, is_causal=causal and n == ctx and mask is None, scale=scale,
+        q, k, v, attn_mask=bias, dropout_p=dropout, is_causal=square_causal, scale=scale,
         enable_gqa=q.shape[1] != k.shape[1],
     )
     return out.nan_to_num(0.0) if visible is not None else out  # a query that sees no key gets 0, as in a block

@@ -15,6 +15,7 @@ offsets, up to ``max_position_embeddings``).
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -28,6 +29,8 @@ from memlm.version import __version__
 
 from .attention import register
 from .session import Session
+
+logger = logging.getLogger(__name__)
 
 MODULE_NAME = "memlm_memory"
 CONFIG_FILE = "memlm_config.json"
@@ -91,6 +94,11 @@ class MemoryModel:
                 f"rmt_tokens needs hidden size == embedding size (write outputs become read inputs); {name} has "
                 f"{model.config.hidden_size} and {embedding_size}"
             )
+        window = getattr(model.config, "sliding_window", None)
+        if self.memory_layers and isinstance(window, int) and config.xl_length > window:
+            logger.warning("%s slides a window of %d tokens: with xl_length=%d, tokens between the window and the "
+                           "end of the XL cache reach the memory layers neither locally nor by retrieval; set "
+                           "xl_length <= %d", name, window, config.xl_length, window)
         if tokenizer is not None and not callable(tokenizer):
             raise TypeError(f"tokenizer must be a transformers tokenizer, got {type(tokenizer).__name__}")
 
