@@ -14,11 +14,11 @@ from __future__ import annotations
 import importlib.util
 import os
 
-from .blocks import attention_block, attention_output, causal_mask, merge_blocks, sink_block
+from .blocks import additive_mask, attention_block, attention_output, causal_mask, merge_blocks, sink_block
 from .reference import check_memory_attention_args, memory_attention_ref
 
-__all__ = ["KERNELS", "attention_block", "attention_output", "causal_mask", "memory_attention", "memory_attention_ref",
-           "merge_blocks", "select_kernel", "sink_block"]
+__all__ = ["KERNELS", "additive_mask", "attention_block", "attention_output", "causal_mask", "memory_attention",
+           "memory_attention_ref", "merge_blocks", "select_kernel", "sink_block"]
 
 KERNELS = ("auto", "ref", "triton")
 

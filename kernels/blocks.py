@@ -103,9 +103,7 @@ def attention_output(
     visible = causal_mask(n, ctx, device=q.device) if causal and not square_causal else None
     if mask is not None:
         visible = mask if visible is None else visible & mask
-    bias = None
-    if visible is not None:  # an additive mask: SDPA's CPU kernel takes its fast path with it, not with a bool one
-        bias = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(~visible, -math.inf)
+    bias = None if visible is None else additive_mask(visible, q.dtype)
     out = torch.nn.functional.scaled_dot_product_attention(
         q, k, v, attn_mask=bias, dropout_p=dropout, is_causal=square_causal, scale=scale,
         enable_gqa=q.shape[1] != k.shape[1],
@@ -148,6 +146,12 @@ def causal_mask(n: int, ctx: int, window: int | None = None, device: torch.devic
     if window is not None:
         visible &= cols > rows - window
     return visible
+
+
+def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool mask (True = visible) as the additive float mask eager attention adds to its scores (0 / -inf); SDPA's
+    CPU kernel also takes its fast path with it, not with a bool one."""
+    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, -math.inf)
 
 
 def grouped_mask(mask: torch.Tensor, batch: int, kv_heads: int, q_heads: int, n: int, ctx: int) -> torch.Tensor:

@@ -26,13 +26,14 @@ class KNNMemory:
         self.dtype = dtype  # None: the dtype of the keys that enter first
         self.positions = positions
         self.devices = devices  # memory layer -> the device of its attention
+        self.indexes: dict[int, MemoryIndex] = {}
         self.reset()
 
     def reset(self) -> None:
         """Forget every entry (the indexes are emptied and dropped)."""
-        for index in getattr(self, "indexes", {}).values():
+        for index in self.indexes.values():
             index.reset()
-        self.indexes: dict[int, MemoryIndex] = {}
+        self.indexes = {}
         self.memory_start = 0  # document position of entry 0 (> 0 when a memory was reloaded after eviction)
         # set to a list to record every search: ids, attention logits [b, hq, n, k] (scores x the model's scale)
         self.retrievals: list | None = None

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from memlm.config import MEMORY_DTYPES, MemoryConfig
-from memlm.kernels import causal_mask, memory_attention
+from memlm.kernels import additive_mask, causal_mask, memory_attention
 from memlm.memory.crossbatch import CrossBatch, CrossBatchMemory
 from memlm.memory.knn import KNNMemory
 from memlm.positions.policy import PositionPolicy
@@ -89,6 +89,7 @@ class StreamState:
         if self.memory is not None:
             self.memory.reset()
         self.position_ids: torch.Tensor | None = None  # [read + n + write] of the forward in flight
+        self.masks: dict[tuple, torch.Tensor] = {}  # the forward's local masks, made once for all layers
         # layer -> keys, values [batch, kv_heads, n, head_dim] that entered memory when the last segment closed
         # (what a MemoryStore commits with that segment)
         self.last_added: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -118,6 +119,7 @@ class StreamState:
         """
         self.local.begin(n, read, write)
         self.check_room(n)
+        self.masks = {}
         device = next(iter(self.devices.values()))
         self.position_ids = self.positions.local_positions(self.local.local_start, self.local.length,
                                                            read + n + write, device)
@@ -165,9 +167,10 @@ class StreamState:
             kwargs["s_aux"] = sinks
         mask = None  # flash attention is causal by itself (bottom-right aligned) and slides its own window
         if STREAMABLE[self.previous_attention]:  # eager and SDPA take masks as the model makes them: additive
-            visible = causal_mask(q.shape[2], k.shape[2], sliding_window, q.device)
-            mask = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(~visible, -torch.inf)
-            mask = mask[None, None]
+            key = (q.shape[2], k.shape[2], sliding_window, q.dtype, q.device)
+            if key not in self.masks:
+                self.masks[key] = additive_mask(causal_mask(*key[:3], q.device), q.dtype)[None, None]
+            mask = self.masks[key]
         attention = previous_function(module, self.previous_attention)
         out, _ = attention(module, q, k, v, mask, scaling=scale, sliding_window=sliding_window, **kwargs)
         return out
