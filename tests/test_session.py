@@ -53,7 +53,11 @@ def test_text_input_and_text_generation(tiny_llama, tokenizer):
     text = make_text(30, seed=4)
     with mem_model.session() as session:
         result = session.feed(text, progress=True)
-        assert result.tokens == len(tokenizer(text)["input_ids"]) and result.segments == -(-result.tokens // 16)
+        # the last word waits for what follows
+        assert result.tokens == len(tokenizer(text[: text.rindex(" ")])["input_ids"])
+        assert result.segments == -(-result.tokens // 16)
+        assert session.held_text == [text[text.rindex(" ") :]]
+        assert result.tokens + session.flush().tokens == len(tokenizer(text)["input_ids"])
         answer = session.generate("Silver orchard", max_new_tokens=12)
     assert isinstance(answer, str) and answer
 
@@ -65,15 +69,15 @@ def test_feed_stream_gives_the_tokens_of_the_joined_text(tiny_llama, tokenizer):
     chunks = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
     assert "".join(chunks) == text
     with mem_model.session() as whole, mem_model.session() as streamed:
-        expected = whole.feed(text)
-        result = streamed.feed_stream(iter(chunks))
-        assert result.tokens == expected.tokens
+        expected = whole.feed(text).tokens + whole.flush().tokens
+        result = streamed.feed_stream(iter(chunks)).tokens + streamed.flush().tokens
+        assert result == expected == len(tokenizer(text)["input_ids"])
         # Same tokens; only the forwards are cut differently, so the sums may round differently.
         torch.testing.assert_close(streamed._last_logits, whole._last_logits, atol=1e-5, rtol=0)
         for layer, (keys, _) in whole.state.local.cache.items():
             torch.testing.assert_close(streamed.state.local.cache[layer][0], keys, atol=1e-5, rtol=0)
         with pytest.raises(TypeError, match="text chunks"):
-            streamed.feed_stream([b"bytes"])
+            streamed.feed_stream([3])
 
 
 def test_loss_equals_transformers_loss_and_has_a_graph(tiny_llama):
@@ -224,10 +228,18 @@ def test_bad_session_input_is_refused_and_nothing_stored_is_lost(tiny_llama, tin
             session.feed(torch.zeros(2, 4))
         with pytest.raises(ValueError, match="no tokens"):
             session.feed(torch.zeros(2, 0, dtype=torch.long))
-        with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 0"):
+        with pytest.raises(ValueError, match="max_new_tokens"):
             session.generate(torch.zeros(2, 2, dtype=torch.long), max_new_tokens=-1)
-        with pytest.raises(ValueError, match="top_p must be in"):
+        with pytest.raises(ValueError, match="top_p must be a number in \\(0, 1\\], got 0"):
             session.generate(torch.zeros(2, 2, dtype=torch.long), top_p=0)
+        with pytest.raises(ValueError, match="top_k must be an integer in \\[0, inf\\), got -3"):
+            session.generate(torch.zeros(2, 2, dtype=torch.long), top_k=-3)
+        with pytest.raises(ValueError, match="repetition_penalty must be a number in \\(0, inf\\), got -1"):
+            session.generate(torch.zeros(2, 2, dtype=torch.long), repetition_penalty=-1.0)
+        with pytest.raises(ValueError, match="stop_strings must be a non-empty string"):
+            session.generate(torch.zeros(2, 2, dtype=torch.long), stop_strings=[""])
+        with pytest.raises(ValueError, match="unknown generation fields \\['top_q'\\]"):
+            session.generate(torch.zeros(2, 2, dtype=torch.long), top_q=0.5)
         assert session.tokens_seen == seen and torch.equal(session.state.knn.indexes[1].size, sizes)
     with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
         mem_model.session(batch_size=0)

@@ -75,7 +75,7 @@ def test_resumed_ingestion_stores_what_an_uninterrupted_one_does(tmp_path, token
 
 def test_resume_refuses_text_that_does_not_continue_the_document(store, tokenizer):
     mem_model = memory_model(tokenizer)
-    committed = write(store, mem_model, "doc", TEXT[:3000].encode(), finish=False)
+    committed = write(store, mem_model, "doc", TEXT[:6000].encode(), finish=False)
     assert committed.skip > 0  # the last segment ended inside a piece
     other = b"Completely different words here " * 50
     with pytest.raises(DocumentConflict, match="does not continue document 'doc'"):
@@ -93,7 +93,9 @@ def test_session_over_a_stored_document_continues_it_exactly(store, tokenizer):
         expected_logits = session.feed(" and then", return_logits=True).logits
     with mem_model.session(store=store, documents=["doc"]) as session:
         assert session.generate(prompt, max_new_tokens=12) == expected
-        assert torch.equal(session.feed(" and then", return_logits=True).logits, expected_logits)
+        # the same tokens, forwarded in other groups (the held tail went with the prompt): sums round differently
+        torch.testing.assert_close(session.feed(" and then", return_logits=True).logits, expected_logits,
+                                   atol=1e-5, rtol=0)
 
 
 def test_session_over_several_documents_and_ask(store, tokenizer):

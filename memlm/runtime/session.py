@@ -6,20 +6,25 @@ when the body raised. Two sessions of one model are independent.
 
 from __future__ import annotations
 
+import codecs
+import copy
 import inspect
-import re
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+from transformers import GenerationConfig
 
 from memlm.config import check_integer
 from memlm.memory.rmt import RecurrentMemory
 
+from .generation import decoding_pieces, next_tokens, streamer_callback
+from .generation import generation_config as generation_config_for
+from .rows import RowStreams
 from .stream import StreamState
+from .text import TextStream
 
 IGNORE_INDEX = -100
 
@@ -45,27 +50,15 @@ class Session:
         check_integer("batch_size", batch_size, 1)
         self.mem_model = mem_model
         self.batch_size = batch_size
-        self.state = StreamState(
-            mem_model.config,
-            batch_size=batch_size,
-            memory_layers=mem_model.memory_layers,
-            gates=mem_model.memory_module.gates,
-            rotary=mem_model.rotary,
-            max_positions=mem_model.max_positions,
-            devices=mem_model.layer_devices,
-            dtype=mem_model.dtype,
-            previous_attention=mem_model.previous_attention,
-            crossbatch=crossbatch,
-        )
+        self.crossbatch = crossbatch
+        self.state: StreamState | RowStreams = self._new_state(batch_size)
         config = mem_model.config
         self.rmt = None
         if config.rmt_tokens:
             self.rmt = RecurrentMemory(mem_model.memory_module.rmt_memory, batch_size, config.rmt_bptt_depth)
-        self._last_logits: torch.Tensor | None = None  # [batch, vocab] of the last token fed
         self._closed = False
         self._keep_logits_arg = "logits_to_keep" in inspect.signature(mem_model.model.forward).parameters
-        self.history: list[torch.Tensor] = []  # ids [1, n] of every forward (batch 1), for save_document
-        self.sources: list = []  # the stored documents this session's memory was loaded from (store.Source)
+        self._forget()
         if store is not None or documents is not None:
             if not callable(getattr(store, "restore", None)):
                 raise TypeError(f"store must be a memlm.MemoryStore, got {type(store).__name__}")
@@ -104,11 +97,19 @@ class Session:
             self.rmt.detach_graph()
 
     def _forget(self) -> None:
+        if isinstance(self.state, RowStreams):  # a new document starts with its rows in lockstep again
+            self.state = self._new_state(self.batch_size)
         self.state.reset()
         if self.rmt is not None:
             self.rmt.reset()
-        self._last_logits = None
-        self.history, self.sources = [], []
+        self._last_logits: torch.Tensor | None = None  # [batch, vocab] of the last token fed
+        self.history: list[torch.Tensor] = []  # ids [batch, n] of every forward (save_document, generation)
+        self.history_real: list[torch.Tensor | None] = []  # their real-token masks (None: no padding)
+        self.text_streams: list[TextStream] | None = None  # the text being fed: one for every row, or one per row
+        self.pending: torch.Tensor | None = None  # [batch, 1] the last generated token, fed with the next input
+        self.conversation: list[dict] = []  # chat messages so far, and the template's text of them
+        self.rendered = ""
+        self.sources: list = []  # the stored documents this session's memory was loaded from (store.Source)
 
     def save_document(self, store, doc_id: str):
         """Store what this session has read as a complete document ``doc_id`` of ``store`` (a
@@ -117,29 +118,163 @@ class Session:
         self._check_open()
         if not callable(getattr(store, "save", None)):
             raise TypeError(f"store must be a memlm.MemoryStore, got {type(store).__name__}")
+        self.flush()  # the document ends here
         return store.save(self, doc_id)
 
     @property
-    def tokens_seen(self) -> int:
-        """Tokens fed (and generated) per sequence since the session started or was reset."""
+    def tokens_seen(self) -> int | list[int]:
+        """Tokens fed (and generated) per sequence since the session started or was reset (per row, a list, once
+        rows of different lengths made each row a stream of its own)."""
         return self.state.tokens_seen
 
     # ----------------------------------------------------------------------------------------- feed
 
     def feed(self, ids_or_text, labels: torch.Tensor | None = None, return_logits: bool = False,
-             progress: bool = False) -> FeedResult:
+             progress: bool = False, attention_mask: torch.Tensor | None = None) -> FeedResult:
         """Stream tokens through the model segment by segment, filling XL caches and memory.
 
-        ids_or_text: a string (batch 1; same text for every row otherwise), a list of strings (one per
-            row), or ids [batch, tokens] / [tokens].
+        ids_or_text: text (a string: batch 1, or the same text for every row; a list of strings: one per row),
+            or ids [batch, tokens] / [tokens]. Text continues the text fed before it, and its tokens are the
+            tokenizer's tokens of all that text joined: the tail whose tokens could still change when more text
+            follows is held back (``text.py``) until more text comes, ``flush()``, ``generate`` or an ids feed.
+            Rows of different lengths are left-padded; each row is then a stream of its own (``rows.py``).
         labels: [batch, tokens] token ids (-100 = ignore); the loss is the mean loss of predicting
             labels[t + 1] from tokens up to t, as transformers computes it, over the whole feed. With
             [batch, tokens + 1], the last column is the token after the feed, which the feed's last
             token predicts (so a document fed in windows loses no target at the window edges).
-            With gradients enabled, the loss has a graph.
+            With gradients enabled, the loss has a graph. Ids input only.
+        attention_mask: [batch, tokens] with ids: 0 at left padding, 1 at real tokens.
         """
         self._check_open()
-        ids = self._as_ids(ids_or_text)
+        if labels is not None and _is_text(ids_or_text):
+            raise ValueError("labels need token ids (text is tokenized as it streams); pass ids [batch, tokens]")
+        if _is_text(ids_or_text):
+            return self._run(*self._text_tokens(ids_or_text), return_logits=return_logits, progress=progress)
+        ids, real = self._ids(ids_or_text, attention_mask)
+        return self._run(ids, real, labels=labels, return_logits=return_logits, progress=progress)
+
+    def feed_stream(self, chunks: Iterable[str | bytes], progress: bool = False) -> FeedResult:
+        """Feed text that arrives in pieces (str, or UTF-8 bytes split anywhere); its tokens are the joined
+        text's, as with ``feed`` (the unstable tail is held back: ``flush()`` when the text ends)."""
+        self._check_open()
+        self._tokenizer()  # fail before reading the stream
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        tokens = segments = 0
+        for chunk in [*chunks, b""]:
+            if isinstance(chunk, (bytes, bytearray)):
+                chunk = decoder.decode(chunk, final=chunk == b"")
+            elif not isinstance(chunk, str):
+                raise TypeError(f"feed_stream expects text chunks (str or UTF-8 bytes), got {type(chunk).__name__}")
+            if chunk:
+                result = self._run(*self._text_tokens(chunk, eager=False), progress=progress)
+                tokens, segments = tokens + result.tokens, segments + result.segments
+        return FeedResult(tokens=tokens, segments=segments)
+
+    def flush(self, progress: bool = False) -> FeedResult:
+        """The text fed so far ends here: feed the tokens held back (and the last generated token)."""
+        self._check_open()
+        ids, real = self._tokens(self._flush_text())
+        return self._run(ids, real, progress=progress)
+
+    @property
+    def held_text(self) -> list[str]:
+        """Per row, the text received but not yet tokenized (its tokens could still change)."""
+        streams = self.text_streams or []
+        return [streams[min(r, len(streams) - 1)].held if streams else "" for r in range(self.batch_size)]
+
+    # ------------------------------------------------------------------------------------- generate
+
+    def generate(self, prompt=None, generation_config: GenerationConfig | None = None, streamer=None, **kwargs):
+        """Feed the prompt, then decode token by token with the same caches and memory, as ``model.generate``.
+
+        prompt: text (a string, or one per row), ids [batch, tokens], chat messages (a list of
+            ``{"role", "content"}`` dicts, batch 1: rendered with the tokenizer's chat template; the session
+            keeps the conversation, so pass only the new messages), or None (continue the stream).
+        generation_config, kwargs: a ``transformers.GenerationConfig`` (default: the model's) and fields that
+            override it (``max_new_tokens`` (default 64), ``do_sample``, ``temperature``, ``top_k``, ``top_p``,
+            ``min_p``, ``typical_p``, ``repetition_penalty``, ``no_repeat_ngram_size``, ``bad_words_ids``,
+            ``eos_token_id``, ``stop_strings``, ``max_time``, ...), meaning what they mean there (``generation.py``).
+        streamer: an object with ``put(ids)``/``end()`` (transformers' streamers) or a callable, given the new
+            ids [batch] at every step.
+
+        Returns the new text (a string, or one per row) for a text or messages prompt, else the new ids
+        [batch, new_tokens]; rows that finished are padded with the pad token (transformers' rule). Every
+        new token enters the stream (the last one with the next input), so the next turn continues it.
+        """
+        self._check_open()
+        config = generation_config_for(self.mem_model.model, generation_config, kwargs)
+        chat = _is_messages(prompt)
+        if chat:
+            prompt = self._render(prompt)
+        if prompt is None:
+            ids, real = self._tokens(self._flush_text())
+        elif _is_text(prompt):
+            ids, real = self._text_tokens(prompt, final=True)
+        else:
+            ids, real = self._ids(prompt, None)
+        new_tokens = config.max_new_tokens
+        if new_tokens is None:  # max_length given: it counts the whole stream
+            new_tokens = max(0, config.max_length - self.stream_length - ids.shape[1])
+        self.state.check_room(ids.shape[1] + new_tokens - 1)  # the last new token is not forwarded here
+        self._run(ids, real)
+        if self._last_logits is None:
+            raise ValueError("nothing to generate from: the stream is empty; pass a prompt")
+        stream, mask = self.stream_ids()
+        device = self.mem_model.device
+        processors, criteria = decoding_pieces(self.mem_model.model, self.mem_model.tokenizer, config,
+                                               stream.shape[1], mask, device)
+        pad = config._pad_token_tensor
+        has_eos = any(hasattr(criterion, "eos_token_id") for criterion in criteria)
+        put = streamer_callback(streamer)
+        unfinished = torch.ones(self.batch_size, dtype=torch.long, device=device)
+        new = stream.new_empty(self.batch_size, 0)
+        with torch.no_grad():
+            for _ in range(new_tokens):
+                scores = processors(torch.cat((stream, new), dim=1),
+                                    self._last_logits.to(dtype=torch.float32, copy=True))
+                token = next_tokens(scores, config.do_sample)
+                if has_eos:
+                    token = token * unfinished + pad * (1 - unfinished)
+                new = torch.cat((new, token[:, None]), dim=1)
+                if put is not None:
+                    put(token)
+                unfinished = unfinished & ~criteria(torch.cat((stream, new), dim=1), scores)
+                if unfinished.max() == 0 or new.shape[1] == new_tokens:
+                    self.pending = token[:, None]  # enters the stream with the next input
+                    break
+                self._forward(token[:, None], keep_all=False)
+        if streamer is not None and hasattr(streamer, "end"):
+            streamer.end()
+        if not (chat or _is_text(prompt)):
+            return new
+        texts = self._tokenizer().batch_decode(new, skip_special_tokens=True)
+        if chat:
+            self._answered(texts[0], new[0])
+        return texts[0] if self.batch_size == 1 and not isinstance(prompt, list) else texts
+
+    @property
+    def stream_length(self) -> int:
+        """Ids in the stream so far (fed, generated, and padding), per row."""
+        return sum(ids.shape[1] for ids in self.history) + (0 if self.pending is None else 1)
+
+    def stream_ids(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The stream's ids [batch, n] (padding included) and its mask of real ids [batch, n] (None: all real)."""
+        device = self.mem_model.device
+        parts = [*self.history, *([] if self.pending is None else [self.pending])]
+        if not parts:
+            return torch.empty(self.batch_size, 0, dtype=torch.long, device=device), None
+        ids = torch.cat([p.to(device) for p in parts], dim=1)
+        if all(r is None for r in self.history_real):
+            return ids, None
+        reals = [torch.ones_like(p, dtype=torch.bool) if r is None else r for p, r in
+                 zip(parts, [*self.history_real, None][: len(parts)], strict=True)]
+        return ids, torch.cat([r.to(device) for r in reals], dim=1).long()
+
+    # ------------------------------------------------------------------------------------ internals
+
+    def _run(self, ids: torch.Tensor, real: torch.Tensor | None, labels: torch.Tensor | None = None,
+             return_logits: bool = False, progress: bool = False) -> FeedResult:
+        """Stream ids [batch, tokens] (``real``: [batch, tokens] mask of real tokens, None: all) segment by segment."""
         if labels is not None:
             if not isinstance(labels, torch.Tensor) or labels.dim() != 2 or labels.shape[0] != ids.shape[0] or (
                 labels.shape[1] not in (ids.shape[1], ids.shape[1] + 1)
@@ -147,8 +282,27 @@ class Session:
                 raise ValueError(f"labels must be a tensor of the ids' shape {list(ids.shape)} (or one column "
                                  "more: the token after the feed), got "
                                  f"{list(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
+            if self.pending is not None or real is not None or isinstance(self.state, RowStreams):
+                raise ValueError("labels need rows of equal length, without padding or a pending generated token")
             labels = labels.to(self.mem_model.device)
+        if self.pending is not None:  # the last generated token enters the stream first
+            ids = torch.cat((self.pending, ids), dim=1)
+            real = None if real is None else torch.cat((torch.ones_like(self.pending, dtype=torch.bool), real), dim=1)
+            self.pending = None
+        if real is not None and self.batch_size == 1:  # one row: padding is just left out
+            ids, real = ids[:, real[0]], None
+        if real is not None and not isinstance(self.state, RowStreams):
+            if self.rmt is not None or self.state.crossbatch is not None:
+                raise ValueError("rows of different lengths (padding) are not supported with RMT tokens or "
+                                 "CrossBatch training")
+            self.state = RowStreams(lambda: self._new_state(1), self.batch_size, lockstep=self.state)
+        if isinstance(self.state, RowStreams) and real is None:
+            real = torch.ones_like(ids, dtype=torch.bool)
         total = ids.shape[1]
+        if total == 0:
+            vocab = self.mem_model.model.get_input_embeddings().num_embeddings
+            empty = torch.empty(self.batch_size, 0, vocab) if return_logits else None
+            return FeedResult(tokens=0, segments=0, logits=empty)
         self.state.check_room(total)
         grad = torch.is_grad_enabled() and labels is not None
         loss_sum, loss_count, all_logits, segments = 0.0, 0, [], 0
@@ -156,9 +310,10 @@ class Session:
         with torch.set_grad_enabled(grad):
             start = 0
             while start < total:
-                n = min(total - start, self.mem_model.config.segment_length - self.state.local.open_length)
+                n = self._chunk(start, total, real)
                 keep_all = labels is not None or return_logits
-                logits = self._forward(ids[:, start : start + n], keep_all)
+                logits = self._forward(ids[:, start : start + n], keep_all,
+                                       None if real is None else real[:, start : start + n])
                 if labels is not None:
                     targets = labels[:, start + 1 : start + n + 1]  # the last token of the feed predicts nothing
                     loss_sum = loss_sum + F.cross_entropy(
@@ -178,138 +333,114 @@ class Session:
         return FeedResult(tokens=total, segments=segments, loss=loss,
                           logits=torch.cat(all_logits, dim=1) if return_logits and all_logits else None)
 
-    def feed_stream(self, chunks: Iterable[str], progress: bool = False) -> FeedResult:
-        """Feed text that arrives in pieces; tokens are the same as feeding the joined text.
+    def _chunk(self, start: int, total: int, real: torch.Tensor | None) -> int:
+        """Tokens of the next forward: as many as fit every row's open segment (a padded row's pads take no room)."""
+        if not isinstance(self.state, RowStreams):
+            return min(total - start, self.mem_model.config.segment_length - self.state.local.open_length)
+        first_real = torch.where(real.any(dim=1), real.int().argmax(dim=1), total).tolist()
+        return min(total - start, *(room + max(0, first - start) for room, first in
+                                    zip(self.state.room(), first_real, strict=True)))
 
-        Text after the last whitespace of what has arrived is held back until more comes, so no token
-        is split at a chunk edge.
-        """
-        self._check_open()
-        self._tokenizer()  # fail before reading the stream
-        buffer, tokens, segments = "", 0, 0
-        for chunk in chunks:
-            if not isinstance(chunk, str):
-                raise TypeError(f"feed_stream expects text chunks (str), got {type(chunk).__name__}")
-            buffer += chunk
-            cut = last_whitespace(buffer)
-            if cut > 0:
-                result = self.feed(buffer[:cut], progress=progress)
-                tokens, segments, buffer = tokens + result.tokens, segments + result.segments, buffer[cut:]
-        if buffer:
-            result = self.feed(buffer, progress=progress)
-            tokens, segments = tokens + result.tokens, segments + result.segments
-        return FeedResult(tokens=tokens, segments=segments)
-
-    # ------------------------------------------------------------------------------------- generate
-
-    def generate(self, prompt_ids_or_text, max_new_tokens: int = 64, do_sample: bool = False,
-                 temperature: float = 1.0, top_p: float = 1.0, eos_token_id: int | list[int] | None = None,
-                 streamer=None):
-        """Feed the prompt, then decode token by token with the same caches and memory.
-
-        Returns the new text (a string, or one per row for batch > 1) for a text prompt, or the new
-        ids [batch, new_tokens] for an ids prompt. Rows that finished are padded with their EOS id.
-        ``streamer``: an object with ``put(ids)``/``end()`` (transformers' streamers) or a callable,
-        given the new ids [batch] at every step. ``eos_token_id`` defaults to the model's
-        ``generation_config``.
-        """
-        self._check_open()
-        check_integer("max_new_tokens", max_new_tokens, 0)
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature!r}")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-        prompt = self._as_ids(prompt_ids_or_text)
-        self.state.check_room(prompt.shape[1] + max_new_tokens - 1)  # the last new token is never forwarded
-        self.feed(prompt)
-        if eos_token_id is None:
-            eos_token_id = self.mem_model.model.generation_config.eos_token_id
-        eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []),
-                           device=self.mem_model.device)
-        warpers = LogitsProcessorList()
-        if do_sample:
-            if temperature != 1.0:
-                warpers.append(TemperatureLogitsWarper(temperature))
-            if top_p < 1.0:
-                warpers.append(TopPLogitsWarper(top_p))
-        put = _streamer_callback(streamer)
-        new = torch.empty(self.batch_size, 0, dtype=torch.long, device=self.mem_model.device)
-        finished = torch.zeros(self.batch_size, dtype=torch.bool, device=new.device)
-        with torch.no_grad():
-            for step in range(max_new_tokens):
-                scores = warpers(new, self._last_logits.float())
-                if do_sample:
-                    token = torch.multinomial(scores.softmax(dim=-1), num_samples=1).squeeze(1)
-                else:
-                    token = scores.argmax(dim=-1)
-                if eos.numel():
-                    token = torch.where(finished, eos[0], token)
-                    finished |= torch.isin(token, eos)
-                new = torch.cat((new, token[:, None]), dim=1)
-                if put is not None:
-                    put(token)
-                if bool(finished.all()) or step == max_new_tokens - 1:
-                    break
-                self._forward(token[:, None], keep_all=False)
-        if streamer is not None and hasattr(streamer, "end"):
-            streamer.end()
-        if not _is_text(prompt_ids_or_text):
-            return new
-        texts = self._tokenizer().batch_decode(new, skip_special_tokens=True)
-        return texts[0] if self.batch_size == 1 else texts
-
-    # ------------------------------------------------------------------------------------ internals
-
-    def _forward(self, ids: torch.Tensor, keep_all: bool) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, keep_all: bool, real: torch.Tensor | None = None) -> torch.Tensor:
         """One forward of ids [batch, n] (n fits the open segment) -> logits [batch, n or 1, vocab].
 
-        With RMT, the segment's first forward starts with the read tokens and the forward that
-        completes it ends with the write tokens (``rmt.py``); their logits are cut off here.
+        ``real`` [batch, n]: the real tokens of a padded forward (``RowStreams``); a row's real tokens end at the
+        last column (left padding). With RMT, the segment's first forward starts with the read tokens and the
+        forward that completes it ends with the write tokens (``rmt.py``); their logits are cut off here.
         """
         n, model, rmt, state = ids.shape[1], self.mem_model.model, self.rmt, self.state
-        opened = state.local.open_length
-        read = rmt.tokens if rmt is not None and opened == 0 else 0
-        write = rmt.tokens if rmt is not None and opened + n == self.mem_model.config.segment_length else 0
-        inputs = {"input_ids": ids}
-        if read or write:
-            memory = rmt.read(model.dtype)
-            parts = [memory] * bool(read) + [model.get_input_embeddings()(ids)] + [memory] * bool(write)
-            inputs = {"inputs_embeds": torch.cat(parts, dim=1), "output_hidden_states": bool(write)}
+        inputs, read, write = {"input_ids": ids}, 0, 0
+        if isinstance(state, RowStreams):
+            positions = state.begin(torch.ones_like(ids, dtype=torch.bool) if real is None else real)
+        else:
+            opened = state.local.open_length
+            read = rmt.tokens if rmt is not None and opened == 0 else 0
+            write = rmt.tokens if rmt is not None and opened + n == self.mem_model.config.segment_length else 0
+            if read or write:
+                memory = rmt.read(model.dtype)
+                parts = [memory] * bool(read) + [model.get_input_embeddings()(ids)] + [memory] * bool(write)
+                inputs = {"inputs_embeds": torch.cat(parts, dim=1), "output_hidden_states": bool(write)}
+            positions = state.begin(n, read=read, write=write)
         if not keep_all and self._keep_logits_arg:
             inputs["logits_to_keep"] = write + 1  # the last text token and the write tokens after it
-        positions = self.state.begin(n, read=read, write=write)
         try:
-            out = model(**inputs, position_ids=positions, use_cache=False, memlm_state=self.state)
+            out = model(**inputs, position_ids=positions, use_cache=False, memlm_state=state)
         except BaseException:
-            self.state.abort()
+            state.abort()
             raise
-        self.state.commit()
-        if self.batch_size == 1:  # what save_document stores (it takes batch-1 sessions only)
-            self.history.append(ids.detach())
+        state.commit()
+        self.history.append(ids.detach())
+        self.history_real.append(None if real is None else real.detach())
         if write:
             rmt.write(out.hidden_states[-1][:, -write:])
         logits = out.logits[:, read : read + n] if keep_all else out.logits[:, -1 - write : out.logits.shape[1] - write]
-        self._last_logits = logits[:, -1].detach()
+        last = logits[:, -1].detach()
+        if real is not None and self._last_logits is not None:  # a row without real tokens here keeps its logits
+            last = torch.where(real[:, -1:].to(last.device), last, self._last_logits)
+        self._last_logits = last
         return logits
 
-    def _as_ids(self, ids_or_text) -> torch.Tensor:
-        """ids [batch, tokens] on the model's device, from text or ids; checks the batch shape."""
-        if isinstance(ids_or_text, str):
-            ids = self._encode(ids_or_text, self._tokenizer())
-        elif _is_text(ids_or_text):
-            rows = [self._encode(t, self._tokenizer()) for t in ids_or_text]
-            if len({r.shape[1] for r in rows}) != 1:
-                raise ValueError("texts of one feed must have the same number of tokens in every row; "
-                                 f"got {[r.shape[1] for r in rows]}")
-            ids = torch.cat(rows)
-        else:
-            ids = torch.as_tensor(ids_or_text)
-            if ids.dtype not in (torch.int64, torch.int32) or ids.dim() not in (1, 2):
-                raise ValueError(f"expected text or integer ids [batch, tokens], got {ids.dtype} {list(ids.shape)}")
-            if ids.dim() == 1:
-                ids = ids.unsqueeze(0)
-        if ids.shape[0] == 1 and self.batch_size > 1 and isinstance(ids_or_text, str):
-            ids = ids.expand(self.batch_size, -1)
+    def _fresh(self) -> bool:
+        """Nothing entered the stream yet (text fed now starts the document)."""
+        seen = self.state.tokens_seen
+        return (max(seen) if isinstance(seen, list) else seen) == 0 and self.pending is None
+
+    def _new_state(self, batch_size: int) -> StreamState:
+        mem_model = self.mem_model
+        return StreamState(
+            mem_model.config, batch_size=batch_size, memory_layers=mem_model.memory_layers,
+            gates=mem_model.memory_module.gates, rotary=mem_model.rotary, max_positions=mem_model.max_positions,
+            devices=mem_model.layer_devices, dtype=mem_model.dtype, previous_attention=mem_model.previous_attention,
+            crossbatch=self.crossbatch,
+        )
+
+    # -------------------------------------------------------------------------------- input to ids
+
+    def _text_tokens(self, text, final: bool = False, eager: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Push text (one string for every row, or one per row) through the rows' text streams; ``eager``: tokenize
+        it now (else once a window has arrived)."""
+        tokenizer = self._tokenizer()
+        if isinstance(text, list) and len(text) != self.batch_size:
+            raise ValueError(f"this session has batch_size {self.batch_size}, got {len(text)} texts")
+        per_row = isinstance(text, list) and self.batch_size > 1
+        if self.text_streams is None:
+            self.text_streams = [TextStream(tokenizer, document_start=self._fresh())]
+        if per_row and len(self.text_streams) == 1 < self.batch_size:  # rows part: each continues the shared text
+            self.text_streams = [copy.copy(self.text_streams[0]) for _ in range(self.batch_size)]
+        texts = text if isinstance(text, list) else [text] * len(self.text_streams)
+        rows = []
+        for stream, piece in zip(self.text_streams, texts, strict=True):
+            pieces = stream.push(piece, eager=eager) + (stream.flush() if final else [])
+            rows.append([i for p in pieces for i in p.ids])
+        return self._tokens(rows)
+
+    def _flush_text(self) -> list[list[int]]:
+        """Ids per row of the text held back; the text streams end (text after ids tokenizes on its own)."""
+        streams, self.text_streams = self.text_streams or [], None
+        rows = [[i for p in stream.flush() for i in p.ids] for stream in streams]
+        return rows or [[] for _ in range(self.batch_size)]
+
+    def _tokens(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """ids [batch, n] from per-row id lists (one list: every row), left-padded with a mask when they differ."""
+        rows = rows * self.batch_size if len(rows) == 1 else rows
+        width = max(len(r) for r in rows)
+        device = self.mem_model.device
+        if all(len(r) == width for r in rows):
+            return torch.tensor(rows, dtype=torch.long, device=device).reshape(self.batch_size, width), None
+        pad = self.mem_model.tokenizer.pad_token_id if self.mem_model.tokenizer is not None else None
+        pad = 0 if pad is None else pad
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long, device=device)
+        real = torch.tensor([[False] * (width - len(r)) + [True] * len(r) for r in rows], device=device)
+        return ids, real
+
+    def _ids(self, ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """ids [batch, tokens] on the model's device (checked) and their mask of real tokens (None: all real),
+        after the text held back (which ends: ids follow it)."""
+        ids = torch.as_tensor(ids)
+        if ids.dtype not in (torch.int64, torch.int32) or ids.dim() not in (1, 2):
+            raise ValueError(f"expected text or integer ids [batch, tokens], got {ids.dtype} {list(ids.shape)}")
+        if ids.dim() == 1:
+            ids = ids.unsqueeze(0)
         if ids.shape[0] != self.batch_size:
             raise ValueError(f"this session has batch_size {self.batch_size}, got ids for {ids.shape[0]} rows "
                              f"(shape {list(ids.shape)})")
@@ -318,13 +449,49 @@ class Session:
         vocab = self.mem_model.model.get_input_embeddings().num_embeddings
         if int(ids.min()) < 0 or int(ids.max()) >= vocab:
             raise ValueError(f"token ids must lie in [0, {vocab}), got values in [{int(ids.min())}, {int(ids.max())}]")
-        return ids.long().to(self.mem_model.device)
+        ids = ids.long().to(self.mem_model.device)
+        real = None
+        if attention_mask is not None:
+            mask = torch.as_tensor(attention_mask).to(ids.device)
+            if mask.shape != ids.shape or not bool(((mask == 0) | (mask == 1)).all()):
+                raise ValueError(f"attention_mask must be 0/1 of the ids' shape {list(ids.shape)}, got "
+                                 f"{list(mask.shape)}")
+            if bool((mask[:, 1:] < mask[:, :-1]).any()):
+                raise ValueError("attention_mask must be left padding: zeros before the ones in every row")
+            real = None if bool(mask.all()) else mask.bool()
+        held, _ = self._tokens(self._flush_text())
+        if held.shape[1]:
+            ids = torch.cat((held, ids), dim=1)
+            real = None if real is None else torch.cat((torch.ones_like(held, dtype=torch.bool), real), dim=1)
+        return ids, real
 
-    def _encode(self, text: str, tokenizer) -> torch.Tensor:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if self.state.tokens_seen == 0 and tokenizer.bos_token_id is not None:
-            ids = [tokenizer.bos_token_id, *ids]  # a document starts with BOS where the tokenizer has one
-        return torch.tensor([ids], dtype=torch.long)
+    # ------------------------------------------------------------------------------------ chat
+
+    def _render(self, messages: list[dict]) -> str:
+        """The text that extends the stream's conversation with ``messages`` and a generation prompt."""
+        tokenizer = self._tokenizer()
+        if self.batch_size != 1:
+            raise ValueError("chat messages need a batch-1 session")
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("messages need a tokenizer with a chat template; pass text or ids")
+        conversation = self.conversation + list(messages)
+        rendered, previous = tokenizer.apply_chat_template(conversation, tokenize=False,
+                                                           add_generation_prompt=True), self.rendered
+        if not rendered.startswith(previous):
+            raise ValueError("the chat template renders the earlier turns differently once new messages follow, so "
+                             "the conversation cannot stream; start a new session with the whole conversation")
+        if self.text_streams is None and self._fresh():  # the template writes the BOS itself
+            self.text_streams = [TextStream(tokenizer, document_start=True, prefix=[])]
+        self.conversation, self.rendered = conversation, rendered
+        return rendered[len(previous) :]
+
+    def _answered(self, answer: str, ids: torch.Tensor) -> None:
+        """Record the assistant's answer, whose ids are in the stream, as the template will render it."""
+        self.conversation = [*self.conversation, {"role": "assistant", "content": answer}]
+        with_specials = self._tokenizer().decode(ids, skip_special_tokens=False)
+        following = self._tokenizer().apply_chat_template(self.conversation, tokenize=False)
+        fed = self.rendered + with_specials  # the stream holds the answer's ids, its EOS included
+        self.rendered = fed if following.startswith(fed) else self.rendered + answer
 
     def _tokenizer(self):
         if self.mem_model.tokenizer is None:
@@ -342,17 +509,6 @@ def _is_text(x) -> bool:
     return isinstance(x, str) or (isinstance(x, list) and bool(x) and all(isinstance(t, str) for t in x))
 
 
-def last_whitespace(text: str) -> int:
-    """Index of the last whitespace character (0 if none): text before it tokenizes on its own."""
-    match = re.search(r"\s\S*\Z", text)
-    return match.start() if match else 0
-
-
-def _streamer_callback(streamer) -> Callable | None:
-    if streamer is None:
-        return None
-    if hasattr(streamer, "put"):
-        return lambda token: streamer.put(token.cpu())
-    if callable(streamer):
-        return streamer
-    raise TypeError(f"streamer must have put()/end() or be callable, got {type(streamer).__name__}")
+def _is_messages(x) -> bool:
+    """Chat messages: a non-empty list of {"role", "content"} dicts."""
+    return isinstance(x, list) and bool(x) and all(isinstance(m, dict) and "role" in m for m in x)

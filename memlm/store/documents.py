@@ -1,13 +1,13 @@
 """Documents in a MemoryStore: ingest a text stream segment by segment, continue or ask over stored ones.
 
 ``DocumentWriter`` turns arriving UTF-8 bytes into segments: bytes are decoded incrementally (a
-character split between chunks waits for its end), text is tokenized in *pieces* that end before a
-whitespace (so the tokens equal the tokenizer's output on the whole text, as in
-``Session.feed_stream``), and every full segment is fed to a session and committed to the store with
-the document's progress in one transaction. Progress is a byte offset plus the number of tokens past it
+character split between chunks waits for its end), text is tokenized in *pieces* that end at safe cuts
+(``memlm/runtime/text.py``: the tokens equal the tokenizer's output on the whole text, as in
+``Session.feed``), and every full segment is fed to a session and committed to the store with the
+document's progress in one transaction. Progress is a byte offset plus the number of tokens past it
 already stored (``Document.skip``: a segment may end inside a piece); resuming at that offset
-re-tokenizes from a piece start and drops those tokens, so a resumed ingestion stores exactly what an
-uninterrupted one does.
+re-tokenizes from that piece's start (with the stored text before it as context) and drops those
+tokens, so a resumed ingestion stores exactly what an uninterrupted one does.
 
 Large corpora: a session over several documents loads all their entries into one index of
 ``memory_capacity`` entries per memory layer (the oldest are evicted beyond it). Size the capacity to
@@ -27,16 +27,16 @@ from dataclasses import dataclass
 import torch
 
 from memlm.config import check_integer
-from memlm.runtime.session import last_whitespace
+from memlm.runtime.text import Piece, TextStream
 
 from .records import SHADOW, Document, DocumentConflict, Segment, check_doc_id
 from .sessions import session_state
 from .store import MemoryStore
 
-#: characters per piece of text tokenized at once (pieces end before a whitespace; the committed offset is a
-#: piece start, so an interrupted upload re-sends at most about this much)
+#: characters per piece of text tokenized at once (pieces end at safe cuts; the committed offset is a piece
+#: start, so an interrupted upload re-sends at most about this much)
 PIECE = 4096
-#: characters of text without whitespace held back before it is tokenized anyway
+#: characters of text without a safe cut held back before it is cut anyway
 MAX_PIECE = 1 << 16
 
 
@@ -116,15 +116,17 @@ class DocumentWriter:
         if self.comparing:
             return
         self.session = mem_model.session()
-        stored = []  # the stored token ids, for the check of the skipped ones below
+        stored, before = [], b""  # the stored token ids (to check the skipped ones below) and the text's tail
         if self.document.segments:
             store.restore(self.session, [doc_id], allow_incomplete=True)
             for segment in store.segments(doc_id):
                 self.hash.update(segment.text)
                 stored += segment.ids.tolist()
+                before = (before + segment.text)[-4 * TextStream.CONTEXT :]
         self.decoder = codecs.getincrementaldecoder("utf-8")()
-        self.text = ""  # decoded, not yet tokenized; starts at byte ``text_start``
-        self.text_start = offset
+        self.text = TextStream(self.tokenizer, document_start=offset == 0,
+                               context=before.decode("utf-8", errors="ignore"), piece_length=PIECE, max_held=MAX_PIECE)
+        self.text_start = offset  # byte offset of the text not yet tokenized
         self.unstored = bytearray()  # bytes from the committed offset on, not yet in a segment record
         self.pieces: deque[list] = deque()  # [byte offset of the piece, its token ids], in order
         self.used = 0  # tokens of pieces[0] already fed
@@ -161,14 +163,8 @@ class DocumentWriter:
             self._invalid(start - buffered + error.start, error)
         self.unstored += data
         self.hash.update(data)
-        self.text += text
-        cut = last_whitespace(self.text)
-        if cut == 0 and len(self.text) > MAX_PIECE:
-            cut = len(self.text)  # no whitespace for a long stretch (e.g. CJK): tokenize anyway, never buffer it all
-        while cut > 0:  # pieces of about PIECE characters: a resume re-sends at most one
-            end = (last_whitespace(self.text[:PIECE]) or cut) if cut > PIECE else cut
-            self._tokenize(self.text[:end])
-            self.text, cut = self.text[end:], cut - end
+        for piece in self.text.push(text):
+            self._add(piece)
 
     def step(self, seconds: float = 0.0) -> bool:
         """Feed and commit the next full segment if one is ready, and more while ``seconds`` last; True if it
@@ -189,12 +185,11 @@ class DocumentWriter:
             return self.document
         buffered = len(self.decoder.getstate()[0])
         try:
-            self.text += self.decoder.decode(b"", final=True)
+            rest = self.decoder.decode(b"", final=True)
         except UnicodeDecodeError as error:
             self._invalid(self.received - buffered + error.start, error)
-        if self.text:
-            self._tokenize(self.text)
-            self.text = ""
+        for piece in self.text.push(rest) + self.text.flush():
+            self._add(piece)
         while self.step():
             pass
         self.document.status, self.document.sha256, self.document.error = "complete", self.hash.hexdigest(), None
@@ -212,13 +207,11 @@ class DocumentWriter:
 
     # ------------------------------------------------------------------------------- internals
 
-    def _tokenize(self, piece: str) -> None:
-        ids = self.tokenizer(piece, add_special_tokens=False)["input_ids"]
-        if self.text_start == 0 and self.tokenizer.bos_token_id is not None:
-            ids = [self.tokenizer.bos_token_id, *ids]  # as Session.feed starts a document
+    def _add(self, piece: Piece) -> None:
+        ids = piece.ids
         self.pieces.append([self.text_start, ids])
         self.pending += len(ids)
-        self.text_start += len(piece.encode())
+        self.text_start += len(piece.text.encode())
         if self.expected:  # resuming inside a piece: its first tokens are stored already
             head, self.expected = self.expected[: len(ids)], self.expected[len(ids) :]
             if ids[: len(head)] != head:
