@@ -1,8 +1,8 @@
 """Generation inside a session, through transformers' own pieces.
 
 ``Session.generate`` decodes token by token over its caches and memory, and chooses each token as
-``model.generate`` does: the ``GenerationConfig`` (the model's, updated with the call's keyword
-arguments) is turned into transformers' ``LogitsProcessorList`` and ``StoppingCriteriaList`` by the
+``model.generate`` does: the ``GenerationConfig`` (completed from the model's as ``generate``
+completes it, then updated with the call's keyword arguments) is turned into transformers' ``LogitsProcessorList`` and ``StoppingCriteriaList`` by the
 model's own builders (``_get_logits_processor``, ``_get_stopping_criteria``: the same processors in
 the same order, so one config means one thing in both), scores are float32, sampling is
 ``multinomial(softmax(scores))``, finished rows continue with the pad token. The processors see the
@@ -27,7 +27,8 @@ def generation_config(model, config: GenerationConfig | None, kwargs: dict) -> G
     """A copy of ``config`` (default: the model's) updated with ``kwargs``; fields checked, unknown ones refused."""
     if config is not None and not isinstance(config, GenerationConfig):
         raise TypeError(f"generation_config must be a transformers.GenerationConfig, got {type(config).__name__}")
-    config = copy.deepcopy(config if config is not None else model.generation_config)
+    # the model's generation config and transformers' defaults fill what ``config`` leaves unset, as in generate
+    config, _ = model._prepare_generation_config(copy.deepcopy(config))
     unknown = config.update(**kwargs)
     if unknown:
         raise ValueError(f"unknown generation fields {sorted(unknown)}: pass GenerationConfig fields "
