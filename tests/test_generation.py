@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import document
 from transformers import GenerationConfig
 
 from memlm import MemoryConfig, attach
+
+from conftest import document
 
 MEMORY = dict(segment_length=16, xl_length=16, memory_layers=(1,), top_k=4, memory_capacity=4096)
 

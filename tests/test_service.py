@@ -72,6 +72,9 @@ def test_ingest_and_query_over_http(tmp_path, serve, tokenizer_tiny):
             assert len(mentions) == 2 and {r["token_offset"] for r in answer["retrieved"][:2]} == mentions
             pieces = list(client.stream_query(["book"], " What is the pass key? The pass key is", max_new_tokens=2))
             assert "".join(pieces) == answer["text"]
+            sampled = client.query("book", " What is the pass key? The pass key is", max_new_tokens=6,
+                                   temperature=0.7, top_k=5, repetition_penalty=1.1, stop_strings=["7"])
+            assert sampled["text"].endswith("7") or sampled["tokens"] == 6
             again = client.ingest("book", path, progress=False)  # the same content: a no-op
             assert again["updated"] == document["updated"]
             assert client.delete("book")["id"] == "book" and client.list() == []
@@ -167,6 +170,9 @@ def test_every_error_has_its_status_and_says_what_was_wrong(tmp_path, serve):
                "exceeds the maximum 16")
         expect(422, http.post("/v1/query", json={"documents": ["small"], "prompt": "hi", "temperature": -1}),
                "temperature")
+        for field, value in (("top_p", 1.5), ("top_k", -1), ("repetition_penalty", 0), ("stop_strings", [""]),
+                             ("stop_strings", []), ("top_q", 0.5)):
+            expect(422, http.post("/v1/query", json={"documents": ["small"], "prompt": "hi", field: value}), field)
         expect(422, http.post("/v1/query", json={"documents": ["a b"], "prompt": "hi"}), "document id must match")
         expect(422, http.get("/v1/documents/" + "x" * 129), "pattern")
         expect(422, http.put("/v1/documents/small?offset=-1", content=b"x", headers=text), "offset")

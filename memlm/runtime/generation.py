@@ -2,9 +2,11 @@
 
 ``Session.generate`` decodes token by token over its caches and memory, and chooses each token as
 ``model.generate`` does: the ``GenerationConfig`` (completed from the model's as ``generate``
-completes it, then updated with the call's keyword arguments) is turned into transformers' ``LogitsProcessorList`` and ``StoppingCriteriaList`` by the
-model's own builders (``_get_logits_processor``, ``_get_stopping_criteria``: the same processors in
-the same order, so one config means one thing in both), scores are float32, sampling is
+completes it, then updated with the call's keyword arguments) becomes transformers'
+``LogitsProcessorList`` and ``StoppingCriteriaList`` through the model's own builders
+(``_prepare_generation_config``, ``_get_logits_processor``, ``_get_stopping_criteria``: the same
+processors in the same order, so one config means one thing in both; private names of transformers,
+used here only, and pinned by tests against ``model.generate``). Scores are float32, sampling is
 ``multinomial(softmax(scores))``, finished rows continue with the pad token. The processors see the
 whole stream's ids (a repetition penalty covers the document, as it covers the prompt in
 ``model.generate``).

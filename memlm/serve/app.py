@@ -65,6 +65,15 @@ class QueryRequest(BaseModel):
     prompt: str = Field(min_length=1)
     max_new_tokens: int | None = Field(None, ge=1, description="default: 64, or the server's maximum if lower")
     temperature: float = Field(0.0, ge=0.0, le=10.0, description="0: greedy decoding")
+    # the sampling and stopping fields of transformers' GenerationConfig, meaning what they mean there
+    top_k: int | None = Field(None, ge=0, description="sample among the k most likely tokens (0: all)")
+    top_p: float | None = Field(None, gt=0.0, le=1.0, description="nucleus sampling mass")
+    min_p: float | None = Field(None, ge=0.0, le=1.0, description="drop tokens below min_p x the top probability")
+    typical_p: float | None = Field(None, gt=0.0, le=1.0, description="locally typical sampling mass")
+    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0, description="> 1 discourages repeats")
+    no_repeat_ngram_size: int | None = Field(None, ge=0, le=64, description="n-grams that may not repeat")
+    stop_strings: list[Annotated[str, Field(min_length=1, max_length=256)]] | None = Field(
+        None, min_length=1, max_length=16, description="stop when the answer ends with one of these")
     stream: bool = Field(False, description="answer with server-sent events, one per new piece of text")
 
 
@@ -172,8 +181,8 @@ def create_app(store: MemoryStore, mem_model, *, token: str | None = None, limit
             raise HTTPException(422, f"max_new_tokens {body.max_new_tokens} exceeds the maximum "
                                      f"{limits.max_new_tokens}")
         stored_documents(store, body.documents)  # 404 / 409 / 422 now rather than after the queue
-        run = partial(worker.run, ask, mem_model, store, body.documents, body.prompt,
-                      max_new_tokens=body.max_new_tokens, temperature=body.temperature)
+        generation = body.model_dump(exclude={"documents", "prompt", "stream"}, exclude_none=True)
+        run = partial(worker.run, ask, mem_model, store, body.documents, body.prompt, **generation)
         if not body.stream:
             return _answer_json(await run())
         return StreamingResponse(_events(run, mem_model.tokenizer), media_type="text/event-stream")

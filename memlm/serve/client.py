@@ -103,14 +103,16 @@ class Client:
     # ----------------------------------------------------------------------------- questions
 
     def query(self, documents: list[str] | str, prompt: str, max_new_tokens: int = 64,
-              temperature: float = 0.0) -> dict:
-        """``{"text", "tokens", "retrieved": [{"document", "token_offset", "score"}, ...]}``."""
-        return self._send("POST", "/v1/query", json=_query(documents, prompt, max_new_tokens, temperature, False))
+              temperature: float = 0.0, **generation) -> dict:
+        """``{"text", "tokens", "retrieved": [{"document", "token_offset", "score"}, ...]}``; ``generation``: the
+        query's other fields (``top_k``, ``top_p``, ``min_p``, ``repetition_penalty``, ``stop_strings``, ...)."""
+        body = _query(documents, prompt, max_new_tokens, temperature, False, generation)
+        return self._send("POST", "/v1/query", json=body)
 
     def stream_query(self, documents: list[str] | str, prompt: str, max_new_tokens: int = 64,
-                     temperature: float = 0.0) -> Iterator[str]:
+                     temperature: float = 0.0, **generation) -> Iterator[str]:
         """The answer's text pieces as the server generates them."""
-        body = _query(documents, prompt, max_new_tokens, temperature, True)
+        body = _query(documents, prompt, max_new_tokens, temperature, True, generation)
         with self._http.stream("POST", "/v1/query", json=body) as response:
             if response.status_code >= 400:
                 response.read()
@@ -167,10 +169,10 @@ def _counted(chunks: Iterable[bytes], bar) -> Iterator[bytes]:
         bar.update(len(chunk))
 
 
-def _query(documents, prompt, max_new_tokens, temperature, stream) -> dict:
+def _query(documents, prompt, max_new_tokens, temperature, stream, generation) -> dict:
     documents = [documents] if isinstance(documents, str) else list(documents)
     return {"documents": documents, "prompt": prompt, "max_new_tokens": max_new_tokens,
-            "temperature": temperature, "stream": stream}
+            "temperature": temperature, "stream": stream, **generation}
 
 
 def _detail(response: httpx.Response):

@@ -292,8 +292,10 @@ def ingest_file(store: MemoryStore, mem_model, doc_id: str, path, *, replace: bo
 
 
 def ask(mem_model, store: MemoryStore, documents: list[str], prompt: str, *, max_new_tokens: int = 64,
-        temperature: float = 0.0, streamer: Callable[[torch.Tensor], None] | None = None, top: int = 8) -> Answer:
-    """Answer ``prompt`` over stored documents: greedy when ``temperature`` is 0, sampled otherwise.
+        temperature: float = 0.0, streamer: Callable[[torch.Tensor], None] | None = None, top: int = 8,
+        **generation) -> Answer:
+    """Answer ``prompt`` over stored documents: greedy when ``temperature`` is 0, sampled otherwise;
+    ``generation``: more ``GenerationConfig`` fields (``top_k``, ``stop_strings``, ...; ``Session.generate``).
 
     ``retrieved`` lists the ``top`` memory entries that took the largest share of the memory attention of the
     answer's tokens (the last prompt token and each new one; every head of every memory layer).
@@ -311,7 +313,8 @@ def ask(mem_model, store: MemoryStore, documents: list[str], prompt: str, *, max
             session.feed(torch.tensor([ids[:-1]], device=mem_model.device))
         session.state.knn.retrievals = []  # record what the last prompt token and the new tokens retrieve
         new = session.generate(torch.tensor([ids[-1:]], device=mem_model.device), max_new_tokens=max_new_tokens,
-                               do_sample=temperature > 0, temperature=temperature or 1.0, streamer=streamer)
+                               do_sample=temperature > 0, temperature=temperature or 1.0, streamer=streamer,
+                               **generation)
         retrieved = _best_retrieved(session, top)
     return Answer(text=tokenizer.decode(new[0], skip_special_tokens=True), tokens=new.shape[1], retrieved=retrieved)
 
