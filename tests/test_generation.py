@@ -99,6 +99,12 @@ def test_padded_rows_equal_their_own_sessions(tiny_llama, tokenizer):
     for r, (row_logits, row_new) in enumerate(alone):
         torch.testing.assert_close(logits[r, width - len(rows[r]) :], row_logits, atol=1e-5, rtol=0)
         assert torch.equal(new[r], row_new)
+    # the padded rows as a prompt, as one passes them to model.generate
+    with mem_model.session(batch_size=3) as session:
+        new = session.generate(ids, attention_mask=mask, max_new_tokens=8, eos_token_id=[])
+    for r, row in enumerate(rows):
+        with mem_model.session() as session:
+            assert torch.equal(new[r], session.generate(row[None], max_new_tokens=8, eos_token_id=[])[0])
 
 
 def test_a_batch_of_texts_pads_and_a_lockstep_batch_can_part(tiny_llama, tokenizer):

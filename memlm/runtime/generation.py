@@ -122,3 +122,32 @@ def streamer_callback(streamer) -> Callable | None:
     if callable(streamer):
         return streamer
     raise TypeError(f"streamer must have put()/end() or be callable, got {type(streamer).__name__}")
+
+
+class Conversation:
+    """A chat streamed as one document: the messages so far and the chat template's text of them. Each turn
+    feeds only the text the template adds after what the stream already holds."""
+
+    def __init__(self, tokenizer) -> None:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("messages need a tokenizer with a chat template; pass text or ids")
+        self.tokenizer = tokenizer
+        self.messages: list[dict] = []
+        self.rendered = ""  # the template's text of what the stream holds
+
+    def extend(self, messages: list[dict]) -> str:
+        """The text that continues the stream with ``messages`` and the generation prompt."""
+        messages = self.messages + list(messages)
+        rendered = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if not rendered.startswith(self.rendered):
+            raise ValueError("the chat template renders the earlier turns differently once new messages follow, so "
+                             "the conversation cannot stream; start a new session with the whole conversation")
+        new, self.messages, self.rendered = rendered[len(self.rendered) :], messages, rendered
+        return new
+
+    def answered(self, answer: str, ids: torch.Tensor) -> None:
+        """Record the assistant's answer (text, and its ids [n] that the stream holds, an EOS included)."""
+        self.messages = [*self.messages, {"role": "assistant", "content": answer}]
+        following = self.tokenizer.apply_chat_template(self.messages, tokenize=False)
+        fed = self.rendered + self.tokenizer.decode(ids, skip_special_tokens=False)
+        self.rendered = fed if following.startswith(fed) else self.rendered + answer

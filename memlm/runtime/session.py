@@ -20,7 +20,7 @@ from transformers import GenerationConfig
 from memlm.config import check_integer
 from memlm.memory.rmt import RecurrentMemory
 
-from .generation import decoding_pieces, next_tokens, streamer_callback
+from .generation import Conversation, decoding_pieces, next_tokens, streamer_callback
 from .generation import generation_config as generation_config_for
 from .rows import RowStreams
 from .stream import StreamState
@@ -107,8 +107,7 @@ class Session:
         self.history_real: list[torch.Tensor | None] = []  # their real-token masks (None: no padding)
         self.text_streams: list[TextStream] | None = None  # the text being fed: one for every row, or one per row
         self.pending: torch.Tensor | None = None  # [batch, 1] the last generated token, fed with the next input
-        self.conversation: list[dict] = []  # chat messages so far, and the template's text of them
-        self.rendered = ""
+        self.chat: Conversation | None = None  # the chat so far, when generate was given messages
         self.sources: list = []  # the stored documents this session's memory was loaded from (store.Source)
 
     def save_document(self, store, doc_id: str):
@@ -158,16 +157,23 @@ class Session:
         text's, as with ``feed`` (the unstable tail is held back: ``flush()`` when the text ends)."""
         self._check_open()
         self._tokenizer()  # fail before reading the stream
-        decoder = codecs.getincrementaldecoder("utf-8")()
+        decoder = codecs.getincrementaldecoder("utf-8")()  # a character split between chunks waits for its end
         tokens = segments = 0
-        for chunk in [*chunks, b""]:
+
+        def run(text: str) -> None:
+            nonlocal tokens, segments
+            result = self._run(*self._text_tokens(text, eager=False), progress=progress)
+            tokens, segments = tokens + result.tokens, segments + result.segments
+
+        for chunk in chunks:
             if isinstance(chunk, (bytes, bytearray)):
-                chunk = decoder.decode(chunk, final=chunk == b"")
+                chunk = decoder.decode(chunk)
             elif not isinstance(chunk, str):
                 raise TypeError(f"feed_stream expects text chunks (str or UTF-8 bytes), got {type(chunk).__name__}")
             if chunk:
-                result = self._run(*self._text_tokens(chunk, eager=False), progress=progress)
-                tokens, segments = tokens + result.tokens, segments + result.segments
+                run(chunk)
+        if rest := decoder.decode(b"", final=True):
+            run(rest)
         return FeedResult(tokens=tokens, segments=segments)
 
     def flush(self, progress: bool = False) -> FeedResult:
@@ -184,7 +190,8 @@ class Session:
 
     # ------------------------------------------------------------------------------------- generate
 
-    def generate(self, prompt=None, generation_config: GenerationConfig | None = None, streamer=None, **kwargs):
+    def generate(self, prompt=None, generation_config: GenerationConfig | None = None, streamer=None,
+                 attention_mask: torch.Tensor | None = None, **kwargs):
         """Feed the prompt, then decode token by token with the same caches and memory, as ``model.generate``.
 
         prompt: text (a string, or one per row), ids [batch, tokens], chat messages (a list of
@@ -196,6 +203,7 @@ class Session:
             ``eos_token_id``, ``stop_strings``, ``max_time``, ...), meaning what they mean there (``generation.py``).
         streamer: an object with ``put(ids)``/``end()`` (transformers' streamers) or a callable, given the new
             ids [batch] at every step.
+        attention_mask: [batch, tokens] with an ids prompt: 0 at left padding (as in ``feed``).
 
         Returns the new text (a string, or one per row) for a text or messages prompt, else the new ids
         [batch, new_tokens]; rows that finished are padded with the pad token (transformers' rule). Every
@@ -205,13 +213,19 @@ class Session:
         config = generation_config_for(self.mem_model.model, generation_config, kwargs)
         chat = _is_messages(prompt)
         if chat:
-            prompt = self._render(prompt)
+            if self.batch_size != 1:
+                raise ValueError("chat messages need a batch-1 session")
+            if self.chat is None:
+                self.chat = Conversation(self._tokenizer())
+            if self.text_streams is None and self._fresh():  # the template writes the BOS itself
+                self.text_streams = [TextStream(self._tokenizer(), prefix=[])]
+            prompt = self.chat.extend(prompt)
         if prompt is None:
             ids, real = self._tokens(self._flush_text())
         elif _is_text(prompt):
             ids, real = self._text_tokens(prompt, final=True)
         else:
-            ids, real = self._ids(prompt, None)
+            ids, real = self._ids(prompt, attention_mask)
         new_tokens = config.max_new_tokens
         if new_tokens is None:  # max_length given: it counts the whole stream
             new_tokens = max(0, config.max_length - self.stream_length - ids.shape[1])
@@ -249,8 +263,13 @@ class Session:
             return new
         texts = self._tokenizer().batch_decode(new, skip_special_tokens=True)
         if chat:
-            self._answered(texts[0], new[0])
+            self.chat.answered(texts[0], new[0])
         return texts[0] if self.batch_size == 1 and not isinstance(prompt, list) else texts
+
+    @property
+    def conversation(self) -> list[dict]:
+        """The chat messages so far (the assistant's answers included)."""
+        return [] if self.chat is None else list(self.chat.messages)
 
     @property
     def stream_length(self) -> int:
@@ -412,6 +431,8 @@ class Session:
         for stream, piece in zip(self.text_streams, texts, strict=True):
             pieces = stream.push(piece, eager=eager) + (stream.flush() if final else [])
             rows.append([i for p in pieces for i in p.ids])
+        if final:  # the text ends (a prompt: new tokens follow, and text after them tokenizes on its own)
+            self.text_streams = None
         return self._tokens(rows)
 
     def _flush_text(self) -> list[list[int]]:
@@ -464,34 +485,6 @@ class Session:
             ids = torch.cat((held, ids), dim=1)
             real = None if real is None else torch.cat((torch.ones_like(held, dtype=torch.bool), real), dim=1)
         return ids, real
-
-    # ------------------------------------------------------------------------------------ chat
-
-    def _render(self, messages: list[dict]) -> str:
-        """The text that extends the stream's conversation with ``messages`` and a generation prompt."""
-        tokenizer = self._tokenizer()
-        if self.batch_size != 1:
-            raise ValueError("chat messages need a batch-1 session")
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("messages need a tokenizer with a chat template; pass text or ids")
-        conversation = self.conversation + list(messages)
-        rendered, previous = tokenizer.apply_chat_template(conversation, tokenize=False,
-                                                           add_generation_prompt=True), self.rendered
-        if not rendered.startswith(previous):
-            raise ValueError("the chat template renders the earlier turns differently once new messages follow, so "
-                             "the conversation cannot stream; start a new session with the whole conversation")
-        if self.text_streams is None and self._fresh():  # the template writes the BOS itself
-            self.text_streams = [TextStream(tokenizer, document_start=True, prefix=[])]
-        self.conversation, self.rendered = conversation, rendered
-        return rendered[len(previous) :]
-
-    def _answered(self, answer: str, ids: torch.Tensor) -> None:
-        """Record the assistant's answer, whose ids are in the stream, as the template will render it."""
-        self.conversation = [*self.conversation, {"role": "assistant", "content": answer}]
-        with_specials = self._tokenizer().decode(ids, skip_special_tokens=False)
-        following = self._tokenizer().apply_chat_template(self.conversation, tokenize=False)
-        fed = self.rendered + with_specials  # the stream holds the answer's ids, its EOS included
-        self.rendered = fed if following.startswith(fed) else self.rendered + answer
 
     def _tokenizer(self):
         if self.mem_model.tokenizer is None:
