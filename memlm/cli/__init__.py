@@ -1,5 +1,5 @@
 """The ``memlm`` command, one module per command group: ``demo`` and ``info`` (``demo.py``), ``train``,
-``summarize``, and the store commands ``serve``, ``ingest``, ``ask``, ``docs`` (``store.py``)."""
+``summarize``, the store commands ``serve``, ``ingest``, ``ask``, ``docs`` (``store.py``), and ``eval``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 from memlm.version import __version__
 
 from . import demo, store, summarize, train
+from . import eval as eval_
 from .store import load_store_model
 
 __all__ = ["build_parser", "load_store_model", "main"]
@@ -22,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"memlm {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for group in (demo, train, summarize, store):
+    for group in (demo, train, summarize, store, eval_):
         group.add_commands(commands)
     return parser
 
