@@ -77,15 +77,19 @@ def load_default(directory: str | Path | None = None, device: str | torch.device
 
     ``memory_overrides`` change its MemoryConfig, e.g. ``memory_layers=()`` (XL cache only) or
     ``index="faiss"``; ``directory`` loads another model: a Hugging Face model directory with its tokenizer
-    and memlm's files (``MemoryModel.save_pretrained``), as ``examples/train_tiny.py`` writes.
+    and memlm's files (``MemoryModel.save_pretrained``), as ``examples/train_tiny.py`` writes, or the output
+    directory of ``memlm train`` (``model/`` and ``memlm/`` in it).
     """
     directory = DEFAULT_DIR if directory is None else Path(directory)
+    memlm_dir = directory
+    if (directory / "model").is_dir() and (directory / "memlm").is_dir():  # what `memlm train` writes
+        directory, memlm_dir = directory / "model", directory / "memlm"
     if not (directory / "model.safetensors").is_file():
         raise FileNotFoundError(f"{directory} holds no memlm-tiny model (model.safetensors); reinstall memlm or "
                                 "rebuild it with examples/train_tiny.py")
     tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
     model = transformers.AutoModelForCausalLM.from_pretrained(directory, attn_implementation="sdpa").to(device).eval()
-    mem_model = MemoryModel.from_pretrained(model, directory, tokenizer=tokenizer)
+    mem_model = MemoryModel.from_pretrained(model, memlm_dir, tokenizer=tokenizer)
     if not memory_overrides:
         return mem_model, tokenizer
     trained, gates = mem_model.config, mem_model.memory_module.gates.detach().clone()

@@ -5,6 +5,7 @@
     model:                 # ... or a fresh random Llama built from these LlamaConfig fields
       llama: {vocab_size: 320, hidden_size: 64, num_hidden_layers: 2, ...}
       tokenizer: ./tok      # optional; text tasks need one
+    extend: {method: yarn, factor: 8}                 # optional: RoPE extension first (memlm.extend_context)
     memory: {segment_length: 16, xl_length: 16, memory_layers: [0], fusion: joint}   # MemoryConfig
     task: {name: associative_recall, pairs: 8, ...}   # or {name: passkey} or {name: text, path: book.txt}
     train: {steps: 1000, batch_size: 16, ...}         # TrainConfig
@@ -27,12 +28,13 @@ import transformers
 import yaml
 
 from memlm.config import MemoryConfig
+from memlm.positions.scaling import METHODS, extend_context
 from memlm.runtime.model import attach
 
 from .data import AssociativeRecall, Passkey, TextDocuments
 from .trainer import TrainConfig, Trainer
 
-SECTIONS = ("model", "memory", "task", "train", "evaluate")
+SECTIONS = ("model", "extend", "memory", "task", "train", "evaluate")
 TASKS = ("associative_recall", "passkey", "text")
 
 
@@ -93,6 +95,11 @@ def run(recipe_path: str | Path, output: str | Path, steps: int | None = None, r
     config = TrainConfig.from_dict(train_values)
     torch.manual_seed(config.seed)  # the random model's initial weights
     model, tokenizer = build_model(recipe["model"], device)
+    if recipe.get("extend"):  # the papers' recipe: extend the positions, then fine-tune at the new length
+        extension = dict(recipe["extend"])
+        if "method" not in extension:
+            raise ValueError(f"extend needs a method (one of {', '.join(METHODS)}), got {recipe['extend']!r}")
+        extend_context(model, extension.pop("method"), **extension)
     mem_model = attach(model, MemoryConfig.from_dict(recipe.get("memory", {})), tokenizer=tokenizer)
     trainer = Trainer(mem_model, build_task(recipe["task"], model, tokenizer), config)
     if resume:
