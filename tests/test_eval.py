@@ -55,6 +55,15 @@ def test_the_needle_is_where_it_says(task, depth, tokenizer, haystack):
     assert abs(offset / len(sample.context) - depth) < 0.1
 
 
+def test_long_lines_records_fill_the_length_with_distinct_values(tokenizer, haystack):
+    sample = make_sample("lines", tokenizer, haystack, 20000, 0.5, seed=1)
+    assert 0.9 * 20000 <= len(tokenizer(sample.context + " " + sample.question)["input_ids"]) <= 20000
+    values = re.findall(r"<(\d+)>", sample.context)
+    keys = re.findall(r"^line (\S+):", sample.context, flags=re.M)
+    assert len(values) == len(set(values)) == len(keys) == len(set(keys))
+    assert any(re.fullmatch(r"[a-z]+-[a-z]+-\d+", key) for key in keys)  # past half of the adjective-noun pairs
+
+
 def test_passkey_format_and_distractors(tokenizer, haystack):
     sample = make_sample("passkey", tokenizer, haystack, 700, 0.5, seed=5, digits=6, distractors=3)
     key = sample.references[0]

@@ -117,16 +117,21 @@ def _number(rng: random.Random, digits: int) -> str:
 
 
 def _key(rng: random.Random, used: set[str]) -> str:
-    while (key := f"{rng.choice(ADJECTIVES)}-{rng.choice(NOUNS)}") in used:
-        pass
-    used.add(key)
-    return key
+    """A new ``adjective-noun`` key (``adjective-noun-N`` once half of those are taken)."""
+    while True:
+        key = f"{rng.choice(ADJECTIVES)}-{rng.choice(NOUNS)}"
+        if len(used) >= len(ADJECTIVES) * len(NOUNS) // 2:
+            key += f"-{rng.randrange(10_000)}"
+        if key not in used:
+            used.add(key)
+            return key
 
 
-def _value(rng: random.Random, kind: str, used: set[str]) -> str:
+def _value(rng: random.Random, kind: str, used: set[str], digits: int = 7) -> str:
+    """A value not in ``used`` (which it joins): a ``digits``-digit number, an adjective+noun word, or a UUID."""
     while True:
         if kind == "numbers":
-            value = _number(rng, 7)
+            value = _number(rng, digits)
         elif kind == "words":
             value = f"{rng.choice(ADJECTIVES)}{rng.choice(NOUNS)}"
         else:  # uuids
@@ -225,7 +230,7 @@ def variable_tracking(rng, tokenizer, haystack: Haystack, length: int, depth, *,
     names, values, statements, references = rng.sample(sorted(names), len(names)), set(), [], []
     for c in range(chains):
         chain = names[c * (hops + 1) : (c + 1) * (hops + 1)]
-        value = _value(rng, "numbers", values)[:5]
+        value = _value(rng, "numbers", values, 5)
         statements.append([f"VAR {chain[0]} = {value}."] +
                           [f"VAR {b} = VAR {a}." for a, b in pairwise(chain)])
         if c == 0:
@@ -310,8 +315,9 @@ def lines(rng, tokenizer, haystack: Haystack, length: int, depth, *, digits: int
               "contains a '<REGISTER_CONTENT>' at the end of the line as a numerical value. For each line index, "
               "memorize its corresponding <REGISTER_CONTENT>. At the end of the record, I will ask you to retrieve "
               "the corresponding <REGISTER_CONTENT> of a certain line index. Now the record start:")
-    keys = len(ADJECTIVES) * len(NOUNS)
-    rows = [(_key(rng, used_keys), _value(rng, "numbers", used_values)[:digits]) for _ in range(keys)]
+    # more lines than fit (every line takes more than six tokens), fewer than there are distinct values
+    keys = max(2, min(length // 6, 9 * 10 ** (digits - 1) // 2))
+    rows = [(_key(rng, used_keys), _value(rng, "numbers", used_values, digits)) for _ in range(keys)]
 
     def record(n: int) -> str:
         return header + "\n" + "\n".join(f"line {k}: REGISTER_CONTENT is <{v}>" for k, v in rows[:n])
