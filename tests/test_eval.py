@@ -228,3 +228,16 @@ def test_the_harness_bridge_through_simple_evaluate(tiny_llama, tokenizer, tmp_p
         args = (rows[0]["text"],)
 
     assert lm.loglikelihood_rolling([Request()])[0] == pytest.approx(expected, abs=1e-3)
+
+
+def test_modes_from_yaml_with_a_rope_extension(tmp_path):
+    from memlm.tiny import load_default
+
+    path = tmp_path / "modes.yaml"
+    path.write_text("yarn: {extend: {method: yarn, factor: 2}, top_k: 8}\nreset: {control: reset}\n")
+    yarn, reset = runner.parse_modes(str(path))
+    assert (yarn.extend, yarn.overrides, reset.control) == ({"method": "yarn", "factor": 2}, {"top_k": 8}, "reset")
+    mem_model, _ = load_default(extend=yarn.extend, **yarn.overrides)
+    assert mem_model.model.config.rope_parameters["rope_type"] == "yarn" and mem_model.config.top_k == 8
+    with pytest.raises(ValueError, match="extend needs a method"):
+        load_default(extend={"factor": 2})

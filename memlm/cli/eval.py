@@ -67,7 +67,7 @@ def eval_command(args: argparse.Namespace) -> int:
     haystack = Haystack.from_file(args.haystack) if args.haystack else Haystack()
 
     def make(mode):
-        return load_default(directory, **mode.overrides)[0]
+        return load_default(directory, extend=mode.extend, **mode.overrides)[0]
 
     output = Path(args.output)
     retrieval = [t for t in tasks if t != "perplexity"]

@@ -31,11 +31,13 @@ from .tasks import Haystack, Sample, make_sample, score
 
 @dataclass
 class Mode:
-    """A configuration to compare: ``overrides`` of the model's MemoryConfig and an optional ``control``."""
+    """A configuration to compare: ``overrides`` of the model's MemoryConfig, an optional RoPE ``extend``
+    (``{"method": "yarn", "factor": 8}``, ``memlm.extend_context``) and an optional ``control``."""
 
     name: str
     overrides: dict = field(default_factory=dict)
     control: str | None = None  # None, "reset" or "other"
+    extend: dict | None = None
 
     def __post_init__(self) -> None:
         if self.control not in (None, "reset", "other"):
@@ -52,7 +54,8 @@ MODES = {
 
 
 def parse_modes(spec: str) -> list[Mode]:
-    """``memory,xl-only,off`` (names of ``MODES``) or a YAML file: ``{name: {overrides..., control: ...}}``."""
+    """``memory,xl-only,off`` (names of ``MODES``) or a YAML file: ``{name: {overrides..., control: ..., extend:
+    {method: ..., factor: ...}}}``."""
     if spec.endswith((".yaml", ".yml")):
         import yaml
 
@@ -63,8 +66,8 @@ def parse_modes(spec: str) -> list[Mode]:
         modes = []
         for name, values in entries.items():
             values = dict(values or {})
-            control = values.pop("control", None)
-            modes.append(Mode(str(name), values, control))
+            control, extend = values.pop("control", None), values.pop("extend", None)
+            modes.append(Mode(str(name), values, control, extend))
         return modes
     names = [name.strip() for name in spec.split(",") if name.strip()]
     unknown = [name for name in names if name not in MODES]

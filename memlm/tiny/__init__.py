@@ -22,6 +22,7 @@ import torch
 import transformers
 
 from memlm.config import MemoryConfig
+from memlm.positions.scaling import METHODS, extend_context
 from memlm.runtime.model import MemoryModel
 
 #: The shipped model's directory inside the installed package.
@@ -71,14 +72,15 @@ def memory_config(**overrides) -> MemoryConfig:
     return MemoryConfig.from_dict({**MEMORY, **overrides})
 
 
-def load_default(directory: str | Path | None = None, device: str | torch.device = "cpu",
+def load_default(directory: str | Path | None = None, device: str | torch.device = "cpu", extend: dict | None = None,
                  **memory_overrides) -> tuple[MemoryModel, transformers.PreTrainedTokenizerFast]:
     """The embedded default model: ``(mem_model, tokenizer)``, read from the package (no download).
 
     ``memory_overrides`` change its MemoryConfig, e.g. ``memory_layers=()`` (XL cache only) or
     ``index="faiss"``; ``directory`` loads another model: a Hugging Face model directory with its tokenizer
     and memlm's files (``MemoryModel.save_pretrained``), as ``examples/train_tiny.py`` writes, or the output
-    directory of ``memlm train`` (``model/`` and ``memlm/`` in it).
+    directory of ``memlm train`` (``model/`` and ``memlm/`` in it). ``extend``: a RoPE extension applied before
+    memlm attaches (``{"method": "yarn", "factor": 8}``: ``memlm.extend_context``).
     """
     directory = DEFAULT_DIR if directory is None else Path(directory)
     memlm_dir = directory
@@ -89,6 +91,11 @@ def load_default(directory: str | Path | None = None, device: str | torch.device
                                 "rebuild it with examples/train_tiny.py")
     tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
     model = transformers.AutoModelForCausalLM.from_pretrained(directory, attn_implementation="sdpa").to(device).eval()
+    if extend:
+        extension = dict(extend)
+        if "method" not in extension:
+            raise ValueError(f"extend needs a method (one of {', '.join(METHODS)}), got {extend!r}")
+        extend_context(model, extension.pop("method"), **extension)
     mem_model = MemoryModel.from_pretrained(model, memlm_dir, tokenizer=tokenizer)
     if not memory_overrides:
         return mem_model, tokenizer
