@@ -110,7 +110,7 @@ def test_padded_rows_equal_their_own_sessions(tiny_llama, tokenizer):
 def test_a_batch_of_texts_pads_and_a_lockstep_batch_can_part(tiny_llama, tokenizer):
     mem_model = attach(tiny_llama, MemoryConfig(**MEMORY), tokenizer=tokenizer)
     texts = ["Silver orchard and the river", "Winter " * 30 + "harbour", "Candle light"]
-    prompt = document(20, seed=7)
+    prompt = document(60, seed=7)  # the lockstep rows have memory entries when they part
     alone = []
     for text in texts:
         with mem_model.session() as session:
@@ -119,6 +119,7 @@ def test_a_batch_of_texts_pads_and_a_lockstep_batch_can_part(tiny_llama, tokeniz
             alone.append(session.generate(" journey", max_new_tokens=6, eos_token_id=[]))
     with mem_model.session(batch_size=3) as session:
         session.feed(prompt.expand(3, -1))  # rows in lockstep, then they part
+        assert int(session.state.knn.indexes[1].size.min()) > 0
         session.feed(texts)
         assert session.generate([" journey"] * 3, max_new_tokens=6, eos_token_id=[]) == alone
 

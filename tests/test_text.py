@@ -140,6 +140,14 @@ def test_special_prefix_is_the_tokenizers_own_rule():
     assert special_prefix(tokenizer_of("llama3")) == [tokenizer_of("llama3").bos_token_id]
 
 
+def test_text_after_a_flush_is_a_text_of_its_own():
+    tokenizer = tokenizer_of("llama3")
+    stream = TextStream(tokenizer)
+    ids = [i for p in stream.push("hello wor", eager=True) + stream.flush() + stream.push("ld again", eager=True)
+           + stream.flush() for i in p.ids]
+    assert ids == tokenizer("hello wor")["input_ids"] + tokenizer("ld again", add_special_tokens=False)["input_ids"]
+
+
 def test_bad_input():
     with pytest.raises(TypeError, match="expected text"):
         TextStream(tokenizer_of("gpt2")).push(b"bytes")

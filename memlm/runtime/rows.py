@@ -17,6 +17,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from memlm.memory.knn import KNNMemory
+
 from .stream import StreamState
 
 
@@ -40,15 +42,12 @@ class RowStreams:
     def _continue(self, lockstep: StreamState) -> None:
         """Take over each row of a lockstep state: local context, counters and memory entries."""
         tensors, counters = lockstep.state_dict()
-        memory = lockstep.memory if lockstep.memory is not None and hasattr(lockstep.memory, "entries") else None
+        memory = lockstep.memory if isinstance(lockstep.memory, KNNMemory) else None
         for r, row in enumerate(self.rows):
             row.load_state_dict({name: t[r : r + 1] for name, t in tensors.items()}, counters)
-            if memory is None:
-                continue
-            for layer in memory.indexes:
+            for layer in memory.indexes if memory is not None else ():
                 keys, values, first = memory.entries(layer, r)
-                if r == 0 or row.memory.memory_start != first:
-                    row.memory.memory_start = first
+                row.memory.memory_start = first  # the document position of the row's oldest live entry
                 row.add_memory(layer, keys[None], values[None])
 
     # ------------------------------------------------------------------ what Session reads

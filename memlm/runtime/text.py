@@ -107,10 +107,10 @@ class TextStream:
         return pieces
 
     def flush(self) -> list[Piece]:
-        """The text ends here (for now): the tokens of everything held. Text pushed later continues it
-        without merging across this point."""
+        """The text ends here: the tokens of everything held. Text pushed later is tokenized as a text of its own
+        (no merge across this point, no special prefix)."""
         pieces = self._cut(final=True) if self.held or self.prefix else []
-        self.next_try = self.piece_length
+        self.next_try, self.context = self.piece_length, ""
         return pieces
 
     # ------------------------------------------------------------------------------------ internals
