@@ -58,6 +58,8 @@ def test_text_input_and_text_generation(tiny_llama, tokenizer):
         assert result.segments == -(-result.tokens // 16)
         assert session.held_text == [text[text.rindex(" ") :]]
         assert result.tokens + session.flush().tokens == len(tokenizer(text)["input_ids"])
+        session.reset()
+        assert session.feed(text, final=True).tokens == len(tokenizer(text)["input_ids"])
         answer = session.generate("Silver orchard", max_new_tokens=12)
     assert isinstance(answer, str) and answer
 
@@ -70,8 +72,8 @@ def test_feed_stream_gives_the_tokens_of_the_joined_text(tiny_llama, tokenizer):
     assert "".join(chunks) == text
     with mem_model.session() as whole, mem_model.session() as streamed:
         expected = whole.feed(text).tokens + whole.flush().tokens
-        result = streamed.feed_stream(iter(chunks)).tokens + streamed.flush().tokens
-        assert result == expected == len(tokenizer(text)["input_ids"])
+        result = streamed.feed_stream(iter(chunks)).tokens  # the text ends with the iterator
+        assert result == expected == len(tokenizer(text)["input_ids"]) and streamed.held_text == [""]
         # Same tokens; only the forwards are cut differently, so the sums may round differently.
         torch.testing.assert_close(streamed._last_logits, whole._last_logits, atol=1e-5, rtol=0)
         for layer, (keys, _) in whole.state.local.cache.items():

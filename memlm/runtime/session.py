@@ -129,7 +129,7 @@ class Session:
     # ----------------------------------------------------------------------------------------- feed
 
     def feed(self, ids_or_text, labels: torch.Tensor | None = None, return_logits: bool = False,
-             progress: bool = False, attention_mask: torch.Tensor | None = None) -> FeedResult:
+             progress: bool = False, attention_mask: torch.Tensor | None = None, final: bool = False) -> FeedResult:
         """Stream tokens through the model segment by segment, filling XL caches and memory.
 
         ids_or_text: text (a string: batch 1, or the same text for every row; a list of strings: one per row),
@@ -143,18 +143,21 @@ class Session:
             token predicts (so a document fed in windows loses no target at the window edges).
             With gradients enabled, the loss has a graph. Ids input only.
         attention_mask: [batch, tokens] with ids: 0 at left padding, 1 at real tokens.
+        final: the text ends with this feed (its held-back tail is fed too, as ``flush()`` does).
         """
         self._check_open()
         if labels is not None and _is_text(ids_or_text):
             raise ValueError("labels need token ids (text is tokenized as it streams); pass ids [batch, tokens]")
         if _is_text(ids_or_text):
-            return self._run(*self._text_tokens(ids_or_text), return_logits=return_logits, progress=progress)
+            return self._run(*self._text_tokens(ids_or_text, final=final), return_logits=return_logits,
+                             progress=progress)
         ids, real = self._ids(ids_or_text, attention_mask)
         return self._run(ids, real, labels=labels, return_logits=return_logits, progress=progress)
 
-    def feed_stream(self, chunks: Iterable[str | bytes], progress: bool = False) -> FeedResult:
+    def feed_stream(self, chunks: Iterable[str | bytes], progress: bool = False, final: bool = True) -> FeedResult:
         """Feed text that arrives in pieces (str, or UTF-8 bytes split anywhere); its tokens are the joined
-        text's, as with ``feed`` (the unstable tail is held back: ``flush()`` when the text ends)."""
+        text's, as with ``feed``. The text ends with the iterator (``flush``), unless ``final=False``: then its
+        unstable tail is held back for the text that follows."""
         self._check_open()
         self._tokenizer()  # fail before reading the stream
         decoder = codecs.getincrementaldecoder("utf-8")()  # a character split between chunks waits for its end
@@ -174,6 +177,9 @@ class Session:
                 run(chunk)
         if rest := decoder.decode(b"", final=True):
             run(rest)
+        if final:
+            result = self.flush(progress=progress)
+            tokens, segments = tokens + result.tokens, segments + result.segments
         return FeedResult(tokens=tokens, segments=segments)
 
     def flush(self, progress: bool = False) -> FeedResult:
