@@ -1,12 +1,12 @@
 """memlm.kernels: attention as blocks of (out, lse), their merge, and fused memory attention.
 
 ``attention_block`` / ``merge_blocks`` (``blocks.py``) are the algebra every attention of memlm is
-built from. ``memory_attention`` is the one entry point the runtime calls at a memory layer. It runs
-the fused Triton kernels (``fused.py``) on CUDA tensors when Triton is installed and the inputs are
-ones they take, and the pure-torch reference (``reference.py``) everywhere else. ``MEMLM_KERNEL=ref``
-or ``=triton`` forces one path; a forced Triton path raises on inputs it cannot take instead of
-falling back. The choice is made per call: importing this package imports neither Triton nor
-``memlm.index``.
+built from; ``lambda_attention`` (``lambda_attention.py``) is LM-Infinite's Λ pattern built from it.
+``memory_attention`` is the one entry point the runtime calls at a memory layer. It runs the fused
+Triton kernels (``fused.py``) on CUDA tensors when Triton is installed and the inputs are ones they
+take, and the pure-torch reference (``reference.py``) everywhere else. ``MEMLM_KERNEL=ref`` or
+``=triton`` forces one path; a forced Triton path raises on inputs it cannot take instead of falling
+back. The choice is made per call: importing this package imports neither Triton nor ``memlm.index``.
 """
 
 from __future__ import annotations
@@ -15,10 +15,12 @@ import importlib.util
 import os
 
 from .blocks import additive_mask, attention_block, attention_output, causal_mask, merge_blocks, sink_block
+from .lambda_attention import lambda_attention, lambda_attention_ref
 from .reference import check_memory_attention_args, memory_attention_ref
 
-__all__ = ["KERNELS", "additive_mask", "attention_block", "attention_output", "causal_mask", "memory_attention",
-           "memory_attention_ref", "merge_blocks", "select_kernel", "sink_block"]
+__all__ = ["KERNELS", "additive_mask", "attention_block", "attention_output", "causal_mask", "lambda_attention",
+           "lambda_attention_ref", "memory_attention", "memory_attention_ref", "merge_blocks", "select_kernel",
+           "sink_block"]
 
 KERNELS = ("auto", "ref", "triton")
 

@@ -1,0 +1,86 @@
+"""LM-Infinite's Λ-shaped attention (Han et al. 2023) as two blocks of (out, lse).
+
+Query i sees key j iff j <= i and (j < global_tokens or i - j < local_window): the first tokens of the
+sequence (the "global branch", StreamingLLM's attention sinks) and a sliding local window. Computed as
+
+* a local block: the queries cut into chunks of ``local_window``; chunk c attends to the 2 x window keys
+  that end with it, under a banded mask, all chunks in one batched ``attention_block``;
+* a global block: every query over the first ``global_tokens`` keys that lie *outside* its window;
+
+merged with ``merge_blocks`` (disjoint key sets: exact). Time and memory O(n x (global + window)), never
+n x n. ``lambda_attention_ref`` is the same attention as one masked softmax over all keys (the test oracle).
+Distances are those of the positions q and k were rotated to: LM-Infinite's distance cap is the caller's
+(it rotates keys beyond the cap as if at the cap).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .blocks import attention_block, check_block_args, merge_blocks
+
+
+def _check(q, k, v, global_tokens, local_window) -> None:
+    check_block_args(q, k, v)
+    if k.shape[2] != q.shape[2]:
+        raise ValueError(f"lambda_attention is self-attention: q and k need the same length, got {q.shape[2]} "
+                         f"queries and {k.shape[2]} keys")
+    for name, value, low in (("global_tokens", global_tokens, 0), ("local_window", local_window, 1)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def lambda_mask(n: int, global_tokens: int, local_window: int, device=None) -> torch.Tensor:
+    """[n, n] bool: query i sees key j (True) under the Λ pattern."""
+    i = torch.arange(n, device=device)[:, None]
+    j = torch.arange(n, device=device)[None, :]
+    return (j <= i) & ((j < global_tokens) | (i - j < local_window))
+
+
+def lambda_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, global_tokens: int, local_window: int,
+                         scale: float | None = None) -> torch.Tensor:
+    """The Λ attention as one masked softmax: q [b, hq, n, d], k, v [b, hkv, n, d] -> [b, hq, n, d]."""
+    _check(q, k, v, global_tokens, local_window)
+    mask = lambda_mask(q.shape[2], global_tokens, local_window, q.device)
+    return attention_block(q, k, v, mask=mask, scale=scale)[0]
+
+
+def lambda_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, global_tokens: int, local_window: int,
+                     scale: float | None = None) -> torch.Tensor:
+    """Λ attention: q [b, hq, n, d], k, v [b, hkv, n, d] (rotated; hq a multiple of hkv) -> out [b, hq, n, d]."""
+    _check(q, k, v, global_tokens, local_window)
+    batch, q_heads, n, head_dim = q.shape
+    kv_heads, window = k.shape[1], min(local_window, n)
+    chunks = -(-n // window)
+    length = chunks * window
+    # keys padded by a window on the left (chunk 0's predecessors) and to whole chunks on the right
+    pad = (0, 0, window, length - n)
+    k_padded, v_padded = F.pad(k, pad), F.pad(v, pad)
+    # chunk c's queries [cW, (c+1)W) and its keys [(c-1)W, (c+1)W): [b * chunks, heads, W or 2W, d]
+    q_chunks = F.pad(q, (0, 0, 0, length - n)).view(batch, q_heads, chunks, window, head_dim)
+    q_chunks = q_chunks.transpose(1, 2).reshape(batch * chunks, q_heads, window, head_dim)
+
+    def keys(t: torch.Tensor) -> torch.Tensor:
+        windows = t.unfold(2, 2 * window, window)  # [b, hkv, chunks, d, 2W]
+        return windows.permute(0, 2, 1, 4, 3).reshape(batch * chunks, kv_heads, 2 * window, head_dim)
+
+    r = torch.arange(window, device=q.device)[:, None]  # query offset in its chunk
+    t = torch.arange(2 * window, device=q.device)[None, :]  # key offset in the chunk's keys
+    band = (t > r) & (t <= r + window)  # j <= i and i - j < W
+    start = torch.arange(chunks, device=q.device)[:, None, None] * window - window  # document position of t = 0
+    real = (start + t >= 0) & (start + t < n)  # no padding
+    mask = (band & real)[None].expand(batch, -1, -1, -1).reshape(batch * chunks, 1, window, 2 * window)
+    out, lse = attention_block(q_chunks, keys(k_padded), keys(v_padded), mask=mask, scale=scale)
+    out = out.view(batch, chunks, q_heads, window, head_dim).transpose(1, 2).reshape(batch, q_heads, length, head_dim)
+    lse = lse.view(batch, chunks, q_heads, window).transpose(1, 2).reshape(batch, q_heads, length)
+    out, lse = out[:, :, :n], lse[:, :, :n]
+    first = min(global_tokens, n)
+    if first:  # the global keys outside each query's window: j < first and j <= i - window
+        i = torch.arange(n, device=q.device)[:, None]
+        j = torch.arange(first, device=q.device)[None, :]
+        outside = j <= i - local_window
+        if bool(outside.any()):
+            global_block = attention_block(q, k[:, :, :first], v[:, :, :first], mask=outside, scale=scale)
+            out, lse = merge_blocks(out, lse, *global_block)
+    return out
