@@ -63,11 +63,15 @@ def eval_command(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise SystemExit(f"memlm eval: {error}") from None
     directory = None if args.model == "default" else args.model
-    _, tokenizer = load_default(directory)
-    haystack = Haystack.from_file(args.haystack) if args.haystack else Haystack()
+    loaded = {}
 
-    def make(mode):
-        return load_default(directory, extend=mode.extend, **mode.overrides)[0]
+    def make(mode):  # each mode's model, loaded once (the retrieval tasks and perplexity share them)
+        if mode.name not in loaded:
+            loaded[mode.name] = load_default(directory, extend=mode.extend, **mode.overrides)[0]
+        return loaded[mode.name]
+
+    tokenizer = make(modes[0]).tokenizer
+    haystack = Haystack.from_file(args.haystack) if args.haystack else Haystack()
 
     output = Path(args.output)
     retrieval = [t for t in tasks if t != "perplexity"]

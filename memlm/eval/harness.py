@@ -41,9 +41,9 @@ class MemlmLM(LM):
         if mem_model.tokenizer is None:
             raise ValueError("MemlmLM needs a memory model with a tokenizer: attach(model, config, tokenizer=...)")
         self.mem_model, self.tokenizer, self.max_gen_toks = mem_model, mem_model.tokenizer, int(max_gen_toks)
-        prefix = special_prefix(self.tokenizer)
+        self.special = special_prefix(self.tokenizer)  # what a document starts with
         eos = self.tokenizer.eos_token_id
-        self.prefix = prefix or ([eos] if eos is not None else [])  # what an empty context conditions on
+        self.prefix = self.special or ([eos] if eos is not None else [])  # what an empty context conditions on
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -54,7 +54,7 @@ class MemlmLM(LM):
         if not context:
             return list(self.prefix), self._encode(continuation)
         whole, head = self._encode(context + continuation), self._encode(context)
-        return special_prefix(self.tokenizer) + head, whole[len(head) :]
+        return self.special + head, whole[len(head) :]
 
     def _scores(self, ids: list[int]) -> torch.Tensor:
         """Log-probabilities [n - 1, vocab] of each next token of ids [n], streamed through one session."""

@@ -91,8 +91,7 @@ def answer(mem_model, sample: Sample, control: str | None = None, other: Sample 
     with torch.no_grad(), mem_model.session() as session:
         session.feed((other or sample).context if control == "other" else sample.context)
         if control == "reset" and session.state.memory is not None:
-            session.state.memory.reset()
-            session.state.memory.memory_start = session.state.local.local_start  # what enters next stands there
+            session.state.clear_memory()
         text = session.generate(" " + sample.question, max_new_tokens=sample.max_new_tokens)
         return text, session.stream_length
 

@@ -196,7 +196,9 @@ def niah(rng, tokenizer, haystack: Haystack, length: int, depth, *, variant: str
     """RULER needle-in-a-haystack: ``single`` (one needle), ``multikey`` (``keys`` needles, one asked),
     ``multivalue`` (one key, ``value_count`` values, all asked), ``multiquery`` (``keys`` needles, ``queries``
     asked)."""
-    kind = {"numbers": "numbers", "words": "words", "uuids": "uuids"}[values]
+    if values not in ("numbers", "words", "uuids"):
+        raise ValueError(f"niah values must be 'numbers', 'words' or 'uuids', got {values!r}")
+    kind = values
     used_keys, used_values = set(), set()
     n_keys = {"single": 1, "multivalue": 1}.get(variant, keys)
     per_key = value_count if variant == "multivalue" else 1

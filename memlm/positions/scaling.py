@@ -162,6 +162,14 @@ def extend_context(model: nn.Module, method: str, factor: float | None = None, *
     return model
 
 
+def extend_from_spec(model: nn.Module, spec: dict) -> nn.Module:
+    """``extend_context`` from a recipe's or an eval mode's ``{"method": ..., "factor": ..., ...}``."""
+    if not isinstance(spec, dict) or "method" not in spec:
+        raise ValueError(f"extend needs a method (one of {', '.join(METHODS)}), got {spec!r}")
+    parameters = dict(spec)
+    return extend_context(model, parameters.pop("method"), **parameters)
+
+
 def _rebuild(model: nn.Module, rotary: nn.Module, config) -> None:
     """Replace the rotary module by one built from ``config`` (same class, device and place in the model)."""
     device = rotary.inv_freq.device

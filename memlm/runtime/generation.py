@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import numbers
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
@@ -81,8 +82,18 @@ def check(config: GenerationConfig) -> None:
         raise ValueError(f"bad_words_ids must be a non-empty list of non-empty lists of token ids, got {bad!r}")
 
 
+@dataclass
+class Decoding:
+    """What one decoding step needs: transformers' processors and stopping criteria, and the pad token that
+    finished rows continue with when an EOS criterion is among them (None: rows never finish early)."""
+
+    processors: LogitsProcessorList
+    criteria: StoppingCriteriaList
+    pad: torch.Tensor | None
+
+
 def decoding_pieces(model, tokenizer, config: GenerationConfig, stream_length: int, attention_mask: torch.Tensor | None,
-                    device: torch.device) -> tuple[LogitsProcessorList, StoppingCriteriaList]:
+                    device: torch.device) -> Decoding:
     """transformers' processors and stopping criteria for ``config`` (prepared in place, as ``generate`` does),
     for a stream of ``stream_length`` ids whose real ones ``attention_mask`` [batch, stream_length] marks."""
     if isinstance(config.eos_token_id, (list, tuple)) and not config.eos_token_id:
@@ -103,7 +114,8 @@ def decoding_pieces(model, tokenizer, config: GenerationConfig, stream_length: i
     criteria = model._get_stopping_criteria(generation_config=config, stopping_criteria=StoppingCriteriaList(),
                                             tokenizer=tokenizer)
     config.max_length = max_length
-    return processors, criteria
+    has_eos = any(hasattr(criterion, "eos_token_id") for criterion in criteria)
+    return Decoding(processors, criteria, config._pad_token_tensor if has_eos else None)
 
 
 def next_tokens(scores: torch.Tensor, do_sample: bool) -> torch.Tensor:

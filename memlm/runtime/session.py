@@ -241,30 +241,28 @@ class Session:
             raise ValueError("nothing to generate from: the stream is empty; pass a prompt")
         stream, mask = self.stream_ids()
         device = self.mem_model.device
-        processors, criteria = decoding_pieces(self.mem_model.model, self.mem_model.tokenizer, config,
-                                               stream.shape[1], mask, device)
-        pad = config._pad_token_tensor
-        has_eos = any(hasattr(criterion, "eos_token_id") for criterion in criteria)
+        decoding = decoding_pieces(self.mem_model.model, self.mem_model.tokenizer, config, stream.shape[1], mask,
+                                   device)
         put = streamer_callback(streamer)
         unfinished = torch.ones(self.batch_size, dtype=torch.long, device=device)
-        new = stream.new_empty(self.batch_size, 0)
+        sequence = stream  # the stream and the new tokens, as transformers' processors see input_ids
         with torch.no_grad():
-            for _ in range(new_tokens):
-                scores = processors(torch.cat((stream, new), dim=1),
-                                    self._last_logits.to(dtype=torch.float32, copy=True))
+            for step in range(new_tokens):
+                scores = decoding.processors(sequence, self._last_logits.to(dtype=torch.float32, copy=True))
                 token = next_tokens(scores, config.do_sample)
-                if has_eos:
-                    token = token * unfinished + pad * (1 - unfinished)
-                new = torch.cat((new, token[:, None]), dim=1)
+                if decoding.pad is not None:
+                    token = token * unfinished + decoding.pad * (1 - unfinished)
+                sequence = torch.cat((sequence, token[:, None]), dim=1)
                 if put is not None:
                     put(token)
-                unfinished = unfinished & ~criteria(torch.cat((stream, new), dim=1), scores)
-                if unfinished.max() == 0 or new.shape[1] == new_tokens:
+                unfinished = unfinished & ~decoding.criteria(sequence, scores)
+                if unfinished.max() == 0 or step == new_tokens - 1:
                     self.pending = token[:, None]  # enters the stream with the next input
                     break
                 self._forward(token[:, None], keep_all=False)
         if streamer is not None and hasattr(streamer, "end"):
             streamer.end()
+        new = sequence[:, stream.shape[1] :]
         if not (chat or _is_text(prompt)):
             return new
         texts = self._tokenizer().batch_decode(new, skip_special_tokens=True)
@@ -289,10 +287,10 @@ class Session:
         if not parts:
             return torch.empty(self.batch_size, 0, dtype=torch.long, device=device), None
         ids = torch.cat([p.to(device) for p in parts], dim=1)
-        if all(r is None for r in self.history_real):
+        masks = [*self.history_real, *([] if self.pending is None else [None])]  # a generated token is real
+        if all(m is None for m in masks):
             return ids, None
-        reals = [torch.ones_like(p, dtype=torch.bool) if r is None else r for p, r in
-                 zip(parts, [*self.history_real, None][: len(parts)], strict=True)]
+        reals = [torch.ones_like(p, dtype=torch.bool) if m is None else m for p, m in zip(parts, masks, strict=True)]
         return ids, torch.cat([r.to(device) for r in reals], dim=1).long()
 
     # ------------------------------------------------------------------------------------ internals
@@ -326,7 +324,7 @@ class Session:
         total = ids.shape[1]
         if total == 0:
             vocab = self.mem_model.model.get_input_embeddings().num_embeddings
-            empty = torch.empty(self.batch_size, 0, vocab) if return_logits else None
+            empty = torch.empty(self.batch_size, 0, vocab, device=self.mem_model.device) if return_logits else None
             return FeedResult(tokens=0, segments=0, logits=empty)
         self.state.check_room(total)
         grad = torch.is_grad_enabled() and labels is not None

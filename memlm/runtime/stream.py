@@ -194,6 +194,11 @@ class StreamState:
         self.local.abort()
         self.position_ids = None
 
+    def clear_memory(self) -> None:
+        """Empty the kNN memory and keep the document going: what enters next stands where it stands in it."""
+        self.knn.reset()
+        self.knn.memory_start = self.local.local_start
+
     def detach_graph(self) -> None:
         """Cut the graph behind the caches and the CrossBatch memory; keep their values."""
         self.local.detach_graph()

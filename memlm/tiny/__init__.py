@@ -22,7 +22,7 @@ import torch
 import transformers
 
 from memlm.config import MemoryConfig
-from memlm.positions.scaling import METHODS, extend_context
+from memlm.positions.scaling import extend_from_spec
 from memlm.runtime.model import MemoryModel
 
 #: The shipped model's directory inside the installed package.
@@ -92,10 +92,7 @@ def load_default(directory: str | Path | None = None, device: str | torch.device
     tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
     model = transformers.AutoModelForCausalLM.from_pretrained(directory, attn_implementation="sdpa").to(device).eval()
     if extend:
-        extension = dict(extend)
-        if "method" not in extension:
-            raise ValueError(f"extend needs a method (one of {', '.join(METHODS)}), got {extend!r}")
-        extend_context(model, extension.pop("method"), **extension)
+        extend_from_spec(model, extend)
     mem_model = MemoryModel.from_pretrained(model, memlm_dir, tokenizer=tokenizer)
     if not memory_overrides:
         return mem_model, tokenizer

@@ -28,7 +28,7 @@ import transformers
 import yaml
 
 from memlm.config import MemoryConfig
-from memlm.positions.scaling import METHODS, extend_context
+from memlm.positions.scaling import extend_from_spec
 from memlm.runtime.model import attach
 
 from .data import AssociativeRecall, Passkey, TextDocuments
@@ -96,10 +96,7 @@ def run(recipe_path: str | Path, output: str | Path, steps: int | None = None, r
     torch.manual_seed(config.seed)  # the random model's initial weights
     model, tokenizer = build_model(recipe["model"], device)
     if recipe.get("extend"):  # the papers' recipe: extend the positions, then fine-tune at the new length
-        extension = dict(recipe["extend"])
-        if "method" not in extension:
-            raise ValueError(f"extend needs a method (one of {', '.join(METHODS)}), got {recipe['extend']!r}")
-        extend_context(model, extension.pop("method"), **extension)
+        extend_from_spec(model, recipe["extend"])
     mem_model = attach(model, MemoryConfig.from_dict(recipe.get("memory", {})), tokenizer=tokenizer)
     trainer = Trainer(mem_model, build_task(recipe["task"], model, tokenizer), config)
     if resume:
