@@ -9,8 +9,12 @@ sequence (the "global branch", StreamingLLM's attention sinks) and a sliding loc
 
 merged with ``merge_blocks`` (disjoint key sets: exact). Time and memory O(n x (global + window)), never
 n x n. ``lambda_attention_ref`` is the same attention as one masked softmax over all keys (the test oracle).
-Distances are those of the positions q and k were rotated to: LM-Infinite's distance cap is the caller's
-(it rotates keys beyond the cap as if at the cap).
+
+LM-Infinite's second ingredient, the distance cap: a pair farther apart than ``distance_cap`` scores as if
+it were exactly ``distance_cap`` apart. The kernel does not know rotations; the caller passes ``capped_q``
+(each query rotated to position ``distance_cap``) and ``capped_k`` (the global keys rotated to position 0),
+and those pairs of the global block are scored with them: one more block, merged like the others. With
+``distance_cap >= local_window`` (required) no pair of the local band is ever capped.
 """
 
 from __future__ import annotations
@@ -47,9 +51,22 @@ def lambda_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, g
 
 
 def lambda_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, global_tokens: int, local_window: int,
-                     scale: float | None = None) -> torch.Tensor:
-    """Λ attention: q [b, hq, n, d], k, v [b, hkv, n, d] (rotated; hq a multiple of hkv) -> out [b, hq, n, d]."""
+                     scale: float | None = None, distance_cap: int | None = None, capped_q: torch.Tensor | None = None,
+                     capped_k: torch.Tensor | None = None) -> torch.Tensor:
+    """Λ attention: q [b, hq, n, d], k, v [b, hkv, n, d] (rotated; hq a multiple of hkv) -> out [b, hq, n, d].
+
+    distance_cap: pairs with i - j >= distance_cap score ``capped_q[i] . capped_k[j]``; capped_q [b, hq, n, d]
+    (queries rotated to position distance_cap), capped_k [b, hkv, min(global_tokens, n), d] (global keys at 0).
+    """
     _check(q, k, v, global_tokens, local_window)
+    if distance_cap is not None:
+        if not isinstance(distance_cap, int) or isinstance(distance_cap, bool) or distance_cap < local_window:
+            raise ValueError(f"distance_cap must be an integer >= local_window ({local_window}), got {distance_cap!r}")
+        first = min(global_tokens, q.shape[2])
+        if capped_q is None or capped_q.shape != q.shape or capped_k is None or capped_k.shape != (
+                *k.shape[:2], first, k.shape[3]):
+            raise ValueError(f"distance_cap needs capped_q shaped like q {tuple(q.shape)} and capped_k "
+                             f"{(*k.shape[:2], first, k.shape[3])} (the global keys)")
     batch, q_heads, n, head_dim = q.shape
     kv_heads, window = k.shape[1], min(local_window, n)
     chunks = -(-n // window)
@@ -80,7 +97,12 @@ def lambda_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, globa
         i = torch.arange(n, device=q.device)[:, None]
         j = torch.arange(first, device=q.device)[None, :]
         outside = j <= i - local_window
-        if bool(outside.any()):
-            global_block = attention_block(q, k[:, :, :first], v[:, :, :first], mask=outside, scale=scale)
-            out, lse = merge_blocks(out, lse, *global_block)
+        capped = outside & (i - j >= distance_cap) if distance_cap is not None else torch.zeros_like(outside)
+        near = outside & ~capped
+        if bool(near.any()):
+            out, lse = merge_blocks(out, lse, *attention_block(q, k[:, :, :first], v[:, :, :first], mask=near,
+                                                               scale=scale))
+        if bool(capped.any()):
+            out, lse = merge_blocks(out, lse, *attention_block(capped_q, capped_k, v[:, :, :first], mask=capped,
+                                                               scale=scale))
     return out

@@ -55,6 +55,10 @@ class MemoryConfig:
     )
     memory_dtype: str | None = option("dtype of stored memory: 'float32', 'float16', 'bfloat16'; None = the model's",
                                      None)
+    sink_tokens: int = option(
+        "attention sinks (StreamingLLM / LM-Infinite): the document's first tokens stay in the local context for "
+        "good, in front of the XL cache, instead of entering memory (0 = off)", 0
+    )
     rmt_tokens: int = option("Recurrent Memory Transformer read/write tokens per segment (0 = off)", 0)
     rmt_bptt_depth: int | None = option(
         "with gradients enabled, cut the graph through RMT memory every k segments; None = never cut", None
@@ -69,7 +73,7 @@ class MemoryConfig:
             self.memory_dtype = str(self.memory_dtype).removeprefix("torch.")
         self.index_kwargs = dict(self.index_kwargs or {})
         for name, low in (("segment_length", 1), ("xl_length", 0), ("top_k", 1), ("memory_capacity", 1),
-                          ("rmt_tokens", 0)):
+                          ("rmt_tokens", 0), ("sink_tokens", 0)):
             check_integer(name, getattr(self, name), low)
         if not isinstance(self.memory_layers, tuple) or not all(
             isinstance(i, int) and not isinstance(i, bool) for i in self.memory_layers
@@ -88,6 +92,9 @@ class MemoryConfig:
         ):
             raise ValueError(f"gate_init must be a finite number, got {self.gate_init!r}")
         check_integer("rmt_bptt_depth", self.rmt_bptt_depth, 1, optional=True)
+        if self.sink_tokens and self.rmt_tokens:
+            raise ValueError("sink_tokens with rmt_tokens is not supported: choose attention sinks or RMT memory "
+                             "tokens")
         if self.memory_dtype is not None and self.memory_dtype not in MEMORY_DTYPES:
             raise ValueError(f"memory_dtype must be None or one of {tuple(MEMORY_DTYPES)}, got {self.memory_dtype!r}")
 

@@ -6,7 +6,9 @@ import math
 
 import pytest
 import torch
+import transformers
 
+from memlm import MemoryConfig, attach, use_attention
 from memlm.kernels import lambda_attention, lambda_attention_ref
 
 
@@ -67,3 +69,128 @@ def test_bad_input():
         lambda_attention(q, q, q, global_tokens=-1, local_window=4)
     with pytest.raises(ValueError, match="self-attention"):
         lambda_attention(q, torch.zeros(1, 2, 9, 4), torch.zeros(1, 2, 9, 4), global_tokens=2, local_window=4)
+
+
+# ------------------------------------------------------------------- the distance cap and use_attention
+
+
+def turn(x, positions, inv_freq):
+    """Rotate x [..., n, d] to ``positions`` [n] by hand: channel pairs (c, c + d/2) as complex numbers."""
+    half = x.shape[-1] // 2
+    z = torch.complex(x[..., :half].double(), x[..., half:].double())
+    angles = positions.double()[:, None] * inv_freq.double()[None, :]
+    z = z * torch.polar(torch.ones_like(angles), angles)
+    return torch.cat((z.real, z.imag), dim=-1)
+
+
+def naive_capped(q0, k0, v, positions, inv_freq, global_tokens, local_window, cap, scale):
+    """Λ attention of unrotated q0 [b, hq, n, d], k0, v [b, hkv, n, d]: visible pairs farther than ``cap`` are
+    scored with the query at position ``cap`` and the key at 0, the others at their own positions."""
+    group = q0.shape[1] // k0.shape[1]
+    k0, v = (t.double().repeat_interleave(group, dim=1) for t in (k0, v))
+    n = q0.shape[2]
+    exact = turn(q0, positions, inv_freq) @ turn(k0, positions, inv_freq).transpose(-1, -2)
+    at_cap = turn(q0, torch.full((n,), cap), inv_freq) @ k0.transpose(-1, -2)
+    i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    scores = torch.where(i - j >= cap, at_cap, exact) * scale
+    visible = (j <= i) & ((j < global_tokens) | (i - j < local_window))
+    return torch.softmax(scores.masked_fill(~visible, -math.inf), dim=-1) @ v
+
+
+@pytest.mark.parametrize(("q_heads", "kv_heads"), [(4, 4), (4, 2)])
+def test_capped_global_pairs_score_as_if_at_the_cap(q_heads, kv_heads):
+    generator = torch.Generator().manual_seed(1)
+    n, d, global_tokens, window, cap = 45, 8, 4, 6, 10
+    q0 = torch.randn(2, q_heads, n, d, generator=generator, dtype=torch.float64)
+    k0 = torch.randn(2, kv_heads, n, d, generator=generator, dtype=torch.float64)
+    v = torch.randn(2, kv_heads, n, d, generator=generator, dtype=torch.float64)
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    positions = torch.arange(n)
+    out = lambda_attention(turn(q0, positions, inv_freq), turn(k0, positions, inv_freq), v, global_tokens=global_tokens,
+                           local_window=window, distance_cap=cap, capped_q=turn(q0, torch.full((n,), cap), inv_freq),
+                           capped_k=k0[:, :, :global_tokens])
+    expected = naive_capped(q0, k0, v, positions, inv_freq, global_tokens, window, cap, d**-0.5)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    uncapped = lambda_attention(turn(q0, positions, inv_freq), turn(k0, positions, inv_freq), v,
+                                global_tokens=global_tokens, local_window=window)
+    assert (out - uncapped).abs().max() > 1e-3  # the cap changes what far queries read
+    with pytest.raises(ValueError, match="distance_cap must be an integer >= local_window"):
+        lambda_attention(q0, k0, v, global_tokens=4, local_window=6, distance_cap=5, capped_q=q0,
+                         capped_k=k0[:, :, :4])
+    with pytest.raises(ValueError, match="needs capped_q shaped like q"):
+        lambda_attention(q0, k0, v, global_tokens=4, local_window=6, distance_cap=10)
+
+
+def gqa_llama():
+    config = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                      attn_implementation="sdpa")
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).double().eval()
+
+
+def test_use_attention_lambda_runs_the_capped_pattern_in_a_model_and_restores_it():
+    model = gqa_llama()
+    ids = torch.randint(0, 300, (2, 53), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = model(ids).logits
+        inv_freq = model.model.rotary_emb.inv_freq
+
+        def reference(module, q, k, v, mask, scaling=None, dropout=0.0, position_ids=None, **kwargs):
+            positions = position_ids[0]
+            q0, k0 = turn(q, -positions, inv_freq), turn(k, -positions, inv_freq)  # back to position 0
+            return naive_capped(q0, k0, v, positions, inv_freq, 3, 8, 12, scaling).transpose(1, 2), None
+
+        transformers.AttentionInterface.register("test_naive_lambda", reference)
+        transformers.AttentionMaskInterface.register("test_naive_lambda",
+                                                     transformers.masking_utils.sdpa_mask)
+        model.set_attn_implementation("test_naive_lambda")
+        expected = model(ids).logits
+        model.set_attn_implementation("sdpa")
+
+        assert use_attention(model, "lambda", global_tokens=3, local_window=8, distance_cap=12) is model
+        assert model.config._attn_implementation == "memlm_lambda"
+        torch.testing.assert_close(model(ids).logits, expected, rtol=1e-9, atol=1e-9)
+        use_attention(model, "lambda", global_tokens=0, local_window=64)  # window >= n: causal attention
+        torch.testing.assert_close(model(ids).logits, plain, rtol=1e-9, atol=1e-9)
+        use_attention(model, None)
+        assert model.config._attn_implementation == "sdpa"
+        torch.testing.assert_close(model(ids).logits, plain, rtol=0, atol=0)
+        use_attention(model, None)  # nothing to restore: unchanged
+
+
+def test_use_attention_lambda_trains(tiny_llama):
+    use_attention(tiny_llama, "lambda", global_tokens=2, local_window=5, distance_cap=9)
+    tiny_llama.train()
+    ids = torch.randint(0, 100, (2, 30))
+    tiny_llama(ids, labels=ids).loss.backward()
+    grads = [p.grad for p in tiny_llama.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_use_attention_refuses_what_it_cannot_do(tiny_llama, tiny_gpt2):
+    with pytest.raises(ValueError, match="unknown attention implementation 'nope'"):
+        use_attention(tiny_llama, "nope")
+    with pytest.raises(ValueError, match="options: .*unexpected keyword argument 'window'"):
+        use_attention(tiny_llama, "lambda", window=3)
+    with pytest.raises(ValueError, match="must be >= local_window"):
+        use_attention(tiny_llama, "lambda", local_window=16, distance_cap=8)
+    with pytest.raises(ValueError, match="local_window must be an integer >= 1"):
+        use_attention(tiny_llama, "lambda", local_window=0)
+    with pytest.raises(ValueError, match="takes no options"):
+        use_attention(tiny_llama, None, local_window=3)
+    with pytest.raises(TypeError, match="PreTrainedModel"):
+        use_attention(object(), "lambda")
+    with pytest.raises(ValueError, match="needs a rotary model"):
+        use_attention(tiny_gpt2, "lambda", distance_cap=4096)
+    use_attention(tiny_llama, "lambda", global_tokens=2, local_window=4)
+    ids = torch.randint(0, 100, (2, 12))
+    with pytest.raises(ValueError, match="unpadded batches"):
+        tiny_llama(ids, attention_mask=torch.ones(2, 12, dtype=torch.long).index_fill_(1, torch.tensor([0]), 0))
+    with pytest.raises(ValueError, match="full-sequence forwards"):
+        tiny_llama.generate(ids, max_new_tokens=2, do_sample=False)
+    use_attention(tiny_llama, None)
+    mem_model = attach(tiny_llama, MemoryConfig(segment_length=8, xl_length=8, memory_layers=(1,)))
+    with pytest.raises(ValueError, match="detach it from memlm first"):
+        use_attention(mem_model.model, "lambda")
+    mem_model.detach()

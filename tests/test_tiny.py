@@ -10,6 +10,8 @@ from memlm import cli
 from memlm.eval.passkey import passkey_trials
 from memlm.tiny import DEFAULT_DIR, MEMORY, PASSKEY_DIGITS, load_default
 
+from conftest import make_text
+
 MAX_BYTES = 10 * 2**20
 
 
@@ -56,6 +58,14 @@ def test_memory_finds_a_key_far_outside_the_local_context():
     assert sum(r.right for r in missed) == 0, [(r.key, r.answer) for r in missed]
 
 
+def test_demo_takes_a_haystack_file_and_distractors(capsys, tmp_path):
+    book = tmp_path / "book.txt"
+    book.write_text(make_text(300, seed=2))
+    assert cli.main(["demo", "--length", "2048", "--haystack", str(book), "--distractors", "3"]) == 0
+    out = capsys.readouterr().out
+    assert f"tokens of {book}, 3 other numbers in it" in out and "-> " in out
+
+
 def test_demo_streams_a_haystack_and_answers(capsys):
     assert cli.main(["demo", "--length", "4096", "--seed", "3"]) == 0
     out = capsys.readouterr().out
@@ -64,6 +74,10 @@ def test_demo_streams_a_haystack_and_answers(capsys):
     assert "kNN memory off" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--length must be at least 64"):
         cli.main(["demo", "--length", "10"])
+    with pytest.raises(SystemExit, match="--distractors must be >= 0"):
+        cli.main(["demo", "--distractors", "-1"])
+    with pytest.raises(SystemExit, match="expected a UTF-8 text file"):
+        cli.main(["demo", "--haystack", "/nonexistent/book.txt"])
     with pytest.raises(SystemExit, match="--depth must be in"):
         cli.main(["demo", "--depth", "2"])
 

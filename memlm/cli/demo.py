@@ -18,6 +18,10 @@ def add_commands(commands) -> None:
     demo.add_argument("--length", type=int, default=32768, help="haystack tokens (default 32768)")
     demo.add_argument("--seed", type=int, default=0, help="chooses the key and where it hides (default 0)")
     demo.add_argument("--depth", type=float, help="where the key hides, 0..1 (default: chosen by the seed)")
+    demo.add_argument("--haystack", help="a UTF-8 text file whose sentences make the haystack (default: the "
+                      "built-in filler)")
+    demo.add_argument("--distractors", type=int, default=0,
+                      help="other numbers hidden in the haystack as 'The door code is N.' (default 0)")
     demo.add_argument("--no-memory", action="store_true",
                       help="switch the kNN memory off: the model keeps only its local context (XL cache + segment)")
     demo.set_defaults(handler=demo_command)
@@ -48,24 +52,43 @@ def info() -> str:
 
 
 def demo_command(args: argparse.Namespace) -> int:
-    from memlm.eval.passkey import passkey_trials
+    import time
+
+    import torch
+
+    from memlm.eval.tasks import Haystack, make_sample, score
     from memlm.tiny import PASSKEY_DIGITS, load_default
 
     if args.length < 64:
         raise SystemExit(f"memlm demo: --length must be at least 64 tokens, got {args.length}")
     if args.depth is not None and not 0 <= args.depth <= 1:
         raise SystemExit(f"memlm demo: --depth must be in [0, 1], got {args.depth}")
+    if args.distractors < 0:
+        raise SystemExit(f"memlm demo: --distractors must be >= 0, got {args.distractors}")
+    try:
+        haystack = Haystack.from_file(args.haystack) if args.haystack else Haystack()
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise SystemExit(f"memlm demo: --haystack {args.haystack}: expected a UTF-8 text file of sentences ({error})")
     mem_model, tokenizer = load_default(**({"memory_layers": ()} if args.no_memory else {}))
     config = mem_model.config
     memory = f"kNN memory at layer {config.memory_layers[0]}" if config.memory_layers else "kNN memory off"
     parameters = sum(p.numel() for p in mem_model.model.parameters())
     print(f"memlm-tiny ({parameters / 1e6:.1f}M parameters): local context {config.xl_length + config.segment_length} "
           f"tokens (XL cache {config.xl_length} + segment {config.segment_length}), {memory}")
-    (result,) = passkey_trials(mem_model, tokenizer, length=args.length, seeds=[args.seed], depth=args.depth,
-                               digits=PASSKEY_DIGITS, progress=True)
-    print(f"haystack: {result.tokens:,} tokens; pass key {result.key} at token {result.key_position:,} "
-          f"({result.tokens - result.key_position:,} tokens before the question's end)")
-    print("question: What is the pass key? The pass key is")
-    print(f"answer:   {result.answer!r} -> {'right' if result.right else 'wrong'}")
-    print(f"streamed {result.tokens:,} tokens at {result.tokens_per_second:,.0f} tokens/s")
+    sample = make_sample("passkey", tokenizer, haystack, args.length, args.depth, args.seed, digits=PASSKEY_DIGITS,
+                         distractors=args.distractors)
+    key = sample.references[0]
+    before = len(tokenizer(sample.context[: sample.needles[0]], add_special_tokens=False)["input_ids"])
+    start = time.perf_counter()
+    with torch.no_grad(), mem_model.session() as session:
+        session.feed(sample.context, progress=True)
+        output = session.generate(" " + sample.question, max_new_tokens=sample.max_new_tokens)
+        tokens = session.stream_length
+    seconds = time.perf_counter() - start
+    others = f", {len(sample.distractors)} other numbers in it" if sample.distractors else ""
+    print(f"haystack: {tokens:,} tokens of {haystack.name}{others}; pass key {key} at token {before:,} "
+          f"({tokens - before:,} tokens before the question's end)")
+    print(f"question: {sample.question}")
+    print(f"answer:   {output.strip()!r} -> {'right' if score(sample, output) else 'wrong'}")
+    print(f"streamed {tokens:,} tokens at {tokens / seconds:,.0f} tokens/s")
     return 0

@@ -66,25 +66,21 @@ class CrossBatchMemory:
             keys, values = torch.cat((old_k, keys), dim=2), torch.cat((old_v, values), dim=2)
         self.entries[layer] = keys[:, :, -self.capacity :], values[:, :, -self.capacity :]
 
-    def read(self, layer: int, q: torch.Tensor, local_start: int, scale: float):
+    def read(self, layer: int, q: torch.Tensor, local_start: int, scale: float, sinks: int = 0):
         """Memory of every row in the shared layout, for queries q [batch, q_heads, n, d]: keys, values
-        [batch, kv_heads, (1 + negatives) * capacity, d] (own first, then the negatives in row order; keys at the
-        first position of the local context) and mask [batch, kv_heads, same] (False = empty slot); None before
-        anything entered memory."""
+        [batch, kv_heads, (1 + negatives) * n_stored, d] (own first, then the negatives in row order; keys at
+        the first position of the local context) and mask None (every row holds as many entries, so none is
+        absent); (None, None, None) before anything entered memory."""
         if layer not in self.entries:
             return None, None, None
         keys, values = self.entries[layer]
-        batch, kv_heads, n, _ = keys.shape
-        pad = self.capacity - n  # slots not filled yet sit at the front, masked
-        keys, values = (torch.nn.functional.pad(t, (0, 0, pad, 0)) for t in (keys, values))
-        mask = torch.arange(self.capacity, device=keys.device) >= pad
-        rows = torch.arange(batch, device=keys.device)
-        order = torch.stack([(rows + shift) % batch for shift in range(self.crossbatch.negatives + 1)], dim=1)
-        # [batch, 1 + negatives, kv_heads, capacity, d] -> [batch, kv_heads, (1 + negatives) * capacity, d]
-        mem_k, mem_v = (t[order].transpose(1, 2).flatten(2, 3) for t in (keys, values))
-        mem_k = self.positions.rotate(mem_k, self.positions.frame(local_start))
-        mem_mask = mask.repeat(self.crossbatch.negatives + 1).expand(batch, kv_heads, -1)
-        return mem_k.to(q.dtype), mem_v.to(q.dtype), mem_mask
+        # row i reads rows i, i+1, ..., i+negatives (mod batch). Only the filled entries: attending to empty
+        # slots would cost a full capacity per segment from the first one on.
+        # (torch.roll, not fancy indexing: the backward of an index gather is a slow accumulating scatter on CPU.)
+        shifts = range(self.crossbatch.negatives + 1)
+        mem_k, mem_v = (torch.cat([torch.roll(t, -shift, dims=0) for shift in shifts], dim=2) for t in (keys, values))
+        mem_k = self.positions.rotate(mem_k, self.positions.frame(local_start, sinks))
+        return mem_k.to(q.dtype), mem_v.to(q.dtype), None
 
     def detach_(self) -> None:
         self.entries = {layer: (k.detach(), v.detach()) for layer, (k, v) in self.entries.items()}

@@ -57,8 +57,9 @@ class KNNMemory:
         index.add(self.positions.stored_keys(keys, first), values)
         return keys, values
 
-    def read(self, layer: int, q: torch.Tensor, local_start: int, scale: float):
-        """Each query head's top-k entries, rotated to where the attention puts them.
+    def read(self, layer: int, q: torch.Tensor, local_start: int, scale: float, sinks: int = 0):
+        """Each query head's top-k entries, rotated to where the attention puts them (``sinks``: sink tokens in
+        front of the local context).
 
         q: [batch, q_heads, n, head_dim] (at their position ids). Returns keys, values
         [batch, q_heads, n, top_k, head_dim] in q's dtype and mask [batch, q_heads, n, top_k]; None before
@@ -69,12 +70,12 @@ class KNNMemory:
         index = self.indexes[layer]
         batch, q_heads, n, head_dim = q.shape
         group = q_heads // index.num_heads  # query head h reads kv head h // group
-        queries = self.positions.search_queries(q.detach(), local_start)
+        queries = self.positions.search_queries(q.detach(), local_start, sinks)
         found = index.search(queries.reshape(batch, index.num_heads, group * n, head_dim), self.top_k)
         shape = (batch, q_heads, n, self.top_k)
         if self.retrievals is not None:
             self.retrievals.append((found.ids.reshape(shape), found.scores.reshape(shape) * scale))
-        keys = self.positions.attended_keys(found.keys.reshape(*shape, head_dim), local_start)
+        keys = self.positions.attended_keys(found.keys.reshape(*shape, head_dim), local_start, sinks)
         return keys.to(q.dtype), found.values.reshape(*shape, head_dim).to(q.dtype), found.mask.reshape(shape)
 
     def entries(self, layer: int, row: int = 0) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -6,6 +6,9 @@ model's own rotary frequencies (``rotary.py``). The rules (docs/DESIGN.md, "Posi
 * ``position_mode="rebase"``: the local context occupies positions 0 .. L-1 (its *frame* starts at 0);
   ``"absolute"``: it starts at its document offset. RoPE scores depend on distances only, so the two
   modes give the same logits for rotary models.
+* Attention sinks (the document's first ``sinks`` tokens, kept in front of the XL cache) stand at
+  0 .. sinks-1 in both modes, and the frame is then the position of the first token after them:
+  ``sinks`` in rebase (StreamingLLM's positions within the cache), the document offset in absolute.
 * ``memory_positions="first"`` (LongLLaMA): a retrieved key sits at the first position of the local
   context. ``"original"``: at its true document distance from the query.
 
@@ -40,14 +43,17 @@ class PositionPolicy:
         """The rotary module's current frequencies [rot_dim / 2] (read on use: dynamic scaling may change them)."""
         return None if self.rotary is None else self.rotary.inv_freq
 
-    def frame(self, local_start: int) -> int:
-        """Position id of the local context's first token, whose document offset is ``local_start``."""
-        return 0 if self.position_mode == "rebase" else local_start
+    def frame(self, local_start: int, sinks: int = 0) -> int:
+        """Position id of the local context's first token after its ``sinks``, whose document offset is
+        ``local_start``."""
+        return sinks if self.position_mode == "rebase" else local_start
 
-    def local_positions(self, local_start: int, first: int, n: int, device: torch.device) -> torch.Tensor:
-        """Position ids [n] of local entries first .. first + n - 1 (counted from the local context's start)."""
-        start = self.frame(local_start) + first
-        return torch.arange(start, start + n, device=device)
+    def local_positions(self, local_start: int, first: int, n: int, device: torch.device,
+                        sinks: int = 0) -> torch.Tensor:
+        """Position ids [n] of local entries first .. first + n - 1 (counted from the local context's start,
+        whose first ``sinks`` entries are the sinks, at 0 .. sinks-1)."""
+        entries = torch.arange(first, first + n, device=device)
+        return torch.where(entries < sinks, entries, entries + self.frame(local_start, sinks) - sinks)
 
     def rotate(self, keys: torch.Tensor, positions: torch.Tensor | int) -> torch.Tensor:
         """Unrotated keys [..., head_dim] moved to ``positions`` (broadcastable to keys.shape[:-1])."""
@@ -74,12 +80,13 @@ class PositionPolicy:
             return keys
         return self.rotate(keys, -(torch.arange(keys.shape[-2], device=keys.device) + first_position))
 
-    def search_queries(self, q: torch.Tensor, local_start: int) -> torch.Tensor:
+    def search_queries(self, q: torch.Tensor, local_start: int, sinks: int = 0) -> torch.Tensor:
         """Queries [..., d] (rotated to their position ids) moved into the index's geometry."""
-        frame = self.frame(local_start)
+        frame = self.frame(local_start, sinks)
         return self.rotate(q, -frame if self.memory_positions == "first" else local_start - frame)
 
-    def attended_keys(self, keys: torch.Tensor, local_start: int) -> torch.Tensor:
-        """Retrieved index keys [..., d] rotated to where the attention puts them."""
-        frame = self.frame(local_start)
+    def attended_keys(self, keys: torch.Tensor, local_start: int, sinks: int = 0) -> torch.Tensor:
+        """Retrieved index keys [..., d] rotated to where the attention puts them (memory stands between the
+        sinks and the XL cache)."""
+        frame = self.frame(local_start, sinks)
         return self.rotate(keys, frame if self.memory_positions == "first" else frame - local_start)

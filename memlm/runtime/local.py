@@ -1,11 +1,15 @@
 """The local context: which tokens every layer keeps and attends to directly (Transformer-XL, Dai et al. 2019).
 
 A stream is a sequence of *segments* of ``segment_length`` tokens. The local context of the tokens
-being processed is [XL cache ; RMT read tokens ; the open segment so far ; the new tokens] (RMT
+being processed is [sinks ; XL cache ; RMT read tokens ; the open segment so far ; the new tokens] (RMT
 write tokens follow the new tokens in the forward that closes a segment, ``memory/rmt.py``, and are
 never kept). When a segment closes, the read tokens are dropped, the last ``xl_length`` tokens stay
 as the XL cache, and the older ones are handed over (``close_segment`` returns them) so that they
 enter the memory at the moment they leave: no token is attended twice.
+
+Attention sinks (StreamingLLM, Xiao et al. 2023; LM-Infinite's global branch, Han et al. 2023): the
+document's first ``sink_tokens`` tokens, when they leave the XL cache, stay in front of it for good
+instead of entering memory.
 
 Keys are kept unrotated; the position policy rotates them on use. Per layer the cache holds
 keys, values [batch, kv_heads, local, head_dim] on the layer's device.
@@ -19,16 +23,17 @@ import torch
 class LocalContext:
     """The cached keys/values of every layer and the counters that place them in the document."""
 
-    def __init__(self, segment_length: int, xl_length: int) -> None:
-        self.segment_length, self.xl_length = segment_length, xl_length
+    def __init__(self, segment_length: int, xl_length: int, sink_tokens: int = 0) -> None:
+        self.segment_length, self.xl_length, self.sink_tokens = segment_length, xl_length, sink_tokens
         self.reset()
 
     def reset(self) -> None:
-        # layer -> unrotated keys, values [batch, kv_heads, cache + read + open, head_dim]
+        # layer -> unrotated keys, values [batch, kv_heads, sinks + cache + read + open, head_dim]
         self.cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # what the forward in flight computed
         self.new = (0, 0, 0)  # read, text, write tokens of the forward in flight
-        self.local_start = 0  # document position of the first cached text token
+        self.local_start = 0  # document position of the first cached text token after the sinks
+        self.sink_length = 0  # sink tokens kept (the document's first tokens, once they left the XL cache)
         self.cache_length = 0  # tokens of closed segments kept (the XL cache)
         self.read_length = 0  # RMT read tokens of the open segment
         self.open_length = 0  # tokens of the segment not yet closed
@@ -40,8 +45,8 @@ class LocalContext:
 
     @property
     def length(self) -> int:
-        """Entries of the local context: cache, read tokens, open segment."""
-        return self.cache_length + self.read_length + self.open_length
+        """Entries of the local context: sinks, cache, read tokens, open segment."""
+        return self.sink_length + self.cache_length + self.read_length + self.open_length
 
     @property
     def in_forward(self) -> bool:
@@ -83,21 +88,32 @@ class LocalContext:
         self.pending, self.new = {}, (0, 0, 0)
 
     def close_segment(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """Drop the read tokens; keep the last ``xl_length`` tokens; return the older ones per layer."""
-        start, end = self.cache_length, self.cache_length + self.read_length  # the read tokens' slots
+        """Drop the read tokens; keep the last ``xl_length`` tokens (and the sinks); return the others per layer."""
+        sinks = self.sink_length
+        start, end = self.read_slots
         kept = self.cache_length + self.open_length
         drop = max(0, kept - self.xl_length)
+        # the leaving tokens that are among the document's first sink_tokens become sinks
+        new_sinks = max(0, min(drop, self.sink_tokens - self.local_start))
         evicted = {}
         for layer, (k, v) in self.cache.items():
             if end > start:
                 k, v = (torch.cat((t[:, :, :start], t[:, :, end:]), dim=2) for t in (k, v))
-            if drop:
-                evicted[layer] = (k[:, :, :drop], v[:, :, :drop])
-            self.cache[layer] = (k[:, :, drop:], v[:, :, drop:])
+            if drop > new_sinks:
+                evicted[layer] = (k[:, :, sinks + new_sinks : sinks + drop], v[:, :, sinks + new_sinks : sinks + drop])
+            self.cache[layer] = tuple(torch.cat((t[:, :, : sinks + new_sinks], t[:, :, sinks + drop :]), dim=2)
+                                      for t in (k, v))
         self.local_start += drop
+        self.sink_length += new_sinks
         self.cache_length = kept - drop
         self.read_length = self.open_length = 0
         return evicted
+
+    @property
+    def read_slots(self) -> tuple[int, int]:
+        """Where the open segment's RMT read tokens sit in the local context: [start, end)."""
+        start = self.sink_length + self.cache_length
+        return start, start + self.read_length
 
     def detach_graph(self) -> None:
         """Cut the graph behind the cached tensors; keep their values."""
@@ -106,12 +122,12 @@ class LocalContext:
     def text_entries(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The text tokens of a layer's local context, keys, values [batch, kv_heads, n, d] (read tokens left out)."""
         k, v = self.cache[layer]
-        start, end = self.cache_length, self.cache_length + self.read_length
+        start, end = self.read_slots
         return tuple(torch.cat((t[:, :, :start], t[:, :, end:]), dim=2) for t in (k, v))
 
     # ------------------------------------------------------------------------------- persistence
 
-    COUNTERS = ("local_start", "cache_length", "read_length", "open_length")
+    COUNTERS = ("local_start", "sink_length", "cache_length", "read_length", "open_length")
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
         """Tensors ``cache.{layer}.keys|values`` and the counters."""

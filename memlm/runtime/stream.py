@@ -68,7 +68,7 @@ class StreamState:
         self.devices = devices
         self.previous_attention = previous_attention
         self.crossbatch = crossbatch
-        self.local = LocalContext(config.segment_length, config.xl_length)
+        self.local = LocalContext(config.segment_length, config.xl_length, config.sink_tokens)
         self.positions = PositionPolicy(config.position_mode, config.memory_positions, rotary)
         memory_dtype = MEMORY_DTYPES[config.memory_dtype] if config.memory_dtype else dtype
         if crossbatch is not None:  # training: a differentiable CrossBatch memory replaces the kNN index
@@ -88,6 +88,8 @@ class StreamState:
         self.local.reset()
         if self.memory is not None:
             self.memory.reset()
+        if isinstance(self.memory, KNNMemory):  # the first sink_tokens tokens never enter memory
+            self.memory.memory_start = self.config.sink_tokens
         self.position_ids: torch.Tensor | None = None  # [read + n + write] of the forward in flight
         self.masks: dict[tuple, torch.Tensor] = {}  # the forward's local masks, made once for all layers
         # layer -> keys, values [batch, kv_heads, n, head_dim] that entered memory when the last segment closed
@@ -122,7 +124,7 @@ class StreamState:
         self.masks = {}
         device = next(iter(self.devices.values()))
         self.position_ids = self.positions.local_positions(self.local.local_start, self.local.length,
-                                                           read + n + write, device)
+                                                           read + n + write, device, self.local.sink_length)
         return self.position_ids.expand(self.batch_size, -1)
 
     def attend(self, module: nn.Module, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
@@ -143,7 +145,7 @@ class StreamState:
             v_kept = v
         cached_k, cached_v = local.extend(layer, unrotated, v_kept)
         if cached_k is not None:
-            where = positions.local_positions(local.local_start, 0, cached_k.shape[2], k.device)
+            where = positions.local_positions(local.local_start, 0, cached_k.shape[2], k.device, local.sink_length)
             k = torch.cat((positions.rotate(cached_k, where).to(k.dtype), k), dim=2)
             v = torch.cat((cached_v.to(v.dtype), v), dim=2)
         if layer not in self.memory_layers:
@@ -151,7 +153,7 @@ class StreamState:
                                         softcap=softcap, sinks=sinks)
         mem_k = mem_v = mem_mask = None
         if self.memory is not None:
-            mem_k, mem_v, mem_mask = self.memory.read(layer, q, local.local_start, scale)
+            mem_k, mem_v, mem_mask = self.memory.read(layer, q, local.local_start, scale, local.sink_length)
         gate = self.gates[self.memory_layers.index(layer)].to(q.device)
         out = memory_attention(q, k, v, mem_k, mem_v, mem_mask, gate=gate, fusion=self.config.fusion, scale=scale,
                                window=sliding_window, softcap=softcap, sinks=sinks,

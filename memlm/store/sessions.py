@@ -98,8 +98,9 @@ def load_segments(state, store, doc_id: str, batch_bytes: int = 64 << 20) -> int
 
 
 def text_entries(cached: torch.Tensor, counters: dict[str, int]) -> torch.Tensor:
-    """The text tokens of a stored local context [kv_heads, local, head_dim]: RMT read tokens left out."""
-    start = counters["cache_length"]
+    """The text tokens of a stored local context [kv_heads, local, head_dim] (sinks first): RMT read tokens left
+    out."""
+    start = counters.get("sink_length", 0) + counters["cache_length"]
     return torch.cat((cached[:, :start], cached[:, start + counters["read_length"] :]), dim=1)
 
 

@@ -1,0 +1,129 @@
+"""Full-sequence attention implementations a user selects on any supported model: ``use_attention``.
+
+``use_attention(model, "lambda", global_tokens=10, local_window=L, distance_cap=L)`` makes every attention
+layer of ``model`` run LM-Infinite's Λ attention (Han et al. 2023; ``memlm.kernels.lambda_attention``) in
+single long forwards (evaluation, training): each query sees the first ``global_tokens`` tokens and the
+``local_window`` tokens up to itself, and a pair farther apart than ``distance_cap`` scores as if it were
+exactly that far (the query rotated to the cap, the key to position 0, with the model's own rotary
+frequencies). ``use_attention(model, None)`` restores the implementation the model had before.
+
+The function registered with transformers' ``AttentionInterface`` finds its settings by the attention module
+it is called for, so models with different settings coexist. Its mask function is flash attention's (None
+for an unpadded batch): the Λ kernel makes its own pattern, and no n x n mask is ever built.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+from transformers import AttentionInterface, AttentionMaskInterface, PreTrainedModel
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+from memlm.config import check_integer
+from memlm.kernels import lambda_attention
+from memlm.positions.rotary import find_rotary, rotate
+
+from .attention import BOOKKEEPING
+
+LAMBDA = "memlm_lambda"
+
+
+@dataclass(frozen=True)
+class LambdaAttention:
+    """LM-Infinite's settings: the global branch, the local window and the distance cap (None: no cap)."""
+
+    global_tokens: int = 10
+    local_window: int = 2048
+    distance_cap: int | None = None
+
+    def __post_init__(self) -> None:
+        check_integer("global_tokens", self.global_tokens, 0)
+        check_integer("local_window", self.local_window, 1)
+        if self.distance_cap is not None:
+            check_integer("distance_cap", self.distance_cap, 1)
+            if self.distance_cap < self.local_window:
+                raise ValueError(f"distance_cap ({self.distance_cap}) must be >= local_window ({self.local_window}): "
+                                 "LM-Infinite caps only distances beyond the window")
+
+
+IMPLEMENTATIONS = {"lambda": LambdaAttention}
+#: attention module -> (settings, the model's inv_freq or None)
+_SETTINGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+#: model -> the attention implementation it had before use_attention
+_PREVIOUS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def use_attention(model: PreTrainedModel, name: str | None, **options) -> PreTrainedModel:
+    """Select memlm's attention implementation ``name`` (``"lambda"``) with ``options`` on ``model``, or restore
+    the model's previous one (``name=None``). Returns the model."""
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"use_attention expects a transformers PreTrainedModel, got {type(model).__name__}")
+    current = model.config._attn_implementation or "eager"
+    if name is None:
+        if options:
+            raise ValueError(f"use_attention(model, None) restores the previous attention and takes no options, got "
+                             f"{sorted(options)}")
+        if model in _PREVIOUS:
+            model.set_attn_implementation(_PREVIOUS.pop(model))
+        return model
+    if name not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown attention implementation {name!r}; memlm has {sorted(IMPLEMENTATIONS)} (or None)")
+    if current.startswith("memlm") and current != LAMBDA:
+        raise ValueError(f"this model runs memlm's streaming attention ({current!r}): detach it from memlm first")
+    try:
+        settings = IMPLEMENTATIONS[name](**options)
+    except TypeError as error:
+        raise ValueError(f"use_attention({name!r}) options: {error}") from error
+    rotary = find_rotary(model)
+    if settings.distance_cap is not None and rotary is None:
+        raise ValueError(f"distance_cap re-rotates keys and needs a rotary model; {type(model).__name__} has none")
+    modules = [m for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int)
+               and any(p.endswith("_proj") for p, _ in m.named_children())]
+    if not modules:
+        raise ValueError(f"{type(model).__name__} has no attention modules with a layer_idx that memlm can find")
+    inv_freq = None if rotary is None else rotary.inv_freq
+    for module in modules:
+        _SETTINGS[module] = (settings, inv_freq)
+    AttentionInterface.register(LAMBDA, lambda_forward)
+    AttentionMaskInterface.register(LAMBDA, ALL_MASK_ATTENTION_FUNCTIONS["flash_attention_2"])
+    _PREVIOUS.setdefault(model, current)
+    model.set_attn_implementation(LAMBDA)
+    return model
+
+
+def lambda_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                   position_ids: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """query [b, hq, n, d]; key, value [b, hkv, n, d] (rotated to ``position_ids``) -> ([b, n, hq, d], None)."""
+    if module not in _SETTINGS:
+        raise ValueError(f"{type(module).__name__} was not set up by memlm.use_attention")
+    settings, inv_freq = _SETTINGS[module]
+    unknown = sorted(name for name, value in kwargs.items() if name not in BOOKKEEPING and value is not None)
+    if unknown:
+        raise ValueError(f"Λ attention takes no {unknown} (sliding windows, softcaps and learned sinks are other "
+                         "attention patterns)")
+    if dropout:
+        raise ValueError("Λ attention has no attention dropout: set the model's attention_dropout to 0")
+    if attention_mask is not None and not bool(attention_mask.all()):
+        raise ValueError("Λ attention takes unpadded batches (no attention_mask with zeros)")
+    if query.shape[2] != key.shape[2]:
+        raise ValueError(f"Λ attention is for full-sequence forwards ({query.shape[2]} queries, {key.shape[2]} keys "
+                         "with a cache); stream with a session (MemoryConfig(sink_tokens=...)) to generate")
+    n, cap = query.shape[2], settings.distance_cap
+    capped = {}
+    if cap is not None and n > cap:
+        if position_ids is None:
+            raise ValueError("distance_cap needs the position ids the model rotated q and k with")
+        positions = position_ids.to(query.device).expand(query.shape[0], n)
+        steps = positions[:, 1:] - positions[:, :-1]
+        if not bool((steps == 1).all()):
+            raise ValueError("distance_cap needs consecutive position ids (distances are index distances)")
+        first = min(settings.global_tokens, n)
+        capped = {"distance_cap": cap,
+                  "capped_q": rotate(query, (cap - positions)[:, None, :], inv_freq),
+                  "capped_k": rotate(key[:, :, :first], -positions[:, None, :first], inv_freq)}
+    out = lambda_attention(query, key, value, global_tokens=settings.global_tokens,
+                           local_window=settings.local_window, scale=scaling, **capped)
+    return out.transpose(1, 2), None

@@ -1,0 +1,101 @@
+"""Attention sinks in the streaming runtime (StreamingLLM; LM-Infinite's global branch): MemoryConfig(sink_tokens=n).
+
+The reference is transformers' own model fed one segment per forward with a ``DynamicCache`` cut, after each
+segment, to exactly the document's first ``n`` tokens and its last ``xl_length`` tokens.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from memlm import MemoryConfig, attach
+from memlm.positions.policy import PositionPolicy
+
+from conftest import VOCAB_SIZE, document, session_logits
+
+
+def gqa_llama() -> transformers.LlamaForCausalLM:
+    config = transformers.LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def sink_logits(model, ids: torch.Tensor, segment: int, xl: int, sinks: int) -> torch.Tensor:
+    cache = transformers.DynamicCache(config=model.config)
+    logits = []
+    with torch.no_grad():
+        for start in range(0, ids.shape[1], segment):
+            chunk = ids[:, start : start + segment]
+            positions = torch.arange(start, start + chunk.shape[1]).unsqueeze(0)
+            logits.append(model(chunk, cache=cache, use_cache=True, position_ids=positions).logits)
+            seen = start + chunk.shape[1]
+            kept = sorted(set(range(min(sinks, seen))) | set(range(max(0, seen - xl), seen)))
+            for layer in cache.layers:  # the cache holds every token seen since the last cut, in order
+                held = sorted(set(range(min(sinks, start))) | set(range(max(0, start - xl), seen)))
+                where = torch.tensor([held.index(p) for p in kept])
+                layer.keys, layer.values = layer.keys[:, :, where], layer.values[:, :, where]
+    return torch.cat(logits, dim=1)
+
+
+@pytest.mark.parametrize("sinks", [1, 4, 13])
+def test_sinks_in_absolute_mode_equal_transformers_with_the_first_and_last_tokens_cached(sinks):
+    model = gqa_llama()
+    segment, xl = 8, 8
+    ids = document(61, seed=3)  # not a multiple of the segment
+    expected = sink_logits(model, ids, segment, xl, sinks)
+    without = sink_logits(model, ids, segment, xl, 0)
+    assert not torch.allclose(expected[:, -8:], without[:, -8:], atol=1e-3)  # the sinks change what is seen
+    mem_model = attach(model, MemoryConfig(segment_length=segment, xl_length=xl, memory_layers=(), sink_tokens=sinks,
+                                           position_mode="absolute"))
+    torch.testing.assert_close(session_logits(mem_model, ids), expected, atol=1e-4, rtol=0)
+    torch.testing.assert_close(session_logits(mem_model, ids, chunks=[3, 20, 1, 37]), expected, atol=1e-4, rtol=0)
+
+
+def test_rebase_puts_the_sinks_at_zero_and_the_window_right_after_them():
+    policy = PositionPolicy("rebase", "first", rotary=None)
+    assert policy.local_positions(local_start=40, first=0, n=7, device="cpu", sinks=3).tolist() == list(range(7))
+    assert policy.frame(40, sinks=3) == 3  # memory entries stand between the sinks and the XL cache
+    absolute = PositionPolicy("absolute", "first", rotary=None)
+    assert absolute.local_positions(40, 0, 7, "cpu", sinks=3).tolist() == [0, 1, 2, 40, 41, 42, 43]
+    assert absolute.frame(40, sinks=3) == 40
+
+
+def test_with_memory_no_token_is_both_a_sink_or_local_and_in_memory():
+    model = gqa_llama()
+    mem_model = attach(model, MemoryConfig(segment_length=8, xl_length=8, memory_layers=(1,), sink_tokens=5,
+                                           top_k=4, memory_capacity=1024))
+    with torch.no_grad(), mem_model.session() as session:
+        for n in (3, 17, 9, 30):
+            session.feed(document(n, seed=n))
+            local = session.state.local
+            if local.local_start > 5:
+                keys, _, first = session.state.knn.entries(1)
+                # memory holds exactly the tokens between the sinks and the XL cache, each once, in order
+                assert local.sink_length == 5 and first == 5 and first + keys.shape[1] == local.local_start
+            assert local.length == local.sink_length + local.cache_length + local.open_length
+
+
+def test_persistence_keeps_the_sinks():
+    model = gqa_llama()
+    mem_model = attach(model, MemoryConfig(segment_length=8, xl_length=8, memory_layers=(), sink_tokens=4,
+                                           position_mode="rebase"))
+    ids = document(70, seed=5)
+    expected = session_logits(mem_model, ids)
+    with torch.no_grad(), mem_model.session() as session:
+        session.feed(ids[:, :40])
+        tensors, counters = session.state.state_dict()
+    assert counters["sink_length"] == 4
+    with torch.no_grad(), mem_model.session() as session:
+        session.state.load_state_dict(tensors, counters)
+        rest = session.feed(ids[:, 40:], return_logits=True).logits
+    torch.testing.assert_close(rest, expected[:, 40:], atol=1e-5, rtol=0)
+
+
+def test_bad_sink_settings_are_refused():
+    with pytest.raises(ValueError, match="sink_tokens must be an integer >= 0"):
+        MemoryConfig(sink_tokens=-1)
+    with pytest.raises(ValueError, match="sink_tokens with rmt_tokens"):
+        MemoryConfig(sink_tokens=4, rmt_tokens=2)
