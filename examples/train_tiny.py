@@ -30,9 +30,9 @@ import torch
 import transformers
 
 from memlm import attach
+from memlm.config import MemoryConfig
 from memlm.eval.runner import answer
 from memlm.eval.tasks import Haystack, make_sample, score
-from memlm.config import MemoryConfig
 from memlm.tiny import train_tokenizer
 from memlm.train import TrainConfig, Trainer
 from memlm.train.data import FILLER, TextDocuments
@@ -126,7 +126,8 @@ def main() -> None:
     phase("needles_local", needles, args.local_steps, 32, 2, args.seed + 2, args.needle_lr, crossbatch_positives=1)
     segments = 8
     phase("needles_memory", needles, args.memory_steps, 16, segments, args.seed + 3, args.needle_lr,
-          crossbatch_positives=segments, crossbatch_negatives=1, curriculum=((0, 4), (args.memory_steps // 3, segments)))
+          crossbatch_positives=segments, crossbatch_negatives=1,
+          curriculum=((0, 4), (args.memory_steps // 3, segments)))
     metrics["train_seconds"] = round(time.perf_counter() - started, 1)
 
     mem_model.model.eval()

@@ -169,9 +169,9 @@ def test_use_attention_lambda_trains(tiny_llama):
 
 
 def test_use_attention_refuses_what_it_cannot_do(tiny_llama, tiny_gpt2):
-    with pytest.raises(ValueError, match="unknown attention implementation 'nope'"):
+    with pytest.raises(ValueError, match=r"unknown attention implementation 'nope'"):
         use_attention(tiny_llama, "nope")
-    with pytest.raises(ValueError, match="options: .*unexpected keyword argument 'window'"):
+    with pytest.raises(ValueError, match=r"options: .*unexpected keyword argument 'window'"):
         use_attention(tiny_llama, "lambda", window=3)
     with pytest.raises(ValueError, match="must be >= local_window"):
         use_attention(tiny_llama, "lambda", local_window=16, distance_cap=8)

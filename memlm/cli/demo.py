@@ -68,7 +68,8 @@ def demo_command(args: argparse.Namespace) -> int:
     try:
         haystack = Haystack.from_file(args.haystack) if args.haystack else Haystack()
     except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise SystemExit(f"memlm demo: --haystack {args.haystack}: expected a UTF-8 text file of sentences ({error})")
+        raise SystemExit(f"memlm demo: --haystack {args.haystack}: expected a UTF-8 text file of sentences "
+                         f"({error})") from error
     mem_model, tokenizer = load_default(**({"memory_layers": ()} if args.no_memory else {}))
     config = mem_model.config
     memory = f"kNN memory at layer {config.memory_layers[0]}" if config.memory_layers else "kNN memory off"
