@@ -16,9 +16,10 @@ from memlm.positions.scaling import extend_context
 from memlm.runtime.implementations import use_attention
 from memlm.runtime.model import MemoryModel, attach
 from memlm.runtime.session import FeedResult, Session
+from memlm.runtime.sink_cache import SinkCache
 from memlm.store import MemoryStore
 from memlm.tiny import load_default
 from memlm.version import __version__
 
-__all__ = ["CrossBatch", "FeedResult", "MemoryConfig", "MemoryModel", "MemoryStore", "Session", "__version__",
-           "attach", "extend_context", "load_default", "use_attention"]
+__all__ = ["CrossBatch", "FeedResult", "MemoryConfig", "MemoryModel", "MemoryStore", "Session", "SinkCache",
+           "__version__", "attach", "extend_context", "load_default", "use_attention"]

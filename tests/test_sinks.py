@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 
-from memlm import MemoryConfig, attach
+from memlm import MemoryConfig, SinkCache, attach
 from memlm.positions.policy import PositionPolicy
 
 from conftest import VOCAB_SIZE, document, session_logits
@@ -99,3 +99,65 @@ def test_bad_sink_settings_are_refused():
         MemoryConfig(sink_tokens=-1)
     with pytest.raises(ValueError, match="sink_tokens with rmt_tokens"):
         MemoryConfig(sink_tokens=4, rmt_tokens=2)
+
+
+# ------------------------------------------------------------------------------------------ SinkCache
+
+
+def turn(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Rotate x [b, h, n, d] by ``delta`` [n] positions by hand: channel pairs (c, c + d/2) as complex numbers."""
+    half = x.shape[-1] // 2
+    angles = delta.double()[:, None] * inv_freq.double()[None, :]
+    z = torch.complex(x[..., :half].double(), x[..., half:].double()) * torch.polar(torch.ones_like(angles), angles)
+    return torch.cat((z.real, z.imag), dim=-1).to(x.dtype)
+
+
+def naive_sink_decoding(model, prompt: torch.Tensor, steps: int, sinks: int, window: int) -> list[torch.Tensor]:
+    """Greedy decoding that, after every forward, cuts a DynamicCache to the first ``sinks`` and last ``window``
+    entries and moves them by hand to positions 0 .. kept-1; the next token stands at position kept."""
+    inv_freq = model.model.rotary_emb.inv_freq
+    cache = transformers.DynamicCache(config=model.config)
+    where = []  # the position each cached entry is rotated to
+    tokens, positions, scores = prompt, torch.arange(prompt.shape[1])[None], []
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(tokens, cache=cache, use_cache=True, position_ids=positions).logits[:, -1]
+            scores.append(logits)
+            where += positions[0].tolist()
+            keep = sorted(set(range(min(sinks, len(where)))) | set(range(max(0, len(where) - window), len(where))))
+            delta = torch.tensor([j - where[i] for j, i in enumerate(keep)])
+            for layer in cache.layers:
+                layer.keys = turn(layer.keys[:, :, keep], delta, inv_freq)
+                layer.values = layer.values[:, :, keep]
+            where = list(range(len(keep)))
+            tokens, positions = logits.argmax(-1, keepdim=True), torch.tensor([[len(keep)]])
+    return scores
+
+
+@pytest.mark.parametrize(("sinks", "window"), [(4, 8), (0, 6), (3, 40)])
+def test_sink_cache_generation_equals_a_naive_recompute_of_the_same_tokens_at_the_same_positions(sinks, window):
+    model = gqa_llama()
+    prompt = document(21, seed=8)
+    expected = naive_sink_decoding(model, prompt, 30, sinks, window)
+    cache = SinkCache(model, sink_tokens=sinks, window=window)
+    with torch.no_grad():
+        out = model.generate(prompt, cache=cache, max_new_tokens=30, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True, eos_token_id=None, pad_token_id=0)
+    for step, (got, want) in enumerate(zip(out.logits, expected, strict=True)):
+        torch.testing.assert_close(got, want, atol=2e-4, rtol=0, msg=f"step {step}")
+    assert all(layer.keys.shape[2] == min(sinks + window, 50) for layer in cache.layers)  # bounded
+    assert cache.get_seq_length() == 50
+    if window < 40:  # the window slid: plain generation differs
+        plain = model.generate(prompt, max_new_tokens=30, do_sample=False, output_logits=True,
+                               return_dict_in_generate=True, eos_token_id=None, pad_token_id=0)
+        assert not torch.allclose(plain.logits[-1], out.logits[-1], atol=1e-3)
+
+
+def test_sink_cache_refuses_bad_settings(tiny_gpt2):
+    model = gqa_llama()
+    with pytest.raises(ValueError, match="window must be an integer >= 1"):
+        SinkCache(model, sink_tokens=4, window=0)
+    with pytest.raises(ValueError, match="sink_tokens must be an integer >= 0"):
+        SinkCache(model, sink_tokens=-1)
+    with pytest.raises(ValueError, match="needs a rotary model"):
+        SinkCache(tiny_gpt2)
