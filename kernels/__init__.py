@@ -27,26 +27,26 @@ KERNELS = ("auto", "ref", "triton")
 
 def memory_attention(
     q, k, v, mem_k=None, mem_v=None, mem_mask=None, gate=None, fusion="gate", scale=None, causal=True,
-    window=None, softcap=None, sinks=None, dropout=0.0,
+    window=None, softcap=None, sinks=None, dropout=0.0, capped=None, capped_q=None, capped_k=None,
 ):
     """Local attention fused with memory attention; arguments and shapes as ``memory_attention_ref``.
 
     Retrieved memory (the 5-d layout) is stop-gradient on every path; shared memory gets gradients.
     """
-    plain = window is None and softcap is None and sinks is None and not dropout
+    plain = window is None and softcap is None and sinks is None and not dropout and capped is None
     if select_kernel(q, k, v, mem_k, mem_v, mem_mask, gate, fusion, causal, plain) == "triton":
         from .fused import memory_attention_triton
 
         return memory_attention_triton(q, k, v, mem_k, mem_v, mem_mask, gate, fusion, scale, causal)
     return memory_attention_ref(q, k, v, mem_k, mem_v, mem_mask, gate, fusion, scale, causal, window, softcap, sinks,
-                                dropout)
+                                dropout, capped, capped_q, capped_k)
 
 
 def select_kernel(q, k, v, mem_k=None, mem_v=None, mem_mask=None, gate=None, fusion="gate", causal=True,
                   plain=True) -> str:
     """``"triton"`` or ``"ref"``: which path ``memory_attention`` takes for these inputs (reads MEMLM_KERNEL).
 
-    ``plain``: no sliding window, soft-capping, sinks or dropout (the Triton kernels compute none of them).
+    ``plain``: no sliding window, soft-capping, sinks, dropout or distance cap (the Triton kernels compute none).
     """
     choice = os.environ.get("MEMLM_KERNEL", "auto").strip().lower() or "auto"
     if choice not in KERNELS:

@@ -48,6 +48,9 @@ def memory_attention_ref(
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
     dropout: float = 0.0,
+    capped: torch.Tensor | None = None,
+    capped_q: torch.Tensor | None = None,
+    capped_k: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Local attention fused with memory attention; see the module docstring.
 
@@ -66,6 +69,9 @@ def memory_attention_ref(
         softcap: logit soft-capping (Gemma 2) of local and memory scores alike.
         sinks: [q_heads] learned sink logits (gpt-oss), one more term of the local softmax.
         dropout: attention dropout (training), on local and memory weights alike.
+        capped: bool [seq, ctx]: local pairs scored ``capped_q[i] . capped_k[j]`` instead of ``q[i] . k[j]``
+            (LM-Infinite's distance cap: q rotated to the cap, [batch, q_heads, seq, head_dim]; k unrotated,
+            [batch, kv_heads, ctx, head_dim]); one more local block, merged.
 
     Retrieved memory is stop-gradient; shared memory (Focused-Transformer training) gets gradients.
 
@@ -78,11 +84,17 @@ def memory_attention_ref(
     seq, ctx = q.shape[2], k.shape[2]
     local_args = {"mask": causal_mask(seq, ctx, window, q.device) if causal and window is not None else None,
                   "causal": causal and window is None}
+    if capped is not None:  # the visible pairs split in two blocks: exact, and scored at the cap
+        visible = causal_mask(seq, ctx, window, q.device) if causal else torch.ones(seq, ctx, dtype=torch.bool,
+                                                                                     device=q.device)
+        local_args = {"mask": visible & ~capped, "causal": False}
     memory = None if mem_k is None else memory_block(q, mem_k, mem_v, mem_mask, **options)
-    if (memory is None or fusion == "gate") and softcap is None and sinks is None:  # no local lse needed
-        local_out = attention_output(q, k, v, **local_args, scale=scale, dropout=dropout)
+    if (memory is None or fusion == "gate") and softcap is None and sinks is None and capped is None:
+        local_out = attention_output(q, k, v, **local_args, scale=scale, dropout=dropout)  # no local lse needed
     else:
         local = attention_block(q, k, v, **local_args, **options)
+        if capped is not None:
+            local = merge_blocks(*local, *attention_block(capped_q, capped_k, v, mask=visible & capped, **options))
         if sinks is not None:
             local = merge_blocks(*local, *sink_block(sinks, local[0]))
         if memory is not None and fusion == "joint":

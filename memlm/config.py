@@ -59,6 +59,10 @@ class MemoryConfig:
         "attention sinks (StreamingLLM / LM-Infinite): the document's first tokens stay in the local context for "
         "good, in front of the XL cache, instead of entering memory (0 = off)", 0
     )
+    distance_cap: int | None = option(
+        "LM-Infinite's distance cap: a key farther than this from its query (a sink, a memory entry) scores as if "
+        "exactly this far; None = off", None
+    )
     rmt_tokens: int = option("Recurrent Memory Transformer read/write tokens per segment (0 = off)", 0)
     rmt_bptt_depth: int | None = option(
         "with gradients enabled, cut the graph through RMT memory every k segments; None = never cut", None
@@ -92,6 +96,10 @@ class MemoryConfig:
         ):
             raise ValueError(f"gate_init must be a finite number, got {self.gate_init!r}")
         check_integer("rmt_bptt_depth", self.rmt_bptt_depth, 1, optional=True)
+        check_integer("distance_cap", self.distance_cap, 1, optional=True)
+        if self.distance_cap is not None and self.memory_positions == "original":
+            raise ValueError("distance_cap caps the distances of memory_positions='first' (retrieved keys at the "
+                             "local context's start); with 'original' every entry stands at its own distance")
         if self.sink_tokens and self.rmt_tokens:
             raise ValueError("sink_tokens with rmt_tokens is not supported: choose attention sinks or RMT memory "
                              "tokens")

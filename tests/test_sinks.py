@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 
-from memlm import MemoryConfig, SinkCache, attach
+from memlm import CrossBatch, MemoryConfig, SinkCache, attach, use_attention
 from memlm.positions.policy import PositionPolicy
 
 from conftest import VOCAB_SIZE, document, session_logits
@@ -161,3 +161,56 @@ def test_sink_cache_refuses_bad_settings(tiny_gpt2):
         SinkCache(model, sink_tokens=-1)
     with pytest.raises(ValueError, match="needs a rotary model"):
         SinkCache(tiny_gpt2)
+
+
+# ------------------------------------------------------------------------------------------ distance cap
+
+
+@pytest.mark.parametrize(("sinks", "window", "cap"), [(3, 6, 10), (1, 4, 4), (5, 8, 30)])
+def test_streamed_sinks_with_a_distance_cap_equal_the_capped_lambda_attention(sinks, window, cap):
+    """One token per segment and an XL cache of window - 1: every query sees the sinks and the last ``window``
+    tokens, Λ-attention's pattern; at absolute positions with the cap, both must score every pair alike."""
+    model = gqa_llama().double()
+    ids = document(41, seed=2)
+    with torch.no_grad():
+        use_attention(model, "lambda", global_tokens=sinks, local_window=window, distance_cap=cap)
+        expected = model(ids).logits
+        use_attention(model, None)
+    streamed = {}
+    for name, distance_cap in (("capped", cap), ("uncapped", None)):
+        config = MemoryConfig(segment_length=1, xl_length=window - 1, memory_layers=(), sink_tokens=sinks,
+                              position_mode="absolute", distance_cap=distance_cap)
+        mem_model = attach(model, config)
+        streamed[name] = session_logits(mem_model, ids)
+        mem_model.detach()
+    torch.testing.assert_close(streamed["capped"], expected, atol=1e-9, rtol=0)
+    if cap < 40:  # pairs farther than the cap exist: capping changes the scores
+        assert not torch.allclose(streamed["uncapped"][:, -5:], expected[:, -5:], atol=1e-6)
+
+
+def test_the_cap_moves_far_memory_entries_to_the_cap():
+    model = gqa_llama()
+    config = MemoryConfig(segment_length=4, xl_length=4, memory_layers=(1,), sink_tokens=2, distance_cap=6,
+                          position_mode="absolute")
+    mem_model = attach(model, config)
+    with torch.no_grad(), mem_model.session() as session:
+        session.feed(document(30, seed=1))
+        state = session.state
+        frame = state.positions.frame(state.local.local_start, state.local.sink_length)
+        keys = torch.randn(1, 4, 2, 3, 16)  # [batch, q_heads, queries, top_k, d], at the frame
+        queries = torch.tensor([frame + 3, frame + 20])
+        moved = state.capped_memory(keys, queries)
+    torch.testing.assert_close(moved[:, :, 0], keys[:, :, 0])  # within the cap: stays at the frame
+    torch.testing.assert_close(moved[:, :, 1], state.positions.rotate(keys[:, :, 1], 20 - 6))  # 6 before its query
+
+
+def test_bad_cap_settings_are_refused(tiny_gpt2):
+    with pytest.raises(ValueError, match="distance_cap must be None or an integer >= 1"):
+        MemoryConfig(distance_cap=0)
+    with pytest.raises(ValueError, match="memory_positions='first'"):
+        MemoryConfig(distance_cap=64, memory_positions="original")
+    with pytest.raises(ValueError, match="needs a rotary model"):
+        attach(tiny_gpt2, MemoryConfig(segment_length=8, xl_length=0, memory_layers=(), distance_cap=16))
+    mem_model = attach(gqa_llama(), MemoryConfig(segment_length=8, memory_layers=(1,), fusion="joint", distance_cap=16))
+    with pytest.raises(ValueError, match="no CrossBatch training"):
+        mem_model.session(batch_size=2, crossbatch=CrossBatch(1, 1))

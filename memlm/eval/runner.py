@@ -48,6 +48,7 @@ MODES = {
     "memory": Mode("memory"),
     "xl-only": Mode("xl-only", {"memory_layers": ()}),
     "off": Mode("off", {"memory_layers": (), "xl_length": 0}),
+    "sinks": Mode("sinks", {"memory_layers": (), "sink_tokens": 4}),  # StreamingLLM: 4 sinks + the XL window
     "memory-reset": Mode("memory-reset", control="reset"),
     "memory-other": Mode("memory-other", control="other"),
 }
@@ -214,11 +215,12 @@ def table(summaries: list[dict]) -> str:
 
 def perplexity_table(results: dict[str, dict]) -> str:
     """Markdown: perplexity per mode (rows) by token-distance bucket (columns)."""
-    buckets = next(iter(results.values()))["buckets"]
+    buckets = max((result["buckets"] for result in results.values()), key=len)  # modes may stream fewer tokens
     out = ["| mode | " + " | ".join(f"{r['from']:,}-{r['to']:,}" if r["to"] else f"{r['from']:,}+" for r in buckets)
            + " | all |", "|---|" + "---|" * (len(buckets) + 1)]
     for name, result in results.items():
-        cells = [f"{r['ppl']:.2f}" for r in result["buckets"]] + [f"{result['ppl']:.2f}"]
+        ppl = {r["from"]: f"{r['ppl']:.2f}" for r in result["buckets"]}
+        cells = [ppl.get(r["from"], "") for r in buckets] + [f"{result['ppl']:.2f}"]
         out.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(out)
 

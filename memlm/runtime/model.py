@@ -72,6 +72,9 @@ class MemoryModel:
         self.memory_layers = config.resolve_layers(model.config.num_hidden_layers)
         self.rotary = find_rotary(model)
         self.max_positions = None
+        if self.rotary is None and config.distance_cap is not None:
+            raise ValueError(f"distance_cap re-rotates keys and needs a rotary model; {name} has absolute position "
+                             "embeddings")
         if self.rotary is None:  # absolute position embeddings (GPT-2): see the module docstring
             self.max_positions = model.config.max_position_embeddings
             if config.position_mode == "rebase" and config.xl_length:

@@ -54,6 +54,9 @@ class StreamState:
         previous_attention: str = "sdpa",
         crossbatch: CrossBatch | None = None,
     ) -> None:
+        if config.distance_cap is not None and (rotary is None or crossbatch is not None):
+            raise ValueError("distance_cap re-rotates keys: it needs a rotary model and an inference session (no "
+                             "CrossBatch training, whose shared memory has one position for every query)")
         if crossbatch is not None:
             crossbatch.check_batch(batch_size)
             if config.memory_positions != "first" or not memory_layers:
@@ -138,27 +141,58 @@ class StreamState:
         if self.position_ids is None:
             raise RuntimeError("StreamState.attend called outside begin()/commit()")
         positions, local = self.positions, self.local
-        unrotated = positions.rotate(k, -self.position_ids.to(k.device))
-        if self.crossbatch is None:  # caches carry no gradient, except into CrossBatch's differentiable memory
-            unrotated, v_kept = unrotated.detach(), v.detach()
-        else:
-            v_kept = v
-        cached_k, cached_v = local.extend(layer, unrotated, v_kept)
+        new_positions = self.position_ids.to(k.device)
+        unrotated = positions.rotate(k, -new_positions)
+        # caches carry no gradient, except into CrossBatch's differentiable memory
+        kept_k, kept_v = (unrotated, v) if self.crossbatch is not None else (unrotated.detach(), v.detach())
+        cached_k, cached_v = local.extend(layer, kept_k, kept_v)
+        key_positions = new_positions
         if cached_k is not None:
             where = positions.local_positions(local.local_start, 0, cached_k.shape[2], k.device, local.sink_length)
             k = torch.cat((positions.rotate(cached_k, where).to(k.dtype), k), dim=2)
             v = torch.cat((cached_v.to(v.dtype), v), dim=2)
+            unrotated = torch.cat((cached_k.to(k.dtype), unrotated), dim=2)
+            key_positions = torch.cat((where, new_positions))
+        capped = self.capped_pairs(q, unrotated, new_positions, key_positions)
         if layer not in self.memory_layers:
+            if capped:  # the model's own attention cannot score pairs apart: memlm's blocks can
+                out = memory_attention(q, k, v, scale=scale, window=sliding_window, softcap=softcap, sinks=sinks,
+                                       dropout=dropout if module.training else 0.0, **capped)
+                return out.transpose(1, 2)
             return self.model_attention(module, q, k, v, scale=scale, dropout=dropout, sliding_window=sliding_window,
                                         softcap=softcap, sinks=sinks)
         mem_k = mem_v = mem_mask = None
         if self.memory is not None:
             mem_k, mem_v, mem_mask = self.memory.read(layer, q, local.local_start, scale, local.sink_length)
+            if mem_k is not None and self.config.distance_cap is not None:
+                mem_k = self.capped_memory(mem_k, new_positions)
         gate = self.gates[self.memory_layers.index(layer)].to(q.device)
         out = memory_attention(q, k, v, mem_k, mem_v, mem_mask, gate=gate, fusion=self.config.fusion, scale=scale,
                                window=sliding_window, softcap=softcap, sinks=sinks,
-                               dropout=dropout if module.training else 0.0)
+                               dropout=dropout if module.training else 0.0, **capped)
         return out.transpose(1, 2)
+
+    def capped_pairs(self, q: torch.Tensor, unrotated: torch.Tensor, query_positions: torch.Tensor,
+                     key_positions: torch.Tensor) -> dict:
+        """LM-Infinite's distance cap on the local context: where a key lies ``distance_cap`` or more before a query,
+        the pair scores as if exactly ``distance_cap`` apart (q rotated to the cap, the key unrotated). Returns the
+        ``memory_attention`` arguments for those pairs ({} when there are none)."""
+        cap = self.config.distance_cap
+        if cap is None:
+            return {}
+        far = (query_positions[:, None] - key_positions[None, :]) >= cap  # [n, ctx]
+        if not bool(far.any()):
+            return {}
+        return {"capped": far, "capped_q": self.positions.rotate(q, cap - query_positions), "capped_k": unrotated}
+
+    def capped_memory(self, mem_k: torch.Tensor, query_positions: torch.Tensor) -> torch.Tensor:
+        """Retrieved keys [batch, q_heads, n, top_k, d] (at the frame) moved, for queries farther than the cap from
+        the frame, to ``distance_cap`` before the query."""
+        frame = self.positions.frame(self.local.local_start, self.local.sink_length)
+        shift = (query_positions - self.config.distance_cap - frame).clamp(min=0)
+        if not bool(shift.any()):
+            return mem_k
+        return self.positions.rotate(mem_k, shift.view(1, 1, -1, 1).to(mem_k.device))
 
     def model_attention(self, module, q, k, v, *, scale, dropout, sliding_window, softcap, sinks) -> torch.Tensor:
         """The model's own attention of q [b, hq, n, d] over the local context k, v [b, hkv, ctx, d]."""
