@@ -59,6 +59,15 @@ def document(length: int, seed: int = 0, low: int = 0, high: int = VOCAB_SIZE) -
     return torch.randint(low, high, (1, length), generator=torch.Generator().manual_seed(seed))
 
 
+def turn(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Rotate x [..., n, d] by ``positions`` [n] by hand, as an independent RoPE reference: channel pairs
+    (c, c + d/2) as complex numbers times e^(i * position * inv_freq), in float64; returned in x's dtype."""
+    half = x.shape[-1] // 2
+    angles = positions.double()[:, None] * inv_freq.double()[None, :]
+    z = torch.complex(x[..., :half].double(), x[..., half:].double()) * torch.polar(torch.ones_like(angles), angles)
+    return torch.cat((z.real, z.imag), dim=-1).to(x.dtype)
+
+
 def session_logits(mem_model, ids: torch.Tensor, chunks: list[int] | None = None) -> torch.Tensor:
     """Logits of ids [batch, tokens] fed through a fresh session, at once or in feeds of ``chunks`` tokens."""
     with mem_model.session(batch_size=ids.shape[0]) as session:

@@ -11,6 +11,8 @@ import transformers
 from memlm import MemoryConfig, attach, use_attention
 from memlm.kernels import lambda_attention, lambda_attention_ref
 
+from conftest import turn
+
 
 def naive(q, k, v, global_tokens, local_window):
     """Loops over queries: softmax over the keys j <= i with j < global_tokens or i - j < local_window."""
@@ -72,15 +74,6 @@ def test_bad_input():
 
 
 # ------------------------------------------------------------------- the distance cap and use_attention
-
-
-def turn(x, positions, inv_freq):
-    """Rotate x [..., n, d] to ``positions`` [n] by hand: channel pairs (c, c + d/2) as complex numbers."""
-    half = x.shape[-1] // 2
-    z = torch.complex(x[..., :half].double(), x[..., half:].double())
-    angles = positions.double()[:, None] * inv_freq.double()[None, :]
-    z = z * torch.polar(torch.ones_like(angles), angles)
-    return torch.cat((z.real, z.imag), dim=-1)
 
 
 def naive_capped(q0, k0, v, positions, inv_freq, global_tokens, local_window, cap, scale):

@@ -13,7 +13,7 @@ import transformers
 from memlm import CrossBatch, MemoryConfig, SinkCache, attach, use_attention
 from memlm.positions.policy import PositionPolicy
 
-from conftest import VOCAB_SIZE, document, session_logits
+from conftest import VOCAB_SIZE, document, session_logits, turn
 
 
 def gqa_llama() -> transformers.LlamaForCausalLM:
@@ -102,14 +102,6 @@ def test_bad_sink_settings_are_refused():
 
 
 # ------------------------------------------------------------------------------------------ SinkCache
-
-
-def turn(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """Rotate x [b, h, n, d] by ``delta`` [n] positions by hand: channel pairs (c, c + d/2) as complex numbers."""
-    half = x.shape[-1] // 2
-    angles = delta.double()[:, None] * inv_freq.double()[None, :]
-    z = torch.complex(x[..., :half].double(), x[..., half:].double()) * torch.polar(torch.ones_like(angles), angles)
-    return torch.cat((z.real, z.imag), dim=-1).to(x.dtype)
 
 
 def naive_sink_decoding(model, prompt: torch.Tensor, steps: int, sinks: int, window: int) -> list[torch.Tensor]:

@@ -101,8 +101,9 @@ class LocalContext:
                 k, v = (torch.cat((t[:, :, :start], t[:, :, end:]), dim=2) for t in (k, v))
             if drop > new_sinks:
                 evicted[layer] = (k[:, :, sinks + new_sinks : sinks + drop], v[:, :, sinks + new_sinks : sinks + drop])
-            self.cache[layer] = tuple(torch.cat((t[:, :, : sinks + new_sinks], t[:, :, sinks + drop :]), dim=2)
-                                      for t in (k, v))
+            kept_sinks = sinks + new_sinks
+            self.cache[layer] = tuple(torch.cat((t[:, :, :kept_sinks], t[:, :, sinks + drop :]), dim=2) if kept_sinks
+                                      else t[:, :, drop:] for t in (k, v))
         self.local_start += drop
         self.sink_length += new_sinks
         self.cache_length = kept - drop
