@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from memlm import use_attention
-from memlm.eval.runner import perplexity, perplexity_table
+from memlm.eval.runner import bucketed, perplexity, perplexity_table
 from memlm.tiny import load_default
 
 BUCKETS = (256, 1024, 4096, 16384, 65536, 262144, 1048576, math.inf)
@@ -42,20 +42,6 @@ STREAMED = {
     "sinks + window": {**SEGMENT, "memory_layers": (), "sink_tokens": 4},
     "sinks + xl + memory": {**SEGMENT, "memory_layers": (-1,), "sink_tokens": 4, "memory_capacity": 65536},
 }
-
-
-def buckets_of(loss: torch.Tensor) -> dict:
-    """The ``perplexity`` result layout for per-token losses [n] of one forward from the start."""
-    positions, rows, low = torch.arange(1, loss.numel() + 1), [], 0
-    for high in BUCKETS:
-        chosen = loss[(positions > low) & (positions <= high)]
-        if chosen.numel():
-            mean = float(chosen.mean())
-            rows.append({"from": low, "to": high if high != math.inf else None, "tokens": chosen.numel(),
-                         "loss": round(mean, 4), "ppl": round(math.exp(mean), 3)})
-        low = high
-    mean = float(loss.mean())
-    return {"buckets": rows, "loss": round(mean, 4), "ppl": round(math.exp(mean), 3), "tokens": loss.numel()}
 
 
 @torch.no_grad()
@@ -102,13 +88,13 @@ def main() -> None:
     results, speeds = {}, {}
 
     start = time.perf_counter()
-    results["full"] = buckets_of(forward_losses(model, ids[: args.full_tokens + 1], args.full_tokens))
+    results["full"] = bucketed(forward_losses(model, ids[: args.full_tokens + 1], args.full_tokens), BUCKETS)
     speeds["full"] = args.full_tokens / (time.perf_counter() - start)
     print(f"full: {results['full']['ppl']}", flush=True)
 
     use_attention(model, "lambda", global_tokens=10, local_window=256, distance_cap=256)
     start = time.perf_counter()
-    results["lambda"] = buckets_of(forward_losses(model, ids, args.lambda_tokens))
+    results["lambda"] = bucketed(forward_losses(model, ids, args.lambda_tokens), BUCKETS)
     speeds["lambda"] = (ids.numel() - 1) / (time.perf_counter() - start)
     use_attention(model, None)
     print(f"lambda: {results['lambda']['ppl']}", flush=True)

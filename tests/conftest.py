@@ -68,6 +68,25 @@ def turn(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> to
     return torch.cat((z.real, z.imag), dim=-1).to(x.dtype)
 
 
+def cut_cache_logits(model, ids: torch.Tensor, segment: int, xl: int, sinks: int = 0) -> torch.Tensor:
+    """The model's own forward, one segment at a time, its DynamicCache cut after each to the document's first
+    ``sinks`` and last ``xl`` tokens: the reference for evicting XL caches and attention sinks."""
+    cache = transformers.DynamicCache(config=model.config)
+    logits = []
+    with torch.no_grad():
+        for start in range(0, ids.shape[1], segment):
+            chunk = ids[:, start : start + segment]
+            positions = torch.arange(start, start + chunk.shape[1]).unsqueeze(0)
+            logits.append(model(chunk, cache=cache, use_cache=True, position_ids=positions).logits)
+            seen = start + chunk.shape[1]
+            kept = sorted(set(range(min(sinks, seen))) | set(range(max(0, seen - xl), seen)))
+            for layer in cache.layers:  # the cache holds every token seen since the last cut, in order
+                held = sorted(set(range(min(sinks, start))) | set(range(max(0, start - xl), seen)))
+                where = torch.tensor([held.index(p) for p in kept])
+                layer.keys, layer.values = layer.keys[:, :, where], layer.values[:, :, where]
+    return torch.cat(logits, dim=1)
+
+
 def session_logits(mem_model, ids: torch.Tensor, chunks: list[int] | None = None) -> torch.Tensor:
     """Logits of ids [batch, tokens] fed through a fresh session, at once or in feeds of ``chunks`` tokens."""
     with mem_model.session(batch_size=ids.shape[0]) as session:

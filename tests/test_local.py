@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers
 
 from memlm import MemoryConfig, attach
 from memlm.runtime.local import LocalContext
 
-from conftest import document, session_logits
+from conftest import cut_cache_logits, document, session_logits
 
 
 def tagged(n: int, start: int) -> torch.Tensor:
@@ -67,20 +66,6 @@ def test_state_dict_round_trip_and_no_saving_mid_forward():
         local.state_dict()
 
 
-def transformers_xl_logits(model, ids: torch.Tensor, segment: int, xl: int) -> torch.Tensor:
-    """The model's own forward, one segment at a time, its DynamicCache cut to the last ``xl`` tokens after each."""
-    cache = transformers.DynamicCache(config=model.config)
-    logits = []
-    with torch.no_grad():
-        for start in range(0, ids.shape[1], segment):
-            chunk = ids[:, start : start + segment]
-            positions = torch.arange(start, start + chunk.shape[1]).unsqueeze(0)
-            logits.append(model(chunk, cache=cache, use_cache=True, position_ids=positions).logits)
-            for layer in cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, -xl:], layer.values[:, :, -xl:]
-    return torch.cat(logits, dim=1)
-
-
 @pytest.mark.parametrize("name", ["tiny_llama", "tiny_qwen2"])
 @pytest.mark.parametrize("position_mode", ["rebase", "absolute"])
 def test_an_evicting_xl_cache_equals_transformers_with_a_cut_dynamic_cache(name, position_mode, request):
@@ -88,7 +73,7 @@ def test_an_evicting_xl_cache_equals_transformers_with_a_cut_dynamic_cache(name,
     model = request.getfixturevalue(name)
     xl, segment = 16, 12
     ids = document(5 * xl + 7, seed=11)
-    expected = transformers_xl_logits(model, ids, segment, xl)
+    expected = cut_cache_logits(model, ids, segment, xl)
     assert not torch.allclose(expected, model(ids).logits, atol=1e-2)  # eviction changes what the model sees
     mem_model = attach(model, MemoryConfig(segment_length=segment, xl_length=xl, memory_layers=(),
                                            position_mode=position_mode))

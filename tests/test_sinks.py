@@ -1,7 +1,7 @@
 """Attention sinks in the streaming runtime (StreamingLLM; LM-Infinite's global branch): MemoryConfig(sink_tokens=n).
 
 The reference is transformers' own model fed one segment per forward with a ``DynamicCache`` cut, after each
-segment, to exactly the document's first ``n`` tokens and its last ``xl_length`` tokens.
+segment, to exactly the document's first ``n`` tokens and its last ``xl_length`` tokens (``cut_cache_logits``).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import transformers
 from memlm import CrossBatch, MemoryConfig, SinkCache, attach, use_attention
 from memlm.positions.policy import PositionPolicy
 
-from conftest import VOCAB_SIZE, document, session_logits, turn
+from conftest import VOCAB_SIZE, cut_cache_logits, document, session_logits, turn
 
 
 def gqa_llama() -> transformers.LlamaForCausalLM:
@@ -23,30 +23,13 @@ def gqa_llama() -> transformers.LlamaForCausalLM:
     return transformers.LlamaForCausalLM(config).eval()
 
 
-def sink_logits(model, ids: torch.Tensor, segment: int, xl: int, sinks: int) -> torch.Tensor:
-    cache = transformers.DynamicCache(config=model.config)
-    logits = []
-    with torch.no_grad():
-        for start in range(0, ids.shape[1], segment):
-            chunk = ids[:, start : start + segment]
-            positions = torch.arange(start, start + chunk.shape[1]).unsqueeze(0)
-            logits.append(model(chunk, cache=cache, use_cache=True, position_ids=positions).logits)
-            seen = start + chunk.shape[1]
-            kept = sorted(set(range(min(sinks, seen))) | set(range(max(0, seen - xl), seen)))
-            for layer in cache.layers:  # the cache holds every token seen since the last cut, in order
-                held = sorted(set(range(min(sinks, start))) | set(range(max(0, start - xl), seen)))
-                where = torch.tensor([held.index(p) for p in kept])
-                layer.keys, layer.values = layer.keys[:, :, where], layer.values[:, :, where]
-    return torch.cat(logits, dim=1)
-
-
 @pytest.mark.parametrize("sinks", [1, 4, 13])
 def test_sinks_in_absolute_mode_equal_transformers_with_the_first_and_last_tokens_cached(sinks):
     model = gqa_llama()
     segment, xl = 8, 8
     ids = document(61, seed=3)  # not a multiple of the segment
-    expected = sink_logits(model, ids, segment, xl, sinks)
-    without = sink_logits(model, ids, segment, xl, 0)
+    expected = cut_cache_logits(model, ids, segment, xl, sinks)
+    without = cut_cache_logits(model, ids, segment, xl, 0)
     assert not torch.allclose(expected[:, -8:], without[:, -8:], atol=1e-3)  # the sinks change what is seen
     mem_model = attach(model, MemoryConfig(segment_length=segment, xl_length=xl, memory_layers=(), sink_tokens=sinks,
                                            position_mode="absolute"))

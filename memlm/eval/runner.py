@@ -182,7 +182,11 @@ def perplexity(mem_model, ids: torch.Tensor, buckets: tuple = BUCKETS) -> dict:
             window = ids[start : start + 4097]
             logits = session.feed(window[None, :-1], return_logits=True).logits[0]
             losses.append(torch.nn.functional.cross_entropy(logits.float(), window[1:], reduction="none"))
-    loss = torch.cat(losses)
+    return bucketed(torch.cat(losses), buckets)
+
+
+def bucketed(loss: torch.Tensor, buckets: tuple = BUCKETS) -> dict:
+    """Next-token losses [n] of a document from its start, as ``perplexity`` reports them (by distance buckets)."""
     positions = torch.arange(1, loss.numel() + 1)
     rows, low = [], 0
     for high in buckets:
