@@ -17,10 +17,11 @@ import os
 from .blocks import additive_mask, attention_block, attention_output, causal_mask, merge_blocks, sink_block
 from .lambda_attention import lambda_attention, lambda_attention_ref
 from .reference import check_memory_attention_args, memory_attention_ref
+from .shifted_sparse_attention import shifted_sparse_attention, shifted_sparse_attention_ref
 
 __all__ = ["KERNELS", "additive_mask", "attention_block", "attention_output", "causal_mask", "lambda_attention",
            "lambda_attention_ref", "memory_attention", "memory_attention_ref", "merge_blocks", "select_kernel",
-           "sink_block"]
+           "shifted_sparse_attention", "shifted_sparse_attention_ref", "sink_block"]
 
 KERNELS = ("auto", "ref", "triton")
 

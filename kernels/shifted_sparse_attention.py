@@ -1,0 +1,94 @@
+"""LongLoRA's shifted sparse attention, S2-Attn (Chen et al. 2023), leak-free by construction.
+
+During long-context fine-tuning, attention runs inside groups of ``group_size`` tokens: the first half of the
+key/value heads (and the query heads that read them) in groups [0, G), [G, 2G), ...; the other half in groups
+whose boundaries are moved by G/2: [0, G/2), [G/2, 3G/2), ..., so information flows between groups. Query i and
+key j of a shifted head share a group iff (i + G/2) // G == (j + G/2) // G; attention is causal inside a group.
+
+The official code rolls the shifted heads' tokens by G/2 and back, which wraps the sequence's end to its start
+(the future leaks into the first group: LongLoRA issues #15, #90). Here nothing wraps: the shifted heads are
+padded by G/2 on the left instead, so their first group is the short [0, G/2), and padding is masked. Any n (the
+last group may be short), grouped-query attention, a key padding mask; every group is one row of a batched
+``attention_block`` ([groups, G, G] scores, never n x n).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .blocks import attention_block, check_block_args
+
+
+def check_group_size(group_size: int, n: int | None = None) -> None:
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2 or group_size % 2:
+        raise ValueError(f"group_size must be an even integer >= 2 (the shift is half a group), got {group_size!r}")
+    if n is not None and group_size > n:
+        raise ValueError(f"group_size ({group_size}) must be at most the sequence length ({n})")
+
+
+def s2_mask(n: int, group_size: int, shifted: bool, device=None) -> torch.Tensor:
+    """[n, n] bool: query i sees key j (True) in an unshifted or a shifted head."""
+    offset = group_size // 2 if shifted else 0
+    i = torch.arange(n, device=device)[:, None]
+    j = torch.arange(n, device=device)[None, :]
+    return (j <= i) & ((i + offset) // group_size == (j + offset) // group_size)
+
+
+def grouped(q, k, v, visible, group_size: int, offset: int, scale):
+    """Causal attention inside groups of ``group_size`` after ``offset`` padding tokens on the left.
+
+    q [b, hq, n, d], k, v [b, hkv, n, d]; visible: [b, n] bool key mask (True = real token) -> out [b, hq, n, d].
+    """
+    batch, q_heads, n, dim = q.shape
+    groups = -(-(n + offset) // group_size)
+    pad = (0, 0, offset, groups * group_size - n - offset)
+
+    def cut(t):  # [b, h, n, d] -> [b * groups, h, G, d]
+        t = F.pad(t, pad).view(batch, t.shape[1], groups, group_size, dim)
+        return t.transpose(1, 2).reshape(batch * groups, t.shape[1], group_size, dim)
+
+    real = F.pad(visible, (offset, groups * group_size - n - offset)).view(batch * groups, 1, 1, group_size)
+    causal = torch.ones(group_size, group_size, dtype=torch.bool, device=q.device).tril()
+    out, _ = attention_block(cut(q), cut(k), cut(v), mask=real & causal, scale=scale)
+    out = out.view(batch, groups, q_heads, group_size, dim).transpose(1, 2).reshape(batch, q_heads, -1, dim)
+    return out[:, :, offset : offset + n]
+
+
+def shifted_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_size: int, causal: bool = True,
+                             scale: float | None = None, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """S2-Attn: q [b, hq, n, d], k, v [b, hkv, n, d] (hq a multiple of hkv, hkv even) -> out [b, hq, n, d].
+
+    key_padding_mask: [b, n] bool or 0/1, True / 1 = a real token (padded keys are never attended).
+    """
+    check_block_args(q, k, v)
+    if not causal:
+        raise ValueError("shifted_sparse_attention is causal (LongLoRA fine-tunes causal language models)")
+    batch, q_heads, n, _ = q.shape
+    kv_heads = k.shape[1]
+    if k.shape[2] != n:
+        raise ValueError(f"shifted_sparse_attention is self-attention: {n} queries and {k.shape[2]} keys")
+    check_group_size(group_size, n)
+    if kv_heads % 2:
+        raise ValueError(f"S2-Attn shifts half of the key/value heads; this model has {kv_heads}, an odd number")
+    if key_padding_mask is None:
+        visible = torch.ones(batch, n, dtype=torch.bool, device=q.device)
+    elif tuple(key_padding_mask.shape) != (batch, n):
+        raise ValueError(f"key_padding_mask must be [batch, n] = {(batch, n)}, got {tuple(key_padding_mask.shape)}")
+    else:
+        visible = key_padding_mask.to(q.device).bool()
+    half_kv, half_q = kv_heads // 2, q_heads // 2  # query head h reads kv head h // (hq / hkv)
+    plain = grouped(q[:, :half_q], k[:, :half_kv], v[:, :half_kv], visible, group_size, 0, scale)
+    shifted = grouped(q[:, half_q:], k[:, half_kv:], v[:, half_kv:], visible, group_size, group_size // 2, scale)
+    return torch.cat((plain, shifted), dim=1)
+
+
+def shifted_sparse_attention_ref(q, k, v, group_size: int, scale: float | None = None) -> torch.Tensor:
+    """The same attention as two masked softmaxes over all keys (the test oracle): [b, hq, n, d]."""
+    check_block_args(q, k, v)
+    n, half_q, half_kv = q.shape[2], q.shape[1] // 2, k.shape[1] // 2
+    outs = [attention_block(q[:, :half_q], k[:, :half_kv], v[:, :half_kv], mask=s2_mask(n, group_size, False),
+                            scale=scale)[0],
+            attention_block(q[:, half_q:], k[:, half_kv:], v[:, half_kv:], mask=s2_mask(n, group_size, True),
+                            scale=scale)[0]]
+    return torch.cat(outs, dim=1)

@@ -1,0 +1,94 @@
+"""LongLoRA's shifted sparse attention (kernels/shifted_sparse_attention.py) against a naive float64 loop."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from memlm.kernels import shifted_sparse_attention, shifted_sparse_attention_ref
+
+
+def naive(q, k, v, group_size, visible=None):
+    """Per head and query: softmax over keys j <= i of the same group (groups moved by G/2 for the second half of
+    the key/value heads), real keys only."""
+    batch, q_heads, n, d = q.shape
+    kv_heads = k.shape[1]
+    out = torch.zeros(batch, q_heads, n, d, dtype=torch.float64)
+    for b in range(batch):
+        for h in range(q_heads):
+            kv = h // (q_heads // kv_heads)
+            offset = group_size // 2 if kv >= kv_heads // 2 else 0
+            for i in range(n):
+                keys = [j for j in range(i + 1) if (i + offset) // group_size == (j + offset) // group_size
+                        and (visible is None or visible[b, j])]
+                if not keys:
+                    continue
+                scores = torch.stack([q[b, h, i].double() @ k[b, kv, j].double() for j in keys]) / math.sqrt(d)
+                weights = torch.softmax(scores, dim=0)
+                out[b, h, i] = sum(w * v[b, kv, j].double() for w, j in zip(weights, keys, strict=True))
+    return out
+
+
+def inputs(q_heads, kv_heads, n, dtype=torch.float64, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(2, h, n, 8, generator=generator, dtype=dtype) for h in (q_heads, kv_heads, kv_heads)]
+
+
+@pytest.mark.parametrize(("q_heads", "kv_heads"), [(4, 4), (4, 2), (8, 2)])
+@pytest.mark.parametrize(("n", "group_size"), [(32, 8), (37, 8), (20, 20), (9, 2)])
+def test_s2_equals_a_naive_loop(q_heads, kv_heads, n, group_size):
+    q, k, v = inputs(q_heads, kv_heads, n, seed=n)
+    expected = naive(q, k, v, group_size)
+    torch.testing.assert_close(shifted_sparse_attention(q, k, v, group_size), expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(shifted_sparse_attention_ref(q, k, v, group_size), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_padding_masks_keys_out():
+    q, k, v = inputs(4, 2, 29)
+    visible = torch.ones(2, 29, dtype=torch.bool)
+    visible[0, :5] = False  # left padding
+    visible[1, 20:] = False  # right padding
+    out = shifted_sparse_attention(q, k, v, 8, key_padding_mask=visible)
+    expected = naive(q, k, v, 8, visible)
+    rows = visible[:, None, :, None]  # queries at padded positions are don't-cares
+    torch.testing.assert_close(out * rows, expected * rows, rtol=1e-10, atol=1e-10)
+
+
+def test_no_output_depends_on_a_later_token():
+    """LongLoRA's roll-based shift wraps the end of the sequence to its start; nothing may leak here."""
+    q, k, v = (t.requires_grad_() for t in inputs(4, 4, 24))
+    for i in (0, 3, 11, 23):
+        for t in (q, k, v):
+            t.grad = None
+        shifted_sparse_attention(q, k, v, 8)[:, :, i].sum().backward()
+        for t in (q, k, v):
+            assert (t.grad[:, :, i + 1 :] == 0).all()
+        assert v.grad[:, :, : i + 1].abs().sum() > 0
+
+
+def test_shifted_heads_see_across_the_unshifted_boundary():
+    q, k, v = inputs(4, 4, 16)
+    out = shifted_sparse_attention(q, k, v.clone(), 8)
+    v2 = v.clone()
+    v2[:, :, 4] += 1.0  # a token of the first unshifted group
+    changed = (shifted_sparse_attention(q, k, v2, 8) - out).abs().amax(dim=(0, 3)) > 0  # [heads, n]
+    assert not changed[:, :4].any()  # causal: nothing before it
+    assert changed[:2, 4:8].all() and not changed[:2, 8:].any()  # unshifted heads: the rest of its group [0, 8)
+    assert changed[2:, 4:12].all() and not changed[2:, 12:].any()  # shifted heads: group [4, 12), across 8
+
+
+def test_bad_input_is_refused():
+    q, k, v = inputs(4, 4, 16)
+    for size in (0, -2, 3):
+        with pytest.raises(ValueError, match="even integer >= 2"):
+            shifted_sparse_attention(q, k, v, size)
+    with pytest.raises(ValueError, match="at most the sequence length"):
+        shifted_sparse_attention(q, k, v, 32)
+    with pytest.raises(ValueError, match="odd number"):
+        shifted_sparse_attention(*inputs(3, 3, 16), 4)
+    with pytest.raises(ValueError, match="is causal"):
+        shifted_sparse_attention(q, k, v, 4, causal=False)
+    with pytest.raises(ValueError, match=r"key_padding_mask must be \[batch, n\]"):
+        shifted_sparse_attention(q, k, v, 4, key_padding_mask=torch.ones(2, 15))
