@@ -6,7 +6,9 @@ import math
 
 import pytest
 import torch
+import transformers
 
+from memlm import use_attention
 from memlm.kernels import shifted_sparse_attention, shifted_sparse_attention_ref
 
 
@@ -92,3 +94,69 @@ def test_bad_input_is_refused():
         shifted_sparse_attention(q, k, v, 4, causal=False)
     with pytest.raises(ValueError, match=r"key_padding_mask must be \[batch, n\]"):
         shifted_sparse_attention(q, k, v, 4, key_padding_mask=torch.ones(2, 15))
+
+
+# ------------------------------------------------------------------------------------------ use_attention("s2")
+
+
+def gqa_llama(attn_implementation="sdpa"):
+    config = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                      attn_implementation=attn_implementation)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).double()
+
+
+@pytest.mark.parametrize("previous", ["sdpa", "eager"])
+def test_use_attention_s2_trains_with_the_kernel_and_evaluates_with_full_attention(previous):
+    model = gqa_llama(previous)
+    ids = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[1, :6] = 0  # left padding
+    with torch.no_grad():
+        full = model.eval()(ids).logits
+        full_padded = model(ids, attention_mask=mask).logits
+
+        def reference(module, q, k, v, attention_mask, scaling=None, dropout=0.0, **kwargs):
+            return shifted_sparse_attention_ref(q, k, v, 10, scale=scaling).transpose(1, 2), None
+
+        transformers.AttentionInterface.register("test_s2_ref", reference)
+        transformers.AttentionMaskInterface.register("test_s2_ref", transformers.masking_utils.sdpa_mask)
+        model.set_attn_implementation("test_s2_ref")
+        expected = model.train()(ids).logits
+        model.set_attn_implementation(previous)
+
+        assert use_attention(model, "s2", group_size_ratio=0.25) is model  # 40 / 4 = 10
+        torch.testing.assert_close(model.train()(ids).logits, expected, rtol=1e-9, atol=1e-9)
+        use_attention(model, "s2", group_size=10)
+        torch.testing.assert_close(model(ids).logits, expected, rtol=1e-9, atol=1e-9)
+        assert not torch.allclose(expected, full, atol=1e-6)  # grouping changes the training forward
+        model.eval()  # inference: full attention, as LongLoRA infers
+        torch.testing.assert_close(model(ids).logits, full, rtol=1e-9, atol=1e-9)
+        real = mask.bool()
+        if previous == "sdpa":  # (transformers' own float64 eager turns a left-padded row into NaN)
+            torch.testing.assert_close(model(ids, attention_mask=mask).logits[real], full_padded[real], rtol=1e-9,
+                                       atol=1e-9)
+        generated = model.generate(ids[:1], max_new_tokens=3, do_sample=False, pad_token_id=0)
+        use_attention(model, None)
+        assert model.config._attn_implementation == previous
+        torch.testing.assert_close(model(ids).logits, full, rtol=0, atol=0)
+        assert torch.equal(model.generate(ids[:1], max_new_tokens=3, do_sample=False, pad_token_id=0), generated)
+
+
+def test_use_attention_s2_backward_and_bad_settings():
+    model = gqa_llama()
+    use_attention(model, "s2", group_size=8).train()
+    ids = torch.randint(0, 300, (2, 30))
+    model(ids, labels=ids).loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    cache = transformers.DynamicCache(config=model.config)
+    model(ids, use_cache=True, cache=cache)
+    with pytest.raises(ValueError, match="use_cache=False"):
+        model(ids[:, :1], use_cache=True, cache=cache)
+    with pytest.raises(ValueError, match="group_size must be even"):
+        use_attention(model, "s2", group_size=7)
+    with pytest.raises(ValueError, match="group_size_ratio must be a number in"):
+        use_attention(model, "s2", group_size_ratio=0)
+    with pytest.raises(ValueError, match="at most the sequence length"):
+        use_attention(model, "s2", group_size=64)(ids)

@@ -7,9 +7,13 @@ single long forwards (evaluation, training): each query sees the first ``global_
 exactly that far (the query rotated to the cap, the key to position 0, with the model's own rotary
 frequencies). ``use_attention(model, None)`` restores the implementation the model had before.
 
+``use_attention(model, "s2", group_size_ratio=0.25)`` (or ``group_size=G``) makes the model's attention LongLoRA's
+shifted sparse attention (Chen et al. 2023; ``memlm.kernels.shifted_sparse_attention``) while it trains; in eval
+mode (``model.eval()``) it is full causal attention, the model's previous implementation, as the paper infers.
+
 The function registered with transformers' ``AttentionInterface`` finds its settings by the attention module
 it is called for, so models with different settings coexist. Its mask function is flash attention's (None
-for an unpadded batch): the Λ kernel makes its own pattern, and no n x n mask is ever built.
+for an unpadded batch, else [b, n]): the kernels make their own patterns, and no n x n mask is built in training.
 """
 
 from __future__ import annotations
@@ -22,12 +26,10 @@ from transformers import AttentionInterface, AttentionMaskInterface, PreTrainedM
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
 from memlm.config import check_integer
-from memlm.kernels import lambda_attention
+from memlm.kernels import lambda_attention, shifted_sparse_attention
 from memlm.positions.rotary import find_rotary, rotate
 
-from .attention import BOOKKEEPING
-
-LAMBDA = "memlm_lambda"
+from .attention import BOOKKEEPING, previous_function
 
 
 @dataclass(frozen=True)
@@ -48,16 +50,38 @@ class LambdaAttention:
                                  "LM-Infinite caps only distances beyond the window")
 
 
-IMPLEMENTATIONS = {"lambda": LambdaAttention}
-#: attention module -> (settings, the model's inv_freq or None)
+@dataclass(frozen=True)
+class ShiftedSparseAttention:
+    """LongLoRA's S2-Attn settings: groups of ``group_size`` tokens, or ``group_size_ratio`` of each sequence (the
+    paper's 1/4), rounded to an even number."""
+
+    group_size_ratio: float | None = 0.25
+    group_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.group_size is not None:
+            object.__setattr__(self, "group_size_ratio", None)
+            check_integer("group_size", self.group_size, 2)
+            if self.group_size % 2:
+                raise ValueError(f"group_size must be even (the shift is half a group), got {self.group_size}")
+        elif not (isinstance(self.group_size_ratio, (int, float)) and 0 < self.group_size_ratio <= 1):
+            raise ValueError(f"group_size_ratio must be a number in (0, 1], got {self.group_size_ratio!r}")
+
+    def size(self, n: int) -> int:
+        if self.group_size is not None:
+            return self.group_size
+        return max(2, 2 * round(n * self.group_size_ratio / 2))
+
+
+#: attention module -> (settings, the model's inv_freq or None, the previous implementation)
 _SETTINGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 #: model -> the attention implementation it had before use_attention
 _PREVIOUS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def use_attention(model: PreTrainedModel, name: str | None, **options) -> PreTrainedModel:
-    """Select memlm's attention implementation ``name`` (``"lambda"``) with ``options`` on ``model``, or restore
-    the model's previous one (``name=None``). Returns the model."""
+    """Select memlm's attention implementation ``name`` (``"lambda"``, ``"s2"``) with ``options`` on ``model``, or
+    restore the model's previous one (``name=None``). Returns the model."""
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"use_attention expects a transformers PreTrainedModel, got {type(model).__name__}")
     current = model.config._attn_implementation or "eager"
@@ -70,40 +94,49 @@ def use_attention(model: PreTrainedModel, name: str | None, **options) -> PreTra
         return model
     if name not in IMPLEMENTATIONS:
         raise ValueError(f"unknown attention implementation {name!r}; memlm has {sorted(IMPLEMENTATIONS)} (or None)")
-    if current.startswith("memlm") and current != LAMBDA:
+    if current.startswith("memlm") and current not in NAMES.values():
         raise ValueError(f"this model runs memlm's streaming attention ({current!r}): detach it from memlm first")
     try:
-        settings = IMPLEMENTATIONS[name](**options)
+        settings = IMPLEMENTATIONS[name][0](**options)
     except TypeError as error:
         raise ValueError(f"use_attention({name!r}) options: {error}") from error
     rotary = find_rotary(model)
-    if settings.distance_cap is not None and rotary is None:
+    if getattr(settings, "distance_cap", None) is not None and rotary is None:
         raise ValueError(f"distance_cap re-rotates keys and needs a rotary model; {type(model).__name__} has none")
     modules = [m for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int)
                and any(p.endswith("_proj") for p, _ in m.named_children())]
     if not modules:
         raise ValueError(f"{type(model).__name__} has no attention modules with a layer_idx that memlm can find")
     inv_freq = None if rotary is None else rotary.inv_freq
-    for module in modules:
-        _SETTINGS[module] = (settings, inv_freq)
-    AttentionInterface.register(LAMBDA, lambda_forward)
-    AttentionMaskInterface.register(LAMBDA, ALL_MASK_ATTENTION_FUNCTIONS["flash_attention_2"])
     _PREVIOUS.setdefault(model, current)
-    model.set_attn_implementation(LAMBDA)
+    for module in modules:
+        _SETTINGS[module] = (settings, inv_freq, _PREVIOUS[model])
+    registered = NAMES[name]
+    AttentionInterface.register(registered, IMPLEMENTATIONS[name][1])
+    AttentionMaskInterface.register(registered, ALL_MASK_ATTENTION_FUNCTIONS["flash_attention_2"])
+    model.set_attn_implementation(registered)
     return model
+
+
+def settings_of(module: torch.nn.Module) -> tuple:
+    if module not in _SETTINGS:
+        raise ValueError(f"{type(module).__name__} was not set up by memlm.use_attention")
+    return _SETTINGS[module]
+
+
+def check_kwargs(name: str, kwargs: dict) -> None:
+    unknown = sorted(key for key, value in kwargs.items() if key not in BOOKKEEPING and value is not None)
+    if unknown:
+        raise ValueError(f"{name} takes no {unknown} (sliding windows, softcaps and learned sinks are other "
+                         "attention patterns)")
 
 
 def lambda_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                    attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                    position_ids: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """query [b, hq, n, d]; key, value [b, hkv, n, d] (rotated to ``position_ids``) -> ([b, n, hq, d], None)."""
-    if module not in _SETTINGS:
-        raise ValueError(f"{type(module).__name__} was not set up by memlm.use_attention")
-    settings, inv_freq = _SETTINGS[module]
-    unknown = sorted(name for name, value in kwargs.items() if name not in BOOKKEEPING and value is not None)
-    if unknown:
-        raise ValueError(f"Λ attention takes no {unknown} (sliding windows, softcaps and learned sinks are other "
-                         "attention patterns)")
+    settings, inv_freq, _ = settings_of(module)
+    check_kwargs("Λ attention", kwargs)
     if dropout:
         raise ValueError("Λ attention has no attention dropout: set the model's attention_dropout to 0")
     if attention_mask is not None and not bool(attention_mask.all()):
@@ -127,3 +160,41 @@ def lambda_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tens
     out = lambda_attention(query, key, value, global_tokens=settings.global_tokens,
                            local_window=settings.local_window, scale=scaling, **capped)
     return out.transpose(1, 2), None
+
+
+def s2_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+               **kwargs) -> tuple[torch.Tensor, None]:
+    """query [b, hq, n, d]; key, value [b, hkv, n, d] -> ([b, n, hq, d], None): S2-Attn in training, the previous
+    implementation (full causal attention) in eval mode. attention_mask: None or [b, keys] (1 = real token)."""
+    settings, _, previous = settings_of(module)
+    if not module.training:
+        # full attention with the previous implementation; the mask function is flash attention's, so rebuild
+        # the boolean [b, 1, q, k] mask the eager and SDPA paths take (causal, bottom-right aligned, padding)
+        n, keys = query.shape[2], key.shape[2]
+        mask = None
+        if attention_mask is not None or (n > 1 and (keys > n or previous == "eager")):
+            causal = torch.ones(n, keys, dtype=torch.bool, device=query.device).tril(keys - n)
+            padding = (torch.ones(query.shape[0], keys, dtype=torch.bool, device=query.device)
+                       if attention_mask is None else attention_mask[:, -keys:].bool())
+            mask = causal[None, None] & padding[:, None, None, :]
+            if previous == "eager":  # eager attention adds its mask to the scores: the dtype's minimum, as
+                # transformers' own masks (-inf would turn fully padded rows into NaN that spread to later layers)
+                mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+                    ~mask, torch.finfo(query.dtype).min)
+        function = previous_function(module, previous)
+        return function(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
+    check_kwargs("S2-Attn", kwargs)
+    if dropout:
+        raise ValueError("S2-Attn has no attention dropout: set the model's attention_dropout to 0")
+    if query.shape[2] != key.shape[2]:
+        raise ValueError("S2-Attn trains full sequences: no cache (use_cache=False) in training mode")
+    padding = None if attention_mask is None else attention_mask[:, -key.shape[2]:].bool()
+    out = shifted_sparse_attention(query, key, value, settings.size(query.shape[2]), scale=scaling,
+                                   key_padding_mask=padding)
+    return out.transpose(1, 2), None
+
+
+IMPLEMENTATIONS = {"lambda": (LambdaAttention, lambda_forward), "s2": (ShiftedSparseAttention, s2_forward)}
+#: the names registered with transformers' AttentionInterface
+NAMES = {"lambda": "memlm_lambda", "s2": "memlm_s2"}
