@@ -302,3 +302,23 @@ def test_memory_loads_the_same_in_one_add_or_many(store, tokenizer):
     assert total_a == total_b and entries_a[2] == entries_b[2] > 0
     assert torch.equal(entries_a[0], entries_b[0]) and torch.equal(entries_a[1], entries_b[1])
     assert torch.equal(slots_a, slots_b)  # the same entries in the same slots
+
+
+def test_stored_sinks_resume_and_continue_exactly(tmp_path, tokenizer):
+    """Attention sinks are part of a stored document's state: a resumed ingestion stores what an uninterrupted one
+    does, and a session over the stored document continues it as the live session would."""
+    mem_model = memory_model(tokenizer, sink_tokens=5)
+    with MemoryStore(tmp_path / "a") as whole, MemoryStore(tmp_path / "b") as resumed:
+        write(whole, mem_model, "doc", DATA, chunk=300)
+        committed = write(resumed, mem_model, "doc", DATA[:2500], chunk=61, finish=False)
+        write(resumed, mem_model, "doc", DATA[committed.bytes :], chunk=1000, offset=committed.bytes)
+        assert stored(resumed, "doc") == stored(whole, "doc")
+        assert whole.state("doc")[1]["sink_length"] == 5
+        with mem_model.session() as session:
+            session.feed(TEXT)
+            expected = session.feed(" and then", return_logits=True).logits
+        with mem_model.session(store=whole, documents=["doc"]) as session:
+            assert session.state.local.sink_length == 5
+            logits = session.feed(" and then", return_logits=True).logits
+        # the live session still held the text's last words back (the stored one was finished): its last logits
+        torch.testing.assert_close(logits, expected[:, -logits.shape[1] :], atol=1e-5, rtol=0)
