@@ -267,3 +267,32 @@ def test_memory_learns_recall_beyond_the_xl_window_and_no_memory_stays_at_chance
         accuracy[name] = t.evaluate(documents=128)["accuracy"]
     assert accuracy["memory"] >= 0.9, accuracy
     assert accuracy["none"] < 2 / 12, accuracy  # chance is 1/12
+
+
+def test_lora_plus_trains_adapters_embeddings_and_norms_and_merges_into_the_weights():
+    from memlm.train.lora import merge_lora, unload_lora
+
+    t = trainer(train_config(trainable="lora+", steps=2, lr=1e-2, warmup_steps=0))
+    model = t.mem_model.model
+    names = set(t.parameters)
+    adapters = {n for n in names if "lora_" in n}
+    # LoRA on q, k, v, o of both layers (A and B each), the input embeddings, every RMSNorm, memlm's gates
+    assert {n.split(".")[-4] for n in adapters} == {"q_proj", "k_proj", "v_proj", "o_proj"} and len(adapters) == 16
+    norms = {n for n, _ in model.named_parameters() if "norm" in n}
+    assert len(norms) == 2 * 2 + 1  # two per layer and the final one
+    assert names == adapters | norms | {"model.embed_tokens.weight", "memlm_memory.gates"}
+    t.train()
+    ids = torch.randint(0, VOCAB_SIZE, (2, 24))
+    with torch.no_grad():
+        adapted = model(ids).logits
+        merge_lora(model)
+        assert not any("lora_" in n for n, _ in model.named_parameters())
+        torch.testing.assert_close(model(ids).logits, adapted, atol=1e-5, rtol=0)
+    # unloading without merging leaves the base model exactly as it was
+    untrained = trainer(train_config(trainable="lora+", steps=1)).mem_model.model
+    unload_lora(untrained)
+    original = dict(build_tiny_llama().named_parameters())
+    after = {n: p for n, p in untrained.named_parameters() if not n.startswith("memlm_memory.")}
+    assert after.keys() == original.keys() and all(torch.equal(after[n], original[n]) for n in original)
+    with pytest.raises(ValueError, match="no LoRA adapters to merge"):
+        merge_lora(model)

@@ -32,6 +32,7 @@ from memlm.positions.scaling import extend_from_spec
 from memlm.runtime.model import attach
 
 from .data import AssociativeRecall, Passkey, TextDocuments
+from .lora import merge_lora
 from .trainer import TrainConfig, Trainer
 
 SECTIONS = ("model", "extend", "memory", "task", "train", "evaluate")
@@ -104,6 +105,8 @@ def run(recipe_path: str | Path, output: str | Path, steps: int | None = None, r
     trainer.train()
     metrics = {"steps": trainer.step, "final_loss": trainer.history[-1] if trainer.history else None,
                **trainer.evaluate(**recipe.get("evaluate", {}))}
+    if config.trainable in ("lora", "lora+"):
+        merge_lora(mem_model.model)  # the saved model is a plain one: adapters folded into the weights
     if trainer.rank == 0:
         mem_model.save_pretrained(output / "memlm")
         if tokenizer is not None:

@@ -16,7 +16,8 @@ What the memory layers see depends on the memory config and on ``TrainConfig.cro
   ``rmt_bptt_depth`` segments; ``curriculum`` lets the number of segments per document grow.
 
 What is trained: ``"memory"`` (memlm's gates and RMT embeddings), ``"lora"`` (those plus LoRA adapters
-injected by peft) or ``"all"``. Distributed data parallel: started with ``torchrun``, every rank
+injected by peft), ``"lora+"`` (LongLoRA: LoRA on q, k, v, o plus the input embeddings and every norm,
+``lora.py``) or ``"all"``. Distributed data parallel: started with ``torchrun``, every rank
 streams its own rows (its memories stay its own) and gradients are summed across ranks with
 ``torch.distributed.all_reduce`` before the step, normalised by the global count of scored tokens, so
 2 ranks x b rows equal 1 rank x 2b rows. (The ``DistributedDataParallel`` wrapper is not used: a
@@ -49,8 +50,9 @@ from memlm.memory.crossbatch import CrossBatch
 from memlm.runtime.model import MODULE_NAME, MemoryModel
 
 from .data import IGNORE_INDEX, make_batch
+from .lora import ATTENTION_PROJECTIONS, inject_lora, lora_plus_parameters
 
-TRAINABLE = ("memory", "lora", "all")
+TRAINABLE = ("memory", "lora", "lora+", "all")
 SCHEDULES = ("cosine", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
 WEIGHTS_FILE, STATE_FILE = "trainable.safetensors", "trainer_state.pt"
@@ -78,13 +80,15 @@ class TrainConfig:
     step_segments: int = 0  # > 0: one optimizer step per window of this many segments; memory carries over
     lora_rank: int = 8
     lora_alpha: int = 16
-    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    lora_targets: tuple[str, ...] | None = None  # default: q, v for "lora"; q, k, v, o for "lora+" (LongLoRA)
     checkpoint_dir: str | None = None
     checkpoint_every: int = 0  # steps; 0 = only at the end (when checkpoint_dir is set)
     progress: bool = True
 
     def __post_init__(self) -> None:
         self.curriculum = tuple(tuple(int(x) for x in pair) for pair in self.curriculum)
+        if self.lora_targets is None:
+            self.lora_targets = ATTENTION_PROJECTIONS if self.trainable == "lora+" else ("q_proj", "v_proj")
         self.lora_targets = tuple(self.lora_targets)
         for name in ("steps", "batch_size", "document_tokens", "grad_accumulation", "lora_rank", "lora_alpha"):
             check_integer(name, getattr(self, name), 1)
@@ -183,21 +187,13 @@ class Trainer:
     def _select_parameters(self) -> dict[str, torch.nn.Parameter]:
         """Freeze everything but what ``config.trainable`` names; returns the trainable parameters by name."""
         model, config = self.mem_model.model, self.config
-        if config.trainable == "lora":
-            try:
-                from peft import LoraConfig, inject_adapter_in_model
-            except ImportError as error:
-                raise ImportError("trainable='lora' needs peft: pip install 'memlm[train]'") from error
-
-            present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-            missing = [t for t in config.lora_targets if t not in present]
-            if missing:
-                raise ValueError(f"lora_targets {missing} name no module of {type(model).__name__}")
-            inject_adapter_in_model(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha,
-                                               target_modules=list(config.lora_targets)), model)
+        plus = set()
+        if config.trainable in ("lora", "lora+"):
+            inject_lora(model, config.lora_rank, config.lora_alpha, config.lora_targets)
+            plus = lora_plus_parameters(model) if config.trainable == "lora+" else set()
         for name, parameter in model.named_parameters():
-            wanted = (config.trainable == "all" or name.startswith(MODULE_NAME + ".")
-                      or (config.trainable == "lora" and "lora_" in name))
+            wanted = (config.trainable == "all" or name.startswith(MODULE_NAME + ".") or name in plus
+                      or (config.trainable in ("lora", "lora+") and "lora_" in name))
             parameter.requires_grad_(wanted)
         chosen = {name: p for name, p in model.named_parameters() if p.requires_grad and p.numel()}
         if not chosen:
