@@ -6,10 +6,10 @@ whose boundaries are moved by G/2: [0, G/2), [G/2, 3G/2), ..., so information fl
 key j of a shifted head share a group iff (i + G/2) // G == (j + G/2) // G; attention is causal inside a group.
 
 The official code rolls the shifted heads' tokens by G/2 and back, which wraps the sequence's end to its start
-(the future leaks into the first group: LongLoRA issues #15, #90). Here nothing wraps: the shifted heads are
-padded by G/2 on the left instead, so their first group is the short [0, G/2), and padding is masked. Any n (the
-last group may be short), grouped-query attention, a key padding mask; every group is one row of a batched
-``attention_block`` ([groups, G, G] scores, never n x n).
+(the future leaks into the first group: LongLoRA issues #15, #90). Here nothing wraps: the shifted heads' first
+group is the short [0, G/2), then groups of G from G/2 on. Any n (the last group may be short), grouped-query
+attention, a key padding mask; every group is one row of a batched causal SDPA (flash attention where the backend
+has it), or, with a key padding mask, of a masked ``attention_block`` ([groups, G, G] scores, never n x n).
 """
 
 from __future__ import annotations
@@ -35,24 +35,30 @@ def s2_mask(n: int, group_size: int, shifted: bool, device=None) -> torch.Tensor
     return (j <= i) & ((i + offset) // group_size == (j + offset) // group_size)
 
 
-def grouped(q, k, v, visible, group_size: int, offset: int, scale):
-    """Causal attention inside groups of ``group_size`` after ``offset`` padding tokens on the left.
+def grouped(q, k, v, visible, group_size: int, scale):
+    """Causal attention inside consecutive groups of ``group_size`` tokens (the last may be short).
 
-    q [b, hq, n, d], k, v [b, hkv, n, d]; visible: [b, n] bool key mask (True = real token) -> out [b, hq, n, d].
+    q [b, hq, n, d], k, v [b, hkv, n, d]; visible: None or [b, n] bool key mask (True = real) -> out [b, hq, n, d].
+    Without a key mask every group is one row of a batched causal SDPA (flash attention where the backend has it:
+    memory O(n)); with one, a batched masked ``attention_block``.
     """
     batch, q_heads, n, dim = q.shape
-    groups = -(-(n + offset) // group_size)
-    pad = (0, 0, offset, groups * group_size - n - offset)
+    groups = -(-n // group_size)
+    pad = groups * group_size - n  # the tail of the last group: later than every real query, so never seen
 
     def cut(t):  # [b, h, n, d] -> [b * groups, h, G, d]
-        t = F.pad(t, pad).view(batch, t.shape[1], groups, group_size, dim)
+        t = F.pad(t, (0, 0, 0, pad)).view(batch, t.shape[1], groups, group_size, dim)
         return t.transpose(1, 2).reshape(batch * groups, t.shape[1], group_size, dim)
 
-    real = F.pad(visible, (offset, groups * group_size - n - offset)).view(batch * groups, 1, 1, group_size)
-    causal = torch.ones(group_size, group_size, dtype=torch.bool, device=q.device).tril()
-    out, _ = attention_block(cut(q), cut(k), cut(v), mask=real & causal, scale=scale)
+    if visible is None:
+        out = F.scaled_dot_product_attention(cut(q), cut(k), cut(v), is_causal=True, scale=scale,
+                                             enable_gqa=q_heads != k.shape[1])
+    else:
+        real = F.pad(visible, (0, pad)).view(batch * groups, 1, 1, group_size)
+        causal = torch.ones(group_size, group_size, dtype=torch.bool, device=q.device).tril()
+        out, _ = attention_block(cut(q), cut(k), cut(v), mask=real & causal, scale=scale)
     out = out.view(batch, groups, q_heads, group_size, dim).transpose(1, 2).reshape(batch, q_heads, -1, dim)
-    return out[:, :, offset : offset + n]
+    return out[:, :, :n]
 
 
 def shifted_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_size: int, causal: bool = True,
@@ -71,16 +77,23 @@ def shifted_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     check_group_size(group_size, n)
     if kv_heads % 2:
         raise ValueError(f"S2-Attn shifts half of the key/value heads; this model has {kv_heads}, an odd number")
-    if key_padding_mask is None:
-        visible = torch.ones(batch, n, dtype=torch.bool, device=q.device)
-    elif tuple(key_padding_mask.shape) != (batch, n):
-        raise ValueError(f"key_padding_mask must be [batch, n] = {(batch, n)}, got {tuple(key_padding_mask.shape)}")
-    else:
+    visible = None
+    if key_padding_mask is not None:
+        if tuple(key_padding_mask.shape) != (batch, n):
+            raise ValueError(f"key_padding_mask must be [batch, n] = {(batch, n)}, got "
+                             f"{tuple(key_padding_mask.shape)}")
         visible = key_padding_mask.to(q.device).bool()
-    half_kv, half_q = kv_heads // 2, q_heads // 2  # query head h reads kv head h // (hq / hkv)
-    plain = grouped(q[:, :half_q], k[:, :half_kv], v[:, :half_kv], visible, group_size, 0, scale)
-    shifted = grouped(q[:, half_q:], k[:, half_kv:], v[:, half_kv:], visible, group_size, group_size // 2, scale)
-    return torch.cat((plain, shifted), dim=1)
+    half_kv, half_q, shift = kv_heads // 2, q_heads // 2, group_size // 2  # query head h reads kv head h // group
+    plain = grouped(q[:, :half_q], k[:, :half_kv], v[:, :half_kv], visible, group_size, scale)
+    # the shifted heads: the short group [0, G/2), then groups of G from G/2 on (nothing wraps around)
+    q2, k2, v2 = q[:, half_q:], k[:, half_kv:], v[:, half_kv:]
+    first = min(shift, n)
+    parts = [grouped(q2[:, :, :first], k2[:, :, :first], v2[:, :, :first],
+                     None if visible is None else visible[:, :first], first, scale)]
+    if n > shift:
+        parts.append(grouped(q2[:, :, shift:], k2[:, :, shift:], v2[:, :, shift:],
+                             None if visible is None else visible[:, shift:], group_size, scale))
+    return torch.cat((plain, torch.cat(parts, dim=2)), dim=1)
 
 
 def shifted_sparse_attention_ref(q, k, v, group_size: int, scale: float | None = None) -> torch.Tensor:

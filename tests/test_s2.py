@@ -160,3 +160,44 @@ def test_use_attention_s2_backward_and_bad_settings():
         use_attention(model, "s2", group_size_ratio=0)
     with pytest.raises(ValueError, match="at most the sequence length"):
         use_attention(model, "s2", group_size=64)(ids)
+
+
+def test_a_longlora_recipe_trains_with_s2_and_lora_plus_and_saves_a_plain_model(tmp_path):
+    from memlm.cli import main
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "model:\n"
+        "  llama: {vocab_size: 320, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1,\n"
+        "          num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 16}\n"
+        "extend: {method: linear, factor: 4}\n"
+        "attention: {name: s2, group_size_ratio: 0.25}\n"
+        "memory: {segment_length: 64, xl_length: 0, memory_layers: []}\n"
+        "task: {name: associative_recall, pairs: 4, keys: 8, values: 8}\n"
+        "train: {steps: 2, batch_size: 2, document_tokens: 64, trainable: lora+, progress: false}\n"
+    )
+    assert main(["train", "--config", str(recipe), "--output", str(tmp_path / "run")]) == 0
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
+    names = [n for n, _ in model.named_parameters()]
+    assert names and not any("lora_" in n or "base_layer" in n for n in names)  # LoRA merged into the weights
+    assert model.config._attn_implementation in ("sdpa", "eager")
+
+
+def test_a_session_over_an_s2_model_trains_with_s2_and_evaluates_with_full_attention():
+    """memlm train streams documents through sessions: one whole segment per forward runs S2-Attn in training."""
+    from memlm import MemoryConfig, attach
+
+    model = gqa_llama()
+    ids = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(3))
+    use_attention(model, "s2", group_size=10)
+    with torch.no_grad():
+        s2 = model.train()(ids).logits
+        full = model.eval()(ids).logits
+        mem_model = attach(model, MemoryConfig(segment_length=40, xl_length=0, memory_layers=()))
+        for training, expected in ((True, s2), (False, full)):
+            model.train(training)
+            with mem_model.session(batch_size=2) as session:
+                torch.testing.assert_close(session.feed(ids, return_logits=True).logits, expected, rtol=1e-9,
+                                           atol=1e-9)
+        mem_model.detach()
+    assert not torch.allclose(s2, full, atol=1e-6)

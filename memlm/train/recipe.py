@@ -6,6 +6,7 @@
       llama: {vocab_size: 320, hidden_size: 64, num_hidden_layers: 2, ...}
       tokenizer: ./tok      # optional; text tasks need one
     extend: {method: yarn, factor: 8}                 # optional: RoPE extension first (memlm.extend_context)
+    attention: {name: s2, group_size_ratio: 0.25}     # optional: train with LongLoRA's S2-Attn (use_attention)
     memory: {segment_length: 16, xl_length: 16, memory_layers: [0], fusion: joint}   # MemoryConfig
     task: {name: associative_recall, pairs: 8, ...}   # or {name: passkey} or {name: text, path: book.txt}
     train: {steps: 1000, batch_size: 16, ...}         # TrainConfig
@@ -29,13 +30,14 @@ import yaml
 
 from memlm.config import MemoryConfig
 from memlm.positions.scaling import extend_from_spec
+from memlm.runtime.implementations import use_attention
 from memlm.runtime.model import attach
 
 from .data import AssociativeRecall, Passkey, TextDocuments
 from .lora import merge_lora
 from .trainer import TrainConfig, Trainer
 
-SECTIONS = ("model", "extend", "memory", "task", "train", "evaluate")
+SECTIONS = ("model", "extend", "attention", "memory", "task", "train", "evaluate")
 TASKS = ("associative_recall", "passkey", "text")
 
 
@@ -98,6 +100,9 @@ def run(recipe_path: str | Path, output: str | Path, steps: int | None = None, r
     model, tokenizer = build_model(recipe["model"], device)
     if recipe.get("extend"):  # the papers' recipe: extend the positions, then fine-tune at the new length
         extend_from_spec(model, recipe["extend"])
+    attention = dict(recipe.get("attention") or {})
+    if attention:  # e.g. {name: s2, group_size_ratio: 0.25}: LongLoRA trains with S2-Attn, evaluates with full
+        use_attention(model, attention.pop("name", None), **attention)
     mem_model = attach(model, MemoryConfig.from_dict(recipe.get("memory", {})), tokenizer=tokenizer)
     trainer = Trainer(mem_model, build_task(recipe["task"], model, tokenizer), config)
     if resume:
@@ -111,7 +116,10 @@ def run(recipe_path: str | Path, output: str | Path, steps: int | None = None, r
         mem_model.save_pretrained(output / "memlm")
         if tokenizer is not None:
             tokenizer.save_pretrained(output / "model")
-        mem_model.detach().save_pretrained(output / "model")
+        model = mem_model.detach()
+        if attention:
+            use_attention(model, None)  # the saved model runs its own attention
+        model.save_pretrained(output / "model")
         (output / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     if distributed:
         dist.destroy_process_group()
