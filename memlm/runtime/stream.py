@@ -54,9 +54,9 @@ class StreamState:
         previous_attention: str = "sdpa",
         crossbatch: CrossBatch | None = None,
     ) -> None:
-        if config.distance_cap is not None and (rotary is None or crossbatch is not None):
-            raise ValueError("distance_cap re-rotates keys: it needs a rotary model and an inference session (no "
-                             "CrossBatch training, whose shared memory has one position for every query)")
+        if config.distance_cap is not None and crossbatch is not None:  # (attach refuses it on non-rotary models)
+            raise ValueError("distance_cap needs an inference session: no CrossBatch training, whose shared memory "
+                             "has one position for every query")
         if crossbatch is not None:
             crossbatch.check_batch(batch_size)
             if config.memory_positions != "first" or not memory_layers:
@@ -146,14 +146,13 @@ class StreamState:
         # caches carry no gradient, except into CrossBatch's differentiable memory
         kept_k, kept_v = (unrotated, v) if self.crossbatch is not None else (unrotated.detach(), v.detach())
         cached_k, cached_v = local.extend(layer, kept_k, kept_v)
-        key_positions = new_positions
+        where = None
         if cached_k is not None:
             where = positions.local_positions(local.local_start, 0, cached_k.shape[2], k.device, local.sink_length)
             k = torch.cat((positions.rotate(cached_k, where).to(k.dtype), k), dim=2)
             v = torch.cat((cached_v.to(v.dtype), v), dim=2)
-            unrotated = torch.cat((cached_k.to(k.dtype), unrotated), dim=2)
-            key_positions = torch.cat((where, new_positions))
-        capped = self.capped_pairs(q, unrotated, new_positions, key_positions)
+        capped = {} if self.config.distance_cap is None else self.capped_pairs(q, unrotated, new_positions, cached_k,
+                                                                                where)
         if layer not in self.memory_layers:
             if capped:  # the model's own attention cannot score pairs apart: memlm's blocks can
                 out = memory_attention(q, k, v, scale=scale, window=sliding_window, softcap=softcap, sinks=sinks,
@@ -173,17 +172,18 @@ class StreamState:
         return out.transpose(1, 2)
 
     def capped_pairs(self, q: torch.Tensor, unrotated: torch.Tensor, query_positions: torch.Tensor,
-                     key_positions: torch.Tensor) -> dict:
+                     cached_k: torch.Tensor | None, cached_positions: torch.Tensor | None) -> dict:
         """LM-Infinite's distance cap on the local context: where a key lies ``distance_cap`` or more before a query,
-        the pair scores as if exactly ``distance_cap`` apart (q rotated to the cap, the key unrotated). Returns the
+        the pair scores as if exactly ``distance_cap`` apart (q rotated to the cap, the key unrotated). ``unrotated``:
+        the new keys; ``cached_k`` (unrotated) at ``cached_positions``: the local context before them. Returns the
         ``memory_attention`` arguments for those pairs ({} when there are none)."""
         cap = self.config.distance_cap
-        if cap is None:
-            return {}
+        key_positions = query_positions if cached_k is None else torch.cat((cached_positions, query_positions))
         far = (query_positions[:, None] - key_positions[None, :]) >= cap  # [n, ctx]
         if not bool(far.any()):
             return {}
-        return {"capped": far, "capped_q": self.positions.rotate(q, cap - query_positions), "capped_k": unrotated}
+        keys = unrotated if cached_k is None else torch.cat((cached_k.to(unrotated.dtype), unrotated), dim=2)
+        return {"capped": far, "capped_q": self.positions.rotate(q, cap - query_positions), "capped_k": keys}
 
     def capped_memory(self, mem_k: torch.Tensor, query_positions: torch.Tensor) -> torch.Tensor:
         """Retrieved keys [batch, q_heads, n, top_k, d] (at the frame) moved, for queries farther than the cap from
