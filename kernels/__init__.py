@@ -15,11 +15,14 @@ import importlib.util
 import os
 
 from .blocks import additive_mask, attention_block, attention_output, causal_mask, merge_blocks, sink_block
+from .dilated_attention import dilated_attention, dilated_attention_ref
+from .flash_block import flash_block
 from .lambda_attention import lambda_attention, lambda_attention_ref
 from .reference import check_memory_attention_args, memory_attention_ref
 from .shifted_sparse_attention import shifted_sparse_attention, shifted_sparse_attention_ref
 
-__all__ = ["KERNELS", "additive_mask", "attention_block", "attention_output", "causal_mask", "lambda_attention",
+__all__ = ["KERNELS", "additive_mask", "attention_block", "attention_output", "causal_mask", "dilated_attention",
+           "dilated_attention_ref", "flash_block", "lambda_attention",
            "lambda_attention_ref", "memory_attention", "memory_attention_ref", "merge_blocks", "select_kernel",
            "shifted_sparse_attention", "shifted_sparse_attention_ref", "sink_block"]
 

@@ -118,12 +118,16 @@ def merge_blocks(
 
     A query that saw no key in one block (lse -inf) keeps the other's result; in neither: out 0, lse -inf.
     """
+    seen_a, seen_b = torch.isfinite(lse_a), torch.isfinite(lse_b)
+    # -inf (no key) enters the arithmetic as a finite floor: the same values, and gradients through a query that
+    # saw nothing stay 0 instead of NaN (exp(-inf - -inf)); LongNet queries outside a pattern meet this every step
+    floor = torch.finfo(lse_a.dtype).min / 2
+    lse_a, lse_b = torch.where(seen_a, lse_a, floor), torch.where(seen_b, lse_b, floor)
     lse = torch.logaddexp(lse_a, lse_b)
-    finite = torch.isfinite(lse)
-    weight_a = torch.where(finite, (lse_a - lse).exp(), 0.0).unsqueeze(-1)
-    weight_b = torch.where(finite, (lse_b - lse).exp(), 0.0).unsqueeze(-1)
+    seen = (seen_a | seen_b).unsqueeze(-1)
     compute = lse.dtype
-    out = weight_a * out_a.to(compute) + weight_b * out_b.to(compute)
+    out = (lse_a - lse).exp().unsqueeze(-1) * out_a.to(compute) + (lse_b - lse).exp().unsqueeze(-1) * out_b.to(compute)
+    out, lse = torch.where(seen, out, 0.0), torch.where(seen.squeeze(-1), lse, -math.inf)
     return out.to(out_a.dtype), lse
 
 

@@ -108,6 +108,20 @@ def test_merge_of_disjoint_blocks_is_the_block_of_their_union():
     assert (out == 0).all() and (lse == -math.inf).all()
 
 
+def test_merge_gradients_stay_finite_where_a_query_saw_nothing():
+    """exp(-inf - -inf) is NaN: a query outside every block (a LongNet query outside all patterns) must not turn the
+    gradients of the others into NaN."""
+    out_a, out_b = random(1, 2, 3, 4, seed=1).requires_grad_(), random(1, 2, 3, 4, seed=2).requires_grad_()
+    lse_a = torch.tensor([[[-math.inf, 0.5, 1.0]] * 2], dtype=torch.float64, requires_grad=True)
+    lse_b = torch.tensor([[[-math.inf, -math.inf, 2.0]] * 2], dtype=torch.float64, requires_grad=True)
+    out, lse = merge_blocks(out_a, lse_a, out_b, lse_b)
+    (out.sum() + lse[:, :, 1:].sum()).backward()
+    for t in (out_a, out_b, lse_a, lse_b):
+        assert torch.isfinite(t.grad).all()
+    assert (out_a.grad[:, :, 0] == 0).all() and (lse_a.grad[:, :, 0] == 0).all()
+    torch.testing.assert_close(lse_a.grad[:, :, 1], torch.ones(1, 2, dtype=torch.float64))  # lse = lse_a there
+
+
 def test_float32_inputs_give_a_float32_log_denominator_and_out_in_q_dtype():
     q, k, v = (random(1, 2, 3, 8, seed=s).to(torch.bfloat16) for s in (8, 9, 10))
     out, lse = attention_block(q, k, v, causal=True)

@@ -27,7 +27,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 #: implementations a session can run its layers without memory on, and whether they take a mask
 STREAMABLE = {"eager": True, "sdpa": True, "flash_attention_2": False, "flash_attention_3": False,
               "flash_attention_4": False,
-              "memlm_s2": False}  # LongLoRA's S2-Attn (implementations.py): one whole segment per forward, causal
+              "memlm_s2": False,  # LongLoRA's S2-Attn (implementations.py): one whole segment per forward, causal
+              "memlm_dilated": False}  # LongNet: patterns cut by index in the local context (XL cache + segment)
 #: arguments some models pass that do not change what attention computes
 BOOKKEEPING = frozenset({"position_ids", "use_cache", "output_attentions", "output_hidden_states",
                          "output_router_logits", "return_dict", "cache_position", "is_causal"})

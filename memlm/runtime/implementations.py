@@ -11,6 +11,11 @@ frequencies). ``use_attention(model, None)`` restores the implementation the mod
 shifted sparse attention (Chen et al. 2023; ``memlm.kernels.shifted_sparse_attention``) while it trains; in eval
 mode (``model.eval()``) it is full causal attention, the model's previous implementation, as the paper infers.
 
+``use_attention(model, "dilated", segment_lengths=(2048, 4096), dilation_rates=(1, 2))`` makes it LongNet's dilated
+attention (Ding et al. 2023; ``memlm.kernels.dilated_attention``), in training, evaluation and generation alike;
+with ``group=`` (a ``torch.distributed`` process group, e.g. under ``torchrun``) every rank runs the model on its
+contiguous shard of each sequence, with global ``position_ids``, and the long patterns gather their dilated keys.
+
 The function registered with transformers' ``AttentionInterface`` finds its settings by the attention module
 it is called for, so models with different settings coexist. Its mask function is flash attention's (None
 for an unpadded batch, else [b, n]): the kernels make their own patterns, and no n x n mask is built in training.
@@ -22,11 +27,13 @@ import weakref
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from transformers import AttentionInterface, AttentionMaskInterface, PreTrainedModel
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
 from memlm.config import check_integer
-from memlm.kernels import lambda_attention, shifted_sparse_attention
+from memlm.kernels import dilated_attention, lambda_attention, shifted_sparse_attention
+from memlm.kernels.dilated_attention import check_patterns
 from memlm.positions.rotary import find_rotary, rotate
 
 from .attention import BOOKKEEPING, previous_function
@@ -73,6 +80,24 @@ class ShiftedSparseAttention:
         return max(2, 2 * round(n * self.group_size_ratio / 2))
 
 
+@dataclass(frozen=True)
+class DilatedAttention:
+    """LongNet's patterns: segment lengths w and dilation rates r, one (w, r) per pattern (geometric sequences such as
+    w = 2048, 4096, 8192 with r = 1, 2, 4 are the paper's; any positive integers work). ``group``: None, or the
+    process group whose ranks each hold a contiguous shard of the sequence."""
+
+    segment_lengths: tuple[int, ...] = (2048, 4096, 8192)
+    dilation_rates: tuple[int, ...] = (1, 2, 4)
+    group: object | None = None
+
+    def __post_init__(self) -> None:
+        lengths, rates = check_patterns(self.segment_lengths, self.dilation_rates)
+        object.__setattr__(self, "segment_lengths", lengths)
+        object.__setattr__(self, "dilation_rates", rates)
+        if self.group is not None and not isinstance(self.group, dist.ProcessGroup):
+            raise ValueError(f"group must be a torch.distributed ProcessGroup or None, got {type(self.group).__name__}")
+
+
 #: attention module -> (settings, the model's inv_freq or None, the previous implementation)
 _SETTINGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 #: model -> the attention implementation it had before use_attention
@@ -80,8 +105,8 @@ _PREVIOUS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def use_attention(model: PreTrainedModel, name: str | None, **options) -> PreTrainedModel:
-    """Select memlm's attention implementation ``name`` (``"lambda"``, ``"s2"``) with ``options`` on ``model``, or
-    restore the model's previous one (``name=None``). Returns the model."""
+    """Select memlm's attention implementation ``name`` (``"lambda"``, ``"s2"``, ``"dilated"``) with ``options`` on
+    ``model``, or restore the model's previous one (``name=None``). Returns the model."""
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"use_attention expects a transformers PreTrainedModel, got {type(model).__name__}")
     current = model.config._attn_implementation or "eager"
@@ -195,6 +220,23 @@ def s2_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, 
     return out.transpose(1, 2), None
 
 
-IMPLEMENTATIONS = {"lambda": (LambdaAttention, lambda_forward), "s2": (ShiftedSparseAttention, s2_forward)}
+def dilated_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                    **kwargs) -> tuple[torch.Tensor, None]:
+    """query [b, hq, nq, d]; key, value [b, hkv, n, d] (nq < n with a cache) -> ([b, nq, hq, d], None)."""
+    settings, _, _ = settings_of(module)
+    check_kwargs("dilated attention", kwargs)
+    if dropout:
+        raise ValueError("dilated attention has no attention dropout: set the model's attention_dropout to 0")
+    if attention_mask is not None and not bool(attention_mask.all()):
+        raise ValueError("dilated attention takes unpadded batches (no attention_mask with zeros): its patterns are "
+                         "cut by token index")
+    out = dilated_attention(query, key, value, settings.segment_lengths, settings.dilation_rates, scale=scaling,
+                            group=settings.group)
+    return out.transpose(1, 2), None
+
+
+IMPLEMENTATIONS = {"lambda": (LambdaAttention, lambda_forward), "s2": (ShiftedSparseAttention, s2_forward),
+                   "dilated": (DilatedAttention, dilated_forward)}
 #: the names registered with transformers' AttentionInterface
-NAMES = {"lambda": "memlm_lambda", "s2": "memlm_s2"}
+NAMES = {"lambda": "memlm_lambda", "s2": "memlm_s2", "dilated": "memlm_dilated"}
