@@ -51,11 +51,11 @@ def dilated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment
     if not causal and q.shape[2] != k.shape[2]:
         raise ValueError(f"non-causal dilated attention is self-attention: {q.shape[2]} queries, {k.shape[2]} keys")
     if group is not None:
-        blocks = sharded_blocks(q, k, v, lengths, rates, causal, scale, group)
-    else:
-        blocks = [pattern_block(q, k, v, w, r, causal, scale) for w, r in zip(lengths, rates, strict=True)]
-    out, lse = blocks[0]
-    for block in blocks[1:]:
+        blocks = iter(sharded_blocks(q, k, v, lengths, rates, causal, scale, group))
+    else:  # one pattern at a time, merged as it comes: only one pattern's rows exist at once
+        blocks = (pattern_block(q, k, v, w, r, causal, scale) for w, r in zip(lengths, rates, strict=True))
+    out, lse = next(blocks)
+    for block in blocks:
         out, lse = merge_blocks(out, lse, *block)
     return out
 
@@ -65,61 +65,62 @@ def pattern_block(q, k, v, w: int, r: int, causal: bool, scale) -> tuple[torch.T
     nq, n = q.shape[2], k.shape[2]
     w = min(w, n)  # a segment longer than the sequence is the whole sequence
     start = (n - nq) // w * w  # the first segment that holds a query; earlier ones are never read
-    q = F.pad(q, (0, 0, n - nq - start, 0))  # queries aligned with k[start:] (the padding is cut off below)
+    if n - nq > start:
+        q = F.pad(q, (0, 0, n - nq - start, 0))  # queries aligned with k[start:] (the padding is cut off below)
     k, v = k[:, :, start:], v[:, :, start:]
-    segments, per_head = -(-(n - start) // w), -(-w // r)
-    q_heads, kv_heads = q.shape[1], k.shape[1]
-    heads = torch.arange(q_heads, device=q.device)
-    offsets = heads % r
-    kv_index, order = key_heads(q_heads, kv_heads, r, q.device)
-    qs = sparse(q, w, r, segments, per_head)[:, :, heads, offsets][:, :, order]  # [b, S, hq, w/r, d]
-    ks = sparse(k, w, r, segments, per_head)[:, :, kv_index // r, kv_index % r]  # [b, S, hk', w/r, d]
-    vs = sparse(v, w, r, segments, per_head)[:, :, kv_index // r, kv_index % r]
+    length = n - start
+    segments, per_head = -(-length // w), -(-w // r)
+    query_rows, key_rows = pattern_rows(q.shape[1], k.shape[1], r, q.device)
+    qs, ks, vs = (sparse(x, w, r, segments, per_head, rows) for x, rows in ((q, query_rows), (k, key_rows),
+                                                                            (v, key_rows)))
     visible = None
     if not causal:  # padded keys (past the segment's or the sequence's end) come after every query only if causal
-        within = torch.arange(per_head, device=q.device)[None, :] * r + offsets[order][:, None]  # [hq, w/r]
+        within = torch.arange(per_head, device=q.device)[None, :] * r + (query_rows % r)[:, None]  # [hq, w/r]
         position = torch.arange(segments, device=q.device)[:, None, None] * w + within  # [S, hq, w/r]
-        visible = ((within < w) & (position < n - start)).repeat(q.shape[0], 1, 1)[:, :, None, :]  # [b*S, hq, 1, w/r]
-    out, lse = flash_block(qs.flatten(0, 1), ks.flatten(0, 1), vs.flatten(0, 1), visible, causal, scale)
-    inverse = torch.argsort(order)
-    out = out.unflatten(0, (q.shape[0], segments))[:, :, inverse]
-    lse = lse.unflatten(0, (q.shape[0], segments))[:, :, inverse]
-    length = n - start
-    return dense(out, heads, offsets, r, w, length)[:, :, -nq:], dense(lse, heads, offsets, r, w, length)[:, :, -nq:]
+        visible = ((within < w) & (position < length)).repeat(q.shape[0], 1, 1)[:, :, None, :]  # [b*S, hq, 1, w/r]
+    out, lse = flash_block(qs, ks, vs, visible, causal, scale)
+    return tuple(scatter(x, query_rows, q.shape[0], q.shape[1], r, w, length)[:, :, -nq:] for x in (out, lse))
 
 
-def key_heads(q_heads: int, kv_heads: int, r: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Which (key/value head, offset) rows to attend to, as indices kv * r + offset, and the order of the query heads.
+def pattern_rows(q_heads: int, kv_heads: int, r: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows (head * r + offset) of the queries and of the keys/values one pattern's attention reads.
 
-    Query head h reads kv head h // (q_heads // kv_heads) at offset h mod r. Where every used (kv, offset) serves the
-    same number of query heads, each is kept once and the query heads are sorted by it (grouped-query attention);
-    else each query head gets its own copy.
+    Query head h reads kv head h // (q_heads // kv_heads), both at offset h mod r. Where every (kv head, offset) in
+    use serves the same number of query heads, each is kept once and the query rows are sorted by it (so the
+    attention is grouped-query); else each query head gets its own copy of its keys.
     """
     heads = torch.arange(q_heads, device=device)
     wanted = heads // (q_heads // kv_heads) * r + heads % r
     used, counts = torch.unique(wanted, return_counts=True)
     if bool((counts == counts[0]).all()):
-        return used, torch.argsort(wanted, stable=True)
-    return wanted, heads
+        heads = torch.argsort(wanted, stable=True)
+        return heads * r + heads % r, used
+    return heads * r + heads % r, wanted
 
 
-def sparse(x: torch.Tensor, w: int, r: int, segments: int, per_head: int) -> torch.Tensor:
-    """[b, h, L, d] -> a view [b, segments, h, r, w/r, d]; [:, s, :, o, t] is position s * w + t * r + o (0 padded)."""
+def sparse(x: torch.Tensor, w: int, r: int, segments: int, per_head: int, rows: torch.Tensor) -> torch.Tensor:
+    """[b, h, L, d] -> [b * segments, len(rows), w/r, d]: row h * r + o of segment s holds head h's positions
+    s * w + o, s * w + o + r, ... (0 past the segment's or the sequence's end)."""
     batch, heads, length, dim = x.shape
-    x = F.pad(x, (0, 0, 0, segments * w - length)).view(batch, heads, segments, w, dim)
-    x = F.pad(x, (0, 0, 0, per_head * r - w)).view(batch, heads, segments, per_head, r, dim)
-    return x.permute(0, 2, 1, 4, 3, 5)
+    if segments * w != length:
+        x = F.pad(x, (0, 0, 0, segments * w - length))
+    x = x.reshape(batch, heads, segments, w, dim)
+    if per_head * r != w:
+        x = F.pad(x, (0, 0, 0, per_head * r - w))
+    x = x.reshape(batch, heads, segments, per_head, r, dim).permute(0, 2, 1, 4, 3, 5)  # [b, S, h, r, w/r, d]
+    x = x.reshape(batch * segments, heads * r, per_head, dim)
+    whole = rows.numel() == heads * r and bool((rows == torch.arange(heads * r, device=rows.device)).all())
+    return x if whole else x.index_select(1, rows)  # (index_select: advanced indexing of a view costs 8x its size)
 
 
-def dense(x: torch.Tensor, heads, offsets, r: int, w: int, length: int) -> torch.Tensor:
-    """The inverse of ``sparse`` for outputs: [b, S, hq, w/r(, d)] at head h's offset -> [b, hq, length(, d)], 0 (out)
-    or -inf (lse) at the positions outside head h's pattern."""
-    batch, segments, q_heads, per_head = x.shape[:4]
-    fill = -torch.inf if x.dim() == 4 else 0.0
-    full = x.new_full((batch, segments, q_heads, r, *x.shape[3:]), fill)
-    full[:, :, heads, offsets] = x
-    full = full.transpose(3, 4).reshape(batch, segments, q_heads, per_head * r, *x.shape[4:])[:, :, :, :w]
-    return full.transpose(1, 2).flatten(2, 3)[:, :, :length]
+def scatter(x: torch.Tensor, rows: torch.Tensor, batch: int, heads: int, r: int, w: int, length: int) -> torch.Tensor:
+    """The inverse of ``sparse`` for a block's out [b * S, len(rows), w/r, d] or lse [b * S, len(rows), w/r]:
+    -> [b, heads, length(, d)], 0 (out) or -inf (lse) at the positions outside each head's pattern."""
+    segments, per_head, tail = x.shape[0] // batch, x.shape[2], x.shape[3:]
+    full = x.new_full((x.shape[0], heads * r, per_head, *tail), -torch.inf if not tail else 0.0)
+    full = full.index_copy(1, rows, x).view(batch, segments, heads, r, per_head, *tail)
+    full = full.transpose(3, 4).reshape(batch, segments, heads, per_head * r, *tail)[:, :, :, :w]
+    return full.transpose(1, 2).reshape(batch, heads, segments * w, *tail)[:, :, :length]
 
 
 def sharded_blocks(q, k, v, lengths, rates, causal: bool, scale, group) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -163,18 +164,15 @@ def sharded_blocks(q, k, v, lengths, rates, causal: bool, scale, group) -> list[
 
 class DilatedShard:
     """A pattern whose segments span ``ranks`` shards, on one rank: its dilated queries, keys and values
-    ([b, heads, n_local / r, d]), and its block once every rank's dilated keys/values are gathered."""
+    ([b, rows, n_local / r, d]), and its block once every rank's dilated keys/values are gathered."""
 
     def __init__(self, q, k, v, ranks: int, r: int) -> None:
-        n_local = q.shape[2]
-        self.ranks, self.r, self.n_local = ranks, r, n_local
-        self.heads = torch.arange(q.shape[1], device=q.device)
-        self.offsets = self.heads % r
-        kv_index, self.order = key_heads(q.shape[1], k.shape[1], r, q.device)
-        per_head = n_local // r
-        self.queries = sparse(q, n_local, r, 1, per_head)[:, 0, self.heads, self.offsets][:, self.order]
-        self.keys = sparse(k, n_local, r, 1, per_head)[:, 0, kv_index // r, kv_index % r]
-        self.values = sparse(v, n_local, r, 1, per_head)[:, 0, kv_index // r, kv_index % r]
+        self.ranks, self.r, self.batch, self.heads, self.n_local = ranks, r, q.shape[0], q.shape[1], q.shape[2]
+        self.query_rows, key_rows = pattern_rows(q.shape[1], k.shape[1], r, q.device)
+        per_head = self.n_local // r
+        self.queries = sparse(q, self.n_local, r, 1, per_head, self.query_rows)
+        self.keys = sparse(k, self.n_local, r, 1, per_head, key_rows)
+        self.values = sparse(v, self.n_local, r, 1, per_head, key_rows)
 
     def block(self, keys: list, values: list, rank: int, causal: bool, scale) -> tuple[torch.Tensor, torch.Tensor]:
         first = rank // self.ranks * self.ranks  # the first shard of this rank's segment
@@ -188,9 +186,8 @@ class DilatedShard:
             span = slice(first, first + self.ranks)
             out, lse = flash_block(self.queries, torch.cat(keys[span], 2), torch.cat(values[span], 2), None, False,
                                    scale)
-        inverse = torch.argsort(self.order)
-        out, lse = out[:, inverse].unsqueeze(1), lse[:, inverse].unsqueeze(1)
-        return tuple(dense(x, self.heads, self.offsets, self.r, self.n_local, self.n_local) for x in (out, lse))
+        return tuple(scatter(x, self.query_rows, self.batch, self.heads, self.r, self.n_local, self.n_local)
+                     for x in (out, lse))
 
 
 def dilated_attention_ref(q, k, v, segment_lengths, dilation_rates, causal: bool = True, scale=None) -> torch.Tensor:

@@ -4,13 +4,15 @@ Methods that mix attention blocks by their softmax denominators (LongNet's patte
 need each block's lse *with its gradient*: the mixing weights depend on it. ``scaled_dot_product_attention`` returns
 no lse, and the kernels that compute one (flash attention, Dao et al. 2022) give it no gradient. ``flash_block``
 runs the forward with torch's CPU flash attention kernel (``aten::_scaled_dot_product_flash_attention_for_cpu``,
-memory O(n), no score matrix) where it exists, ``attention_block`` elsewhere, and its backward in pure torch:
-flash attention's recomputation of the probabilities P from the saved lse, in chunks of at most ``BLOCK_SCORES``
-scores, with the lse's own gradient term:
+memory O(n), no score matrix) where it exists, ``attention_block`` elsewhere. Its backward is flash attention's
+(P recomputed from the saved lse) with the lse's own gradient term:
 
-    dS = P * (dP - rowsum(dO * O) + dlse),  dQ = scale dS K,  dK = scale dS^T Q,  dV = P^T dO.
+    dS = P * (dP - rowsum(dO * O) + dlse),  dQ = scale dS K,  dK = scale dS^T Q,  dV = P^T dO,
 
-Memory stays O(n) in training too. Grouped-query attention reads kv head h // (hq / hkv); keys are never repeated.
+by torch's CPU flash backward kernel (the dlse term carried in one more head-dim column, ``fused_backward``) or, on
+other devices, in pure torch in chunks of at most ``BLOCK_SCORES`` scores (``reference_backward``, the same
+equations). Memory stays O(n) in training too. Grouped-query attention reads kv head h // (hq / hkv); keys are
+never repeated.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ import torch
 
 from .blocks import additive_mask, attention_block, check_block_args
 
-#: the most score elements the backward computes at once (64 MiB in float32)
-BLOCK_SCORES = 1 << 24
+#: the most score elements the pure-torch backward computes at once (16 MiB in float32)
+BLOCK_SCORES = 1 << 22
 
 
 def flash_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
@@ -47,23 +49,46 @@ def flash_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.T
     return FlashBlock.apply(q, k, v, mask, causal, 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
 
 
+def cpu_kernels(q: torch.Tensor):
+    """torch's CPU flash attention forward and backward ops for ``q``'s device and dtype, or None."""
+    forward = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    backward = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+    if forward is None or backward is None or q.device.type != "cpu" or q.dtype not in (torch.float32, torch.float64):
+        return None
+    return forward, backward
+
+
 def fused_forward(q, k, v, mask, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The forward pass, without a graph: torch's CPU flash kernel when it exists, else ``attention_block``."""
-    kernel = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    if kernel is not None and q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64):
-        bias = None if mask is None else additive_mask(mask, q.dtype)
-        out, lse = kernel(q, k, v, 0.0, causal, attn_mask=bias, scale=scale)
-        if mask is not None:  # a query that sees no key: out 0, lse -inf (the kernel leaves NaN / +-inf there)
-            if not causal:
-                seen = mask.any(-1)
-            elif mask.shape[2] == 1:  # query i sees a key iff one of keys 0..i is visible
-                seen = mask.squeeze(2).cummax(-1).values
-            else:
-                seen = (mask & torch.ones(mask.shape[-2:], dtype=torch.bool, device=q.device).tril()).any(-1)
-            out, lse = torch.where(seen[..., None], out, 0.0), torch.where(seen, lse, -math.inf)
-        return out, lse.to(compute)
-    return attention_block(q, k, v, mask, causal, scale)
+    kernels = cpu_kernels(q)
+    if kernels is None:
+        return attention_block(q, k, v, mask, causal, scale)
+    bias = None if mask is None else additive_mask(mask, q.dtype)
+    out, lse = kernels[0](q, k, v, 0.0, causal, attn_mask=bias, scale=scale)
+    if mask is not None:  # a query that sees no key: out 0, lse -inf (the kernel leaves NaN / +-inf there)
+        if not causal:
+            seen = mask.any(-1)
+        elif mask.shape[2] == 1:  # query i sees a key iff one of keys 0..i is visible
+            seen = mask.squeeze(2).cummax(-1).values
+        else:
+            seen = (mask & torch.ones(mask.shape[-2:], dtype=torch.bool, device=q.device).tril()).any(-1)
+        out, lse = torch.where(seen[..., None], out, 0.0), torch.where(seen, lse, -math.inf)
+    return out, lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+
+
+def fused_backward(kernels, q, k, v, out, lse, d_out, d_lse, mask, causal: bool, scale: float):
+    """dq, dk, dv by torch's CPU flash backward, the lse's gradient riding in one more head-dim column: with
+    q' = [q, 0], k' = [k, 0], v' = [v, 0], out' = [out, 1], dO' = [dO, -dlse] the kernel's rowsum(dO' * out') is
+    rowsum(dO * out) - dlse, so its dS = P * (dP - rowsum(dO * out) + dlse), the scores and dP unchanged."""
+    def widen(t, column):
+        return torch.cat((t, column.to(t.dtype).expand(*t.shape[:-1], 1)), dim=-1)
+
+    zero = q.new_zeros(())
+    bias = None if mask is None else additive_mask(mask, q.dtype)
+    safe_lse = torch.where(torch.isfinite(lse), lse, math.inf).to(q.dtype)  # rows that saw nothing: P = 0
+    dq, dk, dv = kernels[1](widen(d_out, -d_lse[..., None]), widen(q, zero), widen(k, zero), widen(v, zero),
+                            widen(out, q.new_ones(())), safe_lse, 0.0, causal, attn_mask=bias, scale=scale)
+    return dq[..., :-1], dk[..., :-1], dv[..., :-1]
 
 
 class FlashBlock(torch.autograd.Function):
@@ -79,41 +104,50 @@ class FlashBlock(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_out, d_lse):
         q, k, v, out, lse = ctx.saved_tensors
-        compute = lse.dtype
-        batch, q_heads, n, dim = q.shape
-        kv_heads, ctx_len = k.shape[1], k.shape[2]
-        group = q_heads // kv_heads
+        d_out = torch.zeros_like(out) if d_out is None else d_out
+        d_lse = torch.zeros_like(lse) if d_lse is None else d_lse
+        kernels = cpu_kernels(q)
+        args = (q, k, v, out, lse, d_out, d_lse, ctx.mask, ctx.causal, ctx.scale)
+        dq, dk, dv = fused_backward(kernels, *args) if kernels is not None else reference_backward(*args)
+        return dq, dk, dv, None, None, None
 
-        def grouped(t):  # [b, hq, n, ...] -> [b, hkv, g, n, ...] in the compute dtype
-            return t.to(compute).unflatten(1, (kv_heads, group))
 
-        qg, og = grouped(q), grouped(out)
-        d_out = torch.zeros_like(og) if d_out is None else grouped(d_out)
-        d_lse = torch.zeros_like(lse).unflatten(1, (kv_heads, group)) if d_lse is None else grouped(d_lse)
-        lse_safe = grouped(torch.where(torch.isfinite(lse), lse, math.inf))  # rows that saw nothing: P = 0
-        k32, v32 = k.to(compute).unsqueeze(2), v.to(compute).unsqueeze(2)  # [b, hkv, 1, ctx, d]
-        delta = (d_out * og).sum(-1) - d_lse  # [b, hkv, g, n]
-        dq = torch.zeros_like(qg)
-        dk = torch.zeros(batch, kv_heads, ctx_len, dim, dtype=compute, device=q.device)
-        dv = torch.zeros_like(dk)
-        step = max(1, BLOCK_SCORES // max(1, batch * q_heads * ctx_len))
-        for a in range(0, n, step):
-            e = min(a + step, n)
-            keys = e if ctx.causal else ctx_len  # causal (square): queries [a, e) read keys [0, e)
-            scores = qg[:, :, :, a:e] @ k32[..., :keys, :].transpose(-1, -2) * ctx.scale  # [b, hkv, g, e-a, keys]
-            visible = None
-            if ctx.causal:
-                visible = torch.ones(e - a, keys, dtype=torch.bool, device=q.device).tril(a)
-            if ctx.mask is not None:  # [b, hq, n or 1, ctx] -> [b, hkv, g, e - a or 1, keys]
-                part = ctx.mask.unflatten(1, (kv_heads, group))
-                part = part[..., a:e, :keys] if part.shape[-2] > 1 else part[..., :keys]
-                visible = part if visible is None else visible & part
-            if visible is not None:
-                scores = scores.masked_fill_(~visible, -math.inf)
-            probs = (scores - lse_safe[:, :, :, a:e, None]).exp_()
-            d_probs = d_out[:, :, :, a:e] @ v32[..., :keys, :].transpose(-1, -2)
-            d_scores = probs * (d_probs - delta[:, :, :, a:e, None]) * ctx.scale
-            dq[:, :, :, a:e] = d_scores @ k32[..., :keys, :]
-            dk[:, :, :keys] += (d_scores.transpose(-1, -2) @ qg[:, :, :, a:e]).sum(2)
-            dv[:, :, :keys] += (probs.transpose(-1, -2) @ d_out[:, :, :, a:e]).sum(2)
-        return dq.flatten(1, 2).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+def reference_backward(q, k, v, out, lse, d_out, d_lse, mask, causal: bool, scale: float):
+    """dq, dk, dv in pure torch (any device): flash attention's backward, P recomputed from lse in chunks."""
+    compute = lse.dtype
+    batch, q_heads, n, dim = q.shape
+    kv_heads, keys_total = k.shape[1], k.shape[2]
+    group = q_heads // kv_heads
+
+    def grouped(t):  # [b, hq, n, ...] -> [b, hkv, g, n, ...] in the compute dtype
+        return t.to(compute).unflatten(1, (kv_heads, group))
+
+    qg, og = grouped(q), grouped(out)
+    d_out, d_lse = grouped(d_out), grouped(d_lse)
+    lse_safe = grouped(torch.where(torch.isfinite(lse), lse, math.inf))  # rows that saw nothing: P = 0
+    k32, v32 = k.to(compute).unsqueeze(2), v.to(compute).unsqueeze(2)  # [b, hkv, 1, ctx, d]
+    delta = (d_out * og).sum(-1) - d_lse  # [b, hkv, g, n]
+    dq = torch.zeros_like(qg)
+    dk = torch.zeros(batch, kv_heads, keys_total, dim, dtype=compute, device=q.device)
+    dv = torch.zeros_like(dk)
+    step = max(1, BLOCK_SCORES // max(1, batch * q_heads * keys_total))
+    for a in range(0, n, step):
+        e = min(a + step, n)
+        keys = e if causal else keys_total  # causal (square): queries [a, e) read keys [0, e)
+        scores = qg[:, :, :, a:e] @ k32[..., :keys, :].transpose(-1, -2) * scale  # [b, hkv, g, e-a, keys]
+        visible = None
+        if causal:
+            visible = torch.ones(e - a, keys, dtype=torch.bool, device=q.device).tril(a)
+        if mask is not None:  # [b, hq, n or 1, ctx] -> [b, hkv, g, e - a or 1, keys]
+            part = mask.unflatten(1, (kv_heads, group))
+            part = part[..., a:e, :keys] if part.shape[-2] > 1 else part[..., :keys]
+            visible = part if visible is None else visible & part
+        if visible is not None:
+            scores = scores.masked_fill_(~visible, -math.inf)
+        probs = (scores - lse_safe[:, :, :, a:e, None]).exp_()
+        d_probs = d_out[:, :, :, a:e] @ v32[..., :keys, :].transpose(-1, -2)
+        d_scores = probs * (d_probs - delta[:, :, :, a:e, None]) * scale
+        dq[:, :, :, a:e] = d_scores @ k32[..., :keys, :]
+        dk[:, :, :keys] += (d_scores.transpose(-1, -2) @ qg[:, :, :, a:e]).sum(2)
+        dv[:, :, :keys] += (probs.transpose(-1, -2) @ d_out[:, :, :, a:e]).sum(2)
+    return dq.flatten(1, 2).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

@@ -126,9 +126,14 @@ def test_bad_patterns_are_refused():
 @pytest.mark.parametrize(("n", "ctx", "causal"), [(9, 9, True), (7, 12, False)])
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("kernels", ["cpu flash", "pure torch"])
 def test_flash_block_equals_attention_block_in_values_and_in_gradients_of_out_and_lse(
-        q_heads, kv_heads, n, ctx, causal, masked, dtype, monkeypatch):
-    monkeypatch.setattr(flash_module, "BLOCK_SCORES", 40)  # the backward in many chunks
+        q_heads, kv_heads, n, ctx, causal, masked, dtype, kernels, monkeypatch):
+    if kernels == "pure torch":  # the path of every device without torch's CPU flash kernels
+        monkeypatch.setattr(flash_module, "cpu_kernels", lambda q: None)
+        monkeypatch.setattr(flash_module, "BLOCK_SCORES", 40)  # the backward in many chunks
+    else:
+        assert flash_module.cpu_kernels(torch.zeros(1, dtype=dtype)) is not None  # this torch has them
     generator = torch.Generator().manual_seed(n + q_heads)
     q = torch.randn(2, q_heads, n, 8, dtype=dtype, generator=generator, requires_grad=True)
     k, v = (torch.randn(2, kv_heads, ctx, 8, dtype=dtype, generator=generator, requires_grad=True) for _ in "kv")
