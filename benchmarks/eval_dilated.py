@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 import transformers
 import yaml
+from eval_longlora import perplexity as window_perplexity  # the script's directory is on sys.path
 
 from memlm import use_attention
 from memlm.positions.scaling import extend_from_spec
@@ -33,18 +33,15 @@ from memlm.train import recipe as recipes
 DILATED = {"name": "dilated", "segment_lengths": [512, 1024, 2048], "dilation_rates": [1, 2, 4]}
 
 
-@torch.no_grad()
 def perplexity(model, ids: torch.Tensor, length: int, windows: int, attention: dict | None) -> float:
-    if attention:
-        use_attention(model, attention["name"], **{k: v for k, v in attention.items() if k != "name"})
-    losses = []
-    for w in range(windows):
-        window = ids[w * length : (w + 1) * length + 1]
-        logits = model(window[None, :-1]).logits[0]
-        losses.append(torch.nn.functional.cross_entropy(logits.float(), window[1:], reduction="none"))
-    if attention:
+    """eval_longlora's windowed perplexity, with ``attention`` (a use_attention spec) selected while it runs."""
+    if not attention:
+        return window_perplexity(model, ids, length, windows)
+    use_attention(model, attention["name"], **{k: v for k, v in attention.items() if k != "name"})
+    try:
+        return window_perplexity(model, ids, length, windows)
+    finally:
         use_attention(model, None)
-    return math.exp(float(torch.cat(losses).mean()))
 
 
 def main() -> None:

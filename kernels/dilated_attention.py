@@ -199,8 +199,7 @@ def dilated_attention_ref(q, k, v, segment_lengths, dilation_rates, causal: bool
     head = torch.arange(q.shape[1], device=q.device)[:, None]
     out = lse = None
     for w, r in zip(lengths, rates, strict=True):
-        within = position - position // w * w
-        member = (within[None, :] % r) == (head % r)  # [hq, n]
+        member = (position % w % r)[None, :] == (head % r)  # [hq, n]
         same = (position[:, None] // w) == (position[None, :] // w)
         visible = same[None] & member[:, :, None] & member[:, None, :]  # [hq, n, n]
         if causal:
