@@ -1,7 +1,8 @@
 """memlm.kernels: attention as blocks of (out, lse), their merge, and fused memory attention.
 
 ``attention_block`` / ``merge_blocks`` (``blocks.py``) are the algebra every attention of memlm is
-built from; ``lambda_attention`` (``lambda_attention.py``) is LM-Infinite's Λ pattern built from it.
+built from; ``lambda_attention`` (``lambda_attention.py``) is LM-Infinite's Λ pattern built from it, ``ring_attention``
+(``ring_attention.py``) exact attention over a sequence sharded across ``torch.distributed`` ranks.
 ``memory_attention`` is the one entry point the runtime calls at a memory layer. It runs the fused
 Triton kernels (``fused.py``) on CUDA tensors when Triton is installed and the inputs are ones they
 take, and the pure-torch reference (``reference.py``) everywhere else. ``MEMLM_KERNEL=ref`` or
@@ -19,11 +20,13 @@ from .dilated_attention import dilated_attention, dilated_attention_ref
 from .flash_block import flash_block
 from .lambda_attention import lambda_attention, lambda_attention_ref
 from .reference import check_memory_attention_args, memory_attention_ref
+from .ring_attention import ring_attention, ring_shard, ring_unshard
 from .shifted_sparse_attention import shifted_sparse_attention, shifted_sparse_attention_ref
 
 __all__ = ["KERNELS", "additive_mask", "attention_block", "attention_output", "causal_mask", "dilated_attention",
            "dilated_attention_ref", "flash_block", "lambda_attention",
-           "lambda_attention_ref", "memory_attention", "memory_attention_ref", "merge_blocks", "select_kernel",
+           "lambda_attention_ref", "memory_attention", "memory_attention_ref", "merge_blocks", "ring_attention",
+           "ring_shard", "ring_unshard", "select_kernel",
            "shifted_sparse_attention", "shifted_sparse_attention_ref", "sink_block"]
 
 KERNELS = ("auto", "ref", "triton")

@@ -106,14 +106,25 @@ class FlashBlock(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         d_out = torch.zeros_like(out) if d_out is None else d_out
         d_lse = torch.zeros_like(lse) if d_lse is None else d_lse
-        kernels = cpu_kernels(q)
-        args = (q, k, v, out, lse, d_out, d_lse, ctx.mask, ctx.causal, ctx.scale)
-        dq, dk, dv = fused_backward(kernels, *args) if kernels is not None else reference_backward(*args)
-        return dq, dk, dv, None, None, None
+        dq, dk, dv = block_backward(q, k, v, out, lse, d_out, d_lse, ctx.mask, ctx.causal, ctx.scale)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+
+
+def block_backward(q, k, v, out, lse, d_out, d_lse, mask, causal: bool, scale: float):
+    """dq, dk, dv of a block in the compute dtype (float32; float64 for float64), given its out and lse.
+
+    Given the out and lse of a *larger* attention that this block is part of (a ring step, a dilation pattern)
+    instead of the block's own, it returns this block's share of that attention's gradients: P is recomputed
+    from the final lse, so it is the block's part of the final softmax (the identity Ring Attention relies on).
+    """
+    kernels = cpu_kernels(q)
+    args = (q, k, v, out, lse, d_out, d_lse, mask, causal, scale)
+    return fused_backward(kernels, *args) if kernels is not None else reference_backward(*args)
 
 
 def reference_backward(q, k, v, out, lse, d_out, d_lse, mask, causal: bool, scale: float):
-    """dq, dk, dv in pure torch (any device): flash attention's backward, P recomputed from lse in chunks."""
+    """dq, dk, dv in pure torch (any device), in the compute dtype: flash attention's backward, P recomputed from
+    lse in chunks."""
     compute = lse.dtype
     batch, q_heads, n, dim = q.shape
     kv_heads, keys_total = k.shape[1], k.shape[2]
@@ -150,4 +161,4 @@ def reference_backward(q, k, v, out, lse, d_out, d_lse, mask, causal: bool, scal
         dq[:, :, :, a:e] = d_scores @ k32[..., :keys, :]
         dk[:, :, :keys] += (d_scores.transpose(-1, -2) @ qg[:, :, :, a:e]).sum(2)
         dv[:, :, :keys] += (probs.transpose(-1, -2) @ d_out[:, :, :, a:e]).sum(2)
-    return dq.flatten(1, 2).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    return dq.flatten(1, 2), dk, dv
