@@ -130,8 +130,9 @@ def sharded_blocks(q, k, v, lengths, rates, causal: bool, scale, group) -> list[
         raise ValueError(f"distributed dilated attention is self-attention over shards: {n_local} queries, "
                          f"{k.shape[2]} keys (no cache)")
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    shapes = [torch.zeros(4, dtype=torch.long) for _ in range(world)]
-    dist.all_gather(shapes, torch.tensor([*k.shape[:2], n_local, q.shape[1]]), group=group)
+    mine = torch.tensor([*k.shape[:2], n_local, q.shape[1]], device=q.device)  # NCCL gathers CUDA tensors only
+    shapes = [torch.zeros_like(mine) for _ in range(world)]
+    dist.all_gather(shapes, mine, group=group)
     if any(not torch.equal(s, shapes[0]) for s in shapes):
         raise ValueError(f"every rank must hold a shard of the same shape [batch, kv_heads, n_local, ...] and "
                          f"q_heads; got {[s.tolist() for s in shapes]}")

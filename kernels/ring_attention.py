@@ -47,7 +47,8 @@ def ring_shard(x: torch.Tensor, dim: int, rank: int, world_size: int, layout: st
     return torch.cat((pieces[rank], pieces[chunks - 1 - rank]), dim)
 
 
-def ring_unshard(shards: list[torch.Tensor] | tuple[torch.Tensor, ...], dim: int, layout: str = "zigzag") -> torch.Tensor:
+def ring_unshard(shards: list[torch.Tensor] | tuple[torch.Tensor, ...], dim: int,
+                 layout: str = "zigzag") -> torch.Tensor:
     """The full tensor from every rank's shard (``shards[r]`` from rank r), the inverse of ``ring_shard``."""
     if not isinstance(shards, (list, tuple)) or not shards or not all(isinstance(s, torch.Tensor) for s in shards):
         raise ValueError("ring_unshard expects a non-empty list of every rank's shard (tensors)")
@@ -98,17 +99,22 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group: 
                          "(no cache)")
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    if not dist.is_available() or not dist.is_initialized():
-        raise ValueError("ring_attention needs an initialized torch.distributed process group (run under torchrun "
-                         "and call torch.distributed.init_process_group, or pass group=)")
-    group = dist.group.WORLD if group is None else group
+    group = ring_group(group)
     if layout == "zigzag" and q.shape[2] % 2:
         raise ValueError(f"a zigzag shard holds two equal chunks: {q.shape[2]} local tokens is odd (the sequence "
                          "length must be a multiple of 2 x world size)")
     check_same_shapes(q, k, group)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    out, lse = RingAttention.apply(q, k, v, group, causal, scale, layout)
+    out, lse = RingAttentionFunction.apply(q, k, v, group, causal, scale, layout)
     return (out, lse) if return_lse else out
+
+
+def ring_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
+    """``group``, or the whole world for None; raises unless torch.distributed is initialized."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("ring attention needs an initialized torch.distributed process group (run under torchrun "
+                         "and call torch.distributed.init_process_group, or pass group=)")
+    return dist.group.WORLD if group is None else group
 
 
 def check_same_shapes(q: torch.Tensor, k: torch.Tensor, group) -> None:
@@ -169,7 +175,7 @@ class Ring:
         return wait
 
 
-class RingAttention(torch.autograd.Function):
+class RingAttentionFunction(torch.autograd.Function):
     """(out, lse) of ring attention; backward by a second ring that carries dK/dV home (module docstring)."""
 
     @staticmethod

@@ -13,7 +13,7 @@ Memorizing-Transformer kNN memory (``memlm.index``) and fused memory attention (
 from memlm.config import MemoryConfig
 from memlm.memory.crossbatch import CrossBatch
 from memlm.positions.scaling import extend_context
-from memlm.runtime.implementations import use_attention
+from memlm.runtime.implementations import ring_shard_inputs, use_attention
 from memlm.runtime.model import MemoryModel, attach
 from memlm.runtime.session import FeedResult, Session
 from memlm.runtime.sink_cache import SinkCache
@@ -22,4 +22,4 @@ from memlm.tiny import load_default
 from memlm.version import __version__
 
 __all__ = ["CrossBatch", "FeedResult", "MemoryConfig", "MemoryModel", "MemoryStore", "Session", "SinkCache",
-           "__version__", "attach", "extend_context", "load_default", "use_attention"]
+           "__version__", "attach", "extend_context", "load_default", "ring_shard_inputs", "use_attention"]

@@ -28,10 +28,12 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 STREAMABLE = {"eager": True, "sdpa": True, "flash_attention_2": False, "flash_attention_3": False,
               "flash_attention_4": False,
               "memlm_s2": False,  # LongLoRA's S2-Attn (implementations.py): one whole segment per forward, causal
-              "memlm_dilated": False}  # LongNet: patterns cut by index in the local context (XL cache + segment)
+              "memlm_dilated": False,  # LongNet: patterns cut by index in the local context (XL cache + segment)
+              "memlm_ring": False}  # Ring Attention: one device's segments (it refuses caches and unsharded positions)
 #: arguments some models pass that do not change what attention computes
 BOOKKEEPING = frozenset({"position_ids", "use_cache", "output_attentions", "output_hidden_states",
-                         "output_router_logits", "return_dict", "cache_position", "is_causal"})
+                         "output_router_logits", "return_dict", "cache_position", "is_causal",
+                         "num_items_in_batch", "shift_labels"})  # loss arguments a causal LM passes down too
 
 
 def attention_name(previous: str) -> str:

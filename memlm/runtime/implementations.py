@@ -16,6 +16,10 @@ attention (Ding et al. 2023; ``memlm.kernels.dilated_attention``), in training, 
 with ``group=`` (a ``torch.distributed`` process group, e.g. under ``torchrun``) every rank runs the model on its
 contiguous shard of each sequence, with global ``position_ids``, and the long patterns gather their dilated keys.
 
+``use_attention(model, "ring", group=g)`` makes it Ring Attention (Liu et al. 2023; ``memlm.kernels.ring_attention``):
+every rank of ``g`` runs the model on its zigzag shard of each sequence (``ring_shard_inputs`` cuts ``input_ids``,
+global ``position_ids`` and the shifted labels), and attention is exact full causal attention over all the shards.
+
 The function registered with transformers' ``AttentionInterface`` finds its settings by the attention module
 it is called for, so models with different settings coexist. Its mask function is flash attention's (None
 for an unpadded batch, else [b, n]): the kernels make their own patterns, and no n x n mask is built in training.
@@ -32,8 +36,9 @@ from transformers import AttentionInterface, AttentionMaskInterface, PreTrainedM
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
 from memlm.config import check_integer
-from memlm.kernels import dilated_attention, lambda_attention, shifted_sparse_attention
+from memlm.kernels import dilated_attention, lambda_attention, ring_attention, ring_shard, shifted_sparse_attention
 from memlm.kernels.dilated_attention import check_patterns
+from memlm.kernels.ring_attention import LAYOUTS, ring_group
 from memlm.positions.rotary import find_rotary, rotate
 
 from .attention import BOOKKEEPING, previous_function
@@ -98,6 +103,22 @@ class DilatedAttention:
             raise ValueError(f"group must be a torch.distributed ProcessGroup or None, got {type(self.group).__name__}")
 
 
+@dataclass(frozen=True)
+class RingAttention:
+    """Ring Attention's settings: the process group whose ranks each hold a shard of every sequence (None: the whole
+    world, resolved at each call) and the shards' layout (``"zigzag"``, balanced under the causal mask, or
+    ``"contiguous"``)."""
+
+    group: object | None = None
+    layout: str = "zigzag"
+
+    def __post_init__(self) -> None:
+        if self.group is not None and not isinstance(self.group, dist.ProcessGroup):
+            raise ValueError(f"group must be a torch.distributed ProcessGroup or None, got {type(self.group).__name__}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+
+
 #: attention module -> (settings, the model's inv_freq or None, the previous implementation)
 _SETTINGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 #: model -> the attention implementation it had before use_attention
@@ -105,8 +126,8 @@ _PREVIOUS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def use_attention(model: PreTrainedModel, name: str | None, **options) -> PreTrainedModel:
-    """Select memlm's attention implementation ``name`` (``"lambda"``, ``"s2"``, ``"dilated"``) with ``options`` on
-    ``model``, or restore the model's previous one (``name=None``). Returns the model."""
+    """Select memlm's attention implementation ``name`` (``"lambda"``, ``"s2"``, ``"dilated"``, ``"ring"``) with
+    ``options`` on ``model``, or restore the model's previous one (``name=None``). Returns the model."""
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"use_attention expects a transformers PreTrainedModel, got {type(model).__name__}")
     current = model.config._attn_implementation or "eager"
@@ -236,7 +257,70 @@ def dilated_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     return out.transpose(1, 2), None
 
 
+def ring_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                 position_ids: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """query [b, hq, n_local, d]; key, value [b, hkv, n_local, d], this rank's shard -> ([b, n_local, hq, d], None)."""
+    settings, _, _ = settings_of(module)
+    check_kwargs("ring attention", kwargs)
+    if dropout:
+        raise ValueError("ring attention has no attention dropout: set the model's attention_dropout to 0")
+    if attention_mask is not None and not bool(attention_mask.all()):
+        raise ValueError("ring attention takes unpadded batches (no attention_mask with zeros)")
+    if query.shape[2] != key.shape[2]:
+        raise ValueError(f"ring attention runs whole sharded sequences ({query.shape[2]} queries, {key.shape[2]} keys "
+                         "with a cache): call the model with use_cache=False; it does not decode")
+    if position_ids is not None:
+        check_shard_positions(position_ids, query.shape[2], settings)
+    return ring_attention(query, key, value, group=settings.group, scale=scaling, layout=settings.layout
+                          ).transpose(1, 2), None
+
+
+def check_shard_positions(position_ids: torch.Tensor, n_local: int, settings: RingAttention) -> None:
+    """The rotary positions must be this rank's shard of the sequence's consecutive global positions; checked on all
+    ranks together (one rank raising alone would leave the others waiting in the ring)."""
+    group = ring_group(settings.group)
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    expected = ring_shard(torch.arange(n_local * world, device=position_ids.device), 0, rank, world, settings.layout)
+    mine = (position_ids - position_ids[..., :1] == expected - expected[0]).all().to(torch.int64).view(1)
+    flags = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(flags, mine, group=group)
+    wrong = [r for r, flag in enumerate(flags) if not flag.item()]
+    if wrong:
+        raise ValueError(f"ring attention needs each token's global position: ranks {wrong} of {world} were given "
+                         f"position_ids that are not their {settings.layout} shard of the sequence's positions (shard "
+                         "the inputs with memlm.ring_shard_inputs); a memory session's segments cannot run on it")
+
+
+def ring_shard_inputs(input_ids: torch.Tensor, labels: torch.Tensor | None = None, *, group=None,
+                      layout: str = "zigzag") -> dict:
+    """This rank's model inputs for ring attention: keyword arguments for a causal LM's forward.
+
+    input_ids, labels: [b, n] of the whole sequences (labels as transformers takes them: the model shifts them; -100 =
+    ignored), n a multiple of 2 x the group's size (zigzag). Returns ``input_ids`` and ``position_ids`` [b, n_local]
+    and, with labels, the already shifted ``labels`` / ``shift_labels`` of the shard and ``num_items_in_batch`` (the
+    scored tokens of all ranks): each rank's loss is then its share, the shares sum over the group to the unsharded
+    loss, and the parameter gradients summed over the group are the unsharded ones.
+    """
+    group = ring_group(group)
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [batch, tokens], got {getattr(input_ids, 'shape', input_ids)!r}")
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    inputs = {"input_ids": ring_shard(input_ids, 1, rank, world, layout),
+              "position_ids": ring_shard(positions, 1, rank, world, layout)}
+    if labels is not None:
+        if not isinstance(labels, torch.Tensor) or labels.shape != input_ids.shape:
+            raise ValueError(f"labels must have input_ids' shape {list(input_ids.shape)}, got "
+                             f"{getattr(labels, 'shape', labels)!r}")
+        shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)  # token i predicts label i + 1
+        count = (shifted != -100).sum()
+        inputs["labels"] = inputs["shift_labels"] = ring_shard(shifted, 1, rank, world, layout)
+        inputs["num_items_in_batch"] = count
+    return inputs
+
+
 IMPLEMENTATIONS = {"lambda": (LambdaAttention, lambda_forward), "s2": (ShiftedSparseAttention, s2_forward),
-                   "dilated": (DilatedAttention, dilated_forward)}
+                   "dilated": (DilatedAttention, dilated_forward), "ring": (RingAttention, ring_forward)}
 #: the names registered with transformers' AttentionInterface
-NAMES = {"lambda": "memlm_lambda", "s2": "memlm_s2", "dilated": "memlm_dilated"}
+NAMES = {"lambda": "memlm_lambda", "s2": "memlm_s2", "dilated": "memlm_dilated", "ring": "memlm_ring"}
