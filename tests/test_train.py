@@ -9,9 +9,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from memlm import MemoryConfig, attach
+from memlm import MemoryConfig, attach, use_attention
 from memlm.train import TrainConfig, Trainer
 from memlm.train.data import AssociativeRecall
+from memlm.train.parallel import sequence_group
 
 from conftest import VOCAB_SIZE, build_tiny_llama
 
@@ -103,28 +104,67 @@ def test_a_window_without_scored_tokens_only_fills_memory():
     assert any(not torch.equal(v, before[n]) for n, v in parameters(t).items())
 
 
-def _rank_step(rank: int, world_size: int, store: str, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
+WHOLE = MemoryConfig(segment_length=32, xl_length=0, memory_layers=())  # one forward per 32-token document
+
+
+def full_parameters(t: Trainer) -> dict[str, torch.Tensor]:
+    """Every parameter, whole (FSDP2 holds DTensor shards: gathered on every rank)."""
+    return {name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+            for name, p in t.mem_model.model.named_parameters()}
+
+
+def _rank_train(rank: int, world: int, store: str, out: str, overrides: dict, sequence: int) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
-        t = trainer(train_config(steps=2, batch_size=2, grad_accumulation=2))
+        config = train_config(**overrides, sequence_parallel=sequence)
+        if sequence > 1:  # whole documents, each sharded over a group of `sequence` ranks with ring attention
+            model = use_attention(build_tiny_llama(), "ring", group=sequence_group(sequence))
+            t = Trainer(attach(model, WHOLE), TASK, config)
+        else:
+            t = trainer(config)
         t.train()
+        evaluation = t.evaluate(documents=4)
+        weights = full_parameters(t)
         if rank == 0:
-            torch.save({"params": parameters(t), "history": t.history}, out)
+            torch.save({"params": weights, "history": t.history, "evaluation": evaluation}, out)
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.slow
-def test_two_gloo_ranks_equal_one_rank_with_twice_the_batch(tmp_path):
+def distributed_run(tmp_path, world: int, overrides: dict, sequence: int = 1) -> dict:
     out = str(tmp_path / "ranks.pt")
-    mp.spawn(_rank_step, args=(2, str(tmp_path / "store"), out), nprocs=2, join=True)
-    ranks = torch.load(out)
-    single = trainer(train_config(steps=2, batch_size=4, grad_accumulation=2))
-    single.train()
+    mp.spawn(_rank_train, args=(world, str(tmp_path / "store"), out, overrides, sequence), nprocs=world, join=True)
+    return torch.load(out)
+
+
+def assert_same_training(ranks: dict, single: Trainer) -> None:
     assert ranks["history"] == pytest.approx(single.history, rel=1e-5)
     for name, value in parameters(single).items():
         torch.testing.assert_close(ranks["params"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_two_gloo_ranks_equal_one_rank_with_twice_the_batch(engine, tmp_path):
+    ranks = distributed_run(tmp_path, 2, {"steps": 2, "batch_size": 2, "grad_accumulation": 2,
+                                          "data_parallel": engine})
+    single = trainer(train_config(steps=2, batch_size=4, grad_accumulation=2))
+    single.train()
+    assert_same_training(ranks, single)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world, sequence", [(2, 2), (4, 2)])
+def test_sequence_parallel_ring_training_equals_one_rank(world, sequence, tmp_path):
+    """Documents sharded over `sequence` ranks with ring attention, data parallel over world / sequence groups: the
+    same losses, parameters and held-out evaluation as one process with the whole batch."""
+    ranks = distributed_run(tmp_path, world, {"steps": 2, "batch_size": 2}, sequence)
+    single = Trainer(attach(build_tiny_llama(), WHOLE), TASK,
+                     train_config(steps=2, batch_size=2 * world // sequence))
+    single.train()
+    assert_same_training(ranks, single)
+    assert ranks["evaluation"] == pytest.approx(single.evaluate(documents=4), rel=1e-5)
 
 
 def test_lora_trains_only_the_adapters_and_memlm_parameters():

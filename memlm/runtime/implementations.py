@@ -164,6 +164,11 @@ def use_attention(model: PreTrainedModel, name: str | None, **options) -> PreTra
     return model
 
 
+def attention_settings(model: torch.nn.Module) -> object | None:
+    """The settings ``use_attention`` gave ``model``'s attention modules (one object for all of them), or None."""
+    return next((_SETTINGS[m][0] for m in model.modules() if m in _SETTINGS), None)
+
+
 def settings_of(module: torch.nn.Module) -> tuple:
     if module not in _SETTINGS:
         raise ValueError(f"{type(module).__name__} was not set up by memlm.use_attention")

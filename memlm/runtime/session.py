@@ -34,13 +34,16 @@ class FeedResult:
     """What ``Session.feed`` returns.
 
     tokens: tokens fed per sequence; segments: forward passes run; loss: mean next-token loss over
-    the labels (None without labels); logits: [batch, tokens, vocab] when asked for.
+    the labels (None without labels); loss_sum: their sum (0 with a graph when no label is scored, so a
+    data-parallel rank without scored tokens still joins the step's backward); logits: [batch, tokens, vocab]
+    when asked for.
     """
 
     tokens: int
     segments: int
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
+    loss_sum: torch.Tensor | None = None
 
 
 class Session:
@@ -353,7 +356,7 @@ class Session:
         loss = None
         if labels is not None:
             loss = loss_sum / loss_count if loss_count else torch.tensor(float("nan"), device=ids.device)
-        return FeedResult(tokens=total, segments=segments, loss=loss,
+        return FeedResult(tokens=total, segments=segments, loss=loss, loss_sum=loss_sum if labels is not None else None,
                           logits=torch.cat(all_logits, dim=1) if return_logits and all_logits else None)
 
     def _chunk(self, start: int, total: int, real: torch.Tensor | None) -> int:
@@ -412,7 +415,7 @@ class Session:
         mem_model = self.mem_model
         return StreamState(
             mem_model.config, batch_size=batch_size, memory_layers=mem_model.memory_layers,
-            gates=mem_model.memory_module.gates, rotary=mem_model.rotary, max_positions=mem_model.max_positions,
+            memory_module=mem_model.memory_module, rotary=mem_model.rotary, max_positions=mem_model.max_positions,
             devices=mem_model.layer_devices, dtype=mem_model.dtype, previous_attention=mem_model.previous_attention,
             crossbatch=self.crossbatch,
         )

@@ -38,6 +38,8 @@ class StreamState:
         previous_attention: the model's own attention implementation (``"sdpa"``, ``"eager"``, ...), which the
             layers without memory use.
         devices: layer -> the device of its attention (caches, indexes and gates live there).
+        memory_module: memlm's parameters (``MemoryModule``); its ``gates`` [memory layers, q_heads] are read at each
+            attention, not kept, so a wrapper that swaps parameters in and out (FSDP2) is followed.
     """
 
     def __init__(
@@ -46,7 +48,7 @@ class StreamState:
         *,
         batch_size: int,
         memory_layers: tuple[int, ...],
-        gates: nn.Parameter,
+        memory_module: nn.Module,
         rotary: nn.Module | None,
         max_positions: int | None,
         devices: dict[int, torch.device],
@@ -66,7 +68,7 @@ class StreamState:
         self.config = config
         self.batch_size = batch_size
         self.memory_layers = memory_layers
-        self.gates = gates  # [memory layers, q_heads] logits
+        self.memory_module = memory_module
         self.max_positions = max_positions  # for models with absolute position embeddings
         self.devices = devices
         self.previous_attention = previous_attention
@@ -165,7 +167,7 @@ class StreamState:
             mem_k, mem_v, mem_mask = self.memory.read(layer, q, local.local_start, scale, local.sink_length)
             if mem_k is not None and self.config.distance_cap is not None:
                 mem_k = self.capped_memory(mem_k, new_positions)
-        gate = self.gates[self.memory_layers.index(layer)].to(q.device)
+        gate = self.memory_module.gates[self.memory_layers.index(layer)].to(q.device)
         out = memory_attention(q, k, v, mem_k, mem_v, mem_mask, gate=gate, fusion=self.config.fusion, scale=scale,
                                window=sliding_window, softcap=softcap, sinks=sinks,
                                dropout=dropout if module.training else 0.0, **capped)

@@ -17,11 +17,11 @@ What the memory layers see depends on the memory config and on ``TrainConfig.cro
 
 What is trained: ``"memory"`` (memlm's gates and RMT embeddings), ``"lora"`` (those plus LoRA adapters
 injected by peft), ``"lora+"`` (LongLoRA: LoRA on q, k, v, o plus the input embeddings and every norm,
-``lora.py``) or ``"all"``. Distributed data parallel: started with ``torchrun``, every rank
-streams its own rows (its memories stay its own) and gradients are summed across ranks with
-``torch.distributed.all_reduce`` before the step, normalised by the global count of scored tokens, so
-2 ranks x b rows equal 1 rank x 2b rows. (The ``DistributedDataParallel`` wrapper is not used: a
-step runs one forward per segment before its backward, which its reducer does not allow.)
+``lora.py``) or ``"all"``. Distributed (``torchrun``, ``parallel.py``): every rank streams its own rows (its
+memories stay its own) and torch's ``DistributedDataParallel`` (or FSDP2, ``data_parallel="fsdp"``) reduces the
+gradients of one forward per optimizer window, the loss normalised by the global count of scored tokens, so 2 ranks
+x b rows equal 1 rank x 2b rows. ``sequence_parallel=S`` shards each document across S ranks with Ring Attention
+(one forward per document: no memory, no XL cache; data parallel over the W / S groups).
 Checkpoints (rank 0, at document boundaries): trainable weights in safetensors, optimizer/scheduler/RNG
 state, step and loss history; ``resume`` continues exactly, because batches depend only on (seed, step).
 """
@@ -46,11 +46,14 @@ from tqdm.auto import tqdm
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
 from memlm.config import check_integer, known_fields
+from memlm.kernels.ring_attention import ring_group
 from memlm.memory.crossbatch import CrossBatch
+from memlm.runtime.implementations import NAMES, attention_settings
 from memlm.runtime.model import MODULE_NAME, MemoryModel
 
 from .data import IGNORE_INDEX, make_batch
 from .lora import ATTENTION_PROJECTIONS, inject_lora, lora_plus_parameters
+from .parallel import ENGINES, ShardedDocuments, StreamWindow, gradient_sync, wrap
 
 TRAINABLE = ("memory", "lora", "lora+", "all")
 SCHEDULES = ("cosine", "constant")
@@ -84,18 +87,22 @@ class TrainConfig:
     checkpoint_dir: str | None = None
     checkpoint_every: int = 0  # steps; 0 = only at the end (when checkpoint_dir is set)
     progress: bool = True
+    data_parallel: str = "ddp"  # "ddp" (DistributedDataParallel) | "fsdp" (FSDP2, parameters sharded)
+    sequence_parallel: int = 1  # ranks per document (Ring Attention over its shards); must divide the world size
 
     def __post_init__(self) -> None:
         self.curriculum = tuple(tuple(int(x) for x in pair) for pair in self.curriculum)
         if self.lora_targets is None:
             self.lora_targets = ATTENTION_PROJECTIONS if self.trainable == "lora+" else ("q_proj", "v_proj")
         self.lora_targets = tuple(self.lora_targets)
-        for name in ("steps", "batch_size", "document_tokens", "grad_accumulation", "lora_rank", "lora_alpha"):
+        for name in ("steps", "batch_size", "document_tokens", "grad_accumulation", "lora_rank", "lora_alpha",
+                     "sequence_parallel"):
             check_integer(name, getattr(self, name), 1)
         for name in ("warmup_steps", "seed", "crossbatch_positives", "crossbatch_negatives", "checkpoint_every",
                      "step_segments"):
             check_integer(name, getattr(self, name), 0)
-        for name, allowed in (("trainable", TRAINABLE), ("schedule", SCHEDULES), ("precision", PRECISIONS)):
+        for name, allowed in (("trainable", TRAINABLE), ("schedule", SCHEDULES), ("precision", PRECISIONS),
+                              ("data_parallel", ENGINES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
@@ -107,6 +114,9 @@ class TrainConfig:
         if self.step_segments and self.curriculum:
             raise ValueError("choose step_segments (documents in windows) or curriculum (documents that grow), "
                              "not both")
+        if self.sequence_parallel > 1 and (self.step_segments or self.curriculum or self.crossbatch_positives):
+            raise ValueError("sequence_parallel trains whole documents in one sharded forward: no step_segments, "
+                             "curriculum or CrossBatch")
         if self.crossbatch_negatives and not self.crossbatch_positives:
             raise ValueError("crossbatch_negatives needs crossbatch_positives >= 1")
         steps = [s for s, _ in self.curriculum]
@@ -170,8 +180,19 @@ class Trainer:
             raise ValueError(f"precision={config.precision!r} (autocast) needs a CUDA model; on {device} use 'fp32'")
         self.mem_model, self.task, self.config = mem_model, task, config
         self.rank, self.world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        if self.world_size % config.sequence_parallel:
+            raise ValueError(f"sequence_parallel={config.sequence_parallel} must divide the world size "
+                             f"{self.world_size}")
+        # ranks form a [data parallel x sequence parallel] grid; a sequence group reads the same documents
+        self.data_rank = self.rank // config.sequence_parallel
+        self.data_world = self.world_size // config.sequence_parallel
+        self.ring = self._check_ring(mem_model, config)
         _seed_everything(config.seed)
-        self.parameters = self._select_parameters()
+        self._select_parameters()
+        unit = StreamWindow(mem_model.model) if self.ring is None else ShardedDocuments(mem_model.model, self.ring)
+        self.forward = wrap(unit, config.data_parallel, device)  # DDP / FSDP2 when distributed
+        # after wrapping: FSDP2 replaces the parameters by sharded DTensors
+        self.parameters = {name: p for name, p in mem_model.model.named_parameters() if p.requires_grad and p.numel()}
         self.optimizer = torch.optim.AdamW(self.parameters.values(), lr=config.lr, weight_decay=config.weight_decay)
         schedule = get_cosine_schedule_with_warmup if config.schedule == "cosine" else get_constant_schedule_with_warmup
         kwargs = {"num_training_steps": config.steps} if config.schedule == "cosine" else {}
@@ -184,8 +205,31 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------- parameters
 
-    def _select_parameters(self) -> dict[str, torch.nn.Parameter]:
-        """Freeze everything but what ``config.trainable`` names; returns the trainable parameters by name."""
+    def _check_ring(self, mem_model: MemoryModel, config: TrainConfig):
+        """The process group of the model's ring attention (None without it), checked against sequence_parallel."""
+        settings = attention_settings(mem_model.model) if mem_model.previous_attention == NAMES["ring"] else None
+        if settings is None:
+            if config.sequence_parallel > 1:
+                raise ValueError("sequence_parallel needs a model that runs ring attention over each sequence group: "
+                                 "use_attention(model, 'ring', group=memlm.train.parallel.sequence_group(S)) before "
+                                 "attach (a recipe with train.sequence_parallel does it)")
+            return None
+        group = ring_group(settings.group)
+        first = self.data_rank * config.sequence_parallel
+        if dist.get_process_group_ranks(group) != list(range(first, first + config.sequence_parallel)):
+            raise ValueError(f"the model's ring attention spans ranks {dist.get_process_group_ranks(group)}; with "
+                             f"sequence_parallel={config.sequence_parallel} rank {self.rank} needs ranks "
+                             f"{first}..{first + config.sequence_parallel - 1} (memlm.train.parallel.sequence_group)")
+        memory = mem_model.config
+        if mem_model.memory_layers or memory.xl_length or memory.rmt_tokens or memory.sink_tokens or (
+                memory.segment_length < config.document_tokens):
+            raise ValueError("ring attention trains whole documents in one sharded forward: the memory config needs "
+                             "memory_layers=[], xl_length=0, no RMT or sink tokens and segment_length >= "
+                             f"document_tokens ({config.document_tokens})")
+        return group
+
+    def _select_parameters(self) -> None:
+        """Freeze everything but what ``config.trainable`` names."""
         model, config = self.mem_model.model, self.config
         plus = set()
         if config.trainable in ("lora", "lora+"):
@@ -194,12 +238,10 @@ class Trainer:
         for name, parameter in model.named_parameters():
             wanted = (config.trainable == "all" or name.startswith(MODULE_NAME + ".") or name in plus
                       or (config.trainable in ("lora", "lora+") and "lora_" in name))
-            parameter.requires_grad_(wanted)
-        chosen = {name: p for name, p in model.named_parameters() if p.requires_grad and p.numel()}
-        if not chosen:
+            parameter.requires_grad_(wanted and parameter.numel() > 0)  # (no gates without memory layers)
+        if not any(p.requires_grad and p.numel() for p in model.parameters()):
             raise ValueError(f"trainable={config.trainable!r} leaves nothing to train: this memory config has no "
                              "memory layers or RMT tokens; choose 'lora' or 'all'")
-        return chosen
 
     # ---------------------------------------------------------------------------------------- steps
 
@@ -219,41 +261,48 @@ class Trainer:
         streams = self._streams(document, window)
         width = streams[0][1].ids.shape[1] // self.windows
         first, last = window * width, (window + 1) * width
-        # Normalise by the scored tokens of the whole global step, so ranks and micro-batches add up exactly.
-        # (Reduced tensors live on the model's device: NCCL reduces CUDA tensors only.)
-        counts = [int((batch.labels[:, first + 1 : last + 1] != IGNORE_INDEX).sum()) for _, batch in streams]
-        count = torch.tensor(float(sum(counts)), device=device)
+        # Normalise by the scored tokens of the whole global step, so ranks and micro-batches add up exactly; a
+        # micro-batch no rank scores in only streams into memory. (Reduced tensors live on the model's device:
+        # NCCL reduces CUDA tensors only; a sequence group's ranks hold the same documents, counted once.)
+        counts = torch.tensor([float((batch.labels[:, first + 1 : last + 1] != IGNORE_INDEX).sum())
+                               for _, batch in streams], dtype=torch.float64, device=device)
         if self.world_size > 1:
-            dist.all_reduce(count)
-        total = 0.0
+            dist.all_reduce(counts)
+            counts /= config.sequence_parallel
+        total, counts = counts.sum().item(), counts.tolist()
+        last_scored = max((m for m, c in enumerate(counts) if c), default=-1)
+        loss_total = 0.0
         self.mem_model.model.train()
-        for (session, batch), scored in zip(streams, counts, strict=True):
-            ids = batch.ids[:, first:last].to(device)
-            with self._autocast(), torch.set_grad_enabled(bool(scored)):
-                if not scored:  # nothing to learn here: stream it into memory only
-                    session.feed(ids)
-                    continue
-                # labels one column longer: the window's last token predicts the next window's first
-                loss_sum = session.feed(ids, labels=batch.labels[:, first : last + 1].to(device)).loss * scored
-            self.scaler.scale(loss_sum / count.item()).backward()
-            total += loss_sum.item()
-            session.detach_graph()
+        for micro, (session, batch) in enumerate(streams):
+            ids, labels = batch.ids[:, first:last].to(device), batch.labels[:, first : last + 1].to(device)
+            if not counts[micro]:
+                if session is not None:
+                    with torch.no_grad():
+                        session.feed(ids)
+                continue
+            # labels one column longer: the window's last token predicts the next window's first
+            with gradient_sync(self.forward, micro == last_scored):
+                with self._autocast():
+                    loss_sum = self.forward(ids, labels)[0] if session is None else self.forward(session, ids, labels)
+                self.scaler.scale(loss_sum * (self.world_size / total)).backward()
+            loss_total += loss_sum.item()
+            if session is not None:
+                session.detach_graph()
         lr = self.scheduler.get_last_lr()[0]
-        if count.item():
+        if total:
             self._update()
-        loss = torch.tensor(total, device=device)
+        loss = torch.tensor(loss_total, device=device)
         if self.world_size > 1:
             dist.all_reduce(loss)
-        self.history.append(loss.item() / count.item() if count.item() else math.nan)
+        self.history.append(loss.item() / total if total else math.nan)
         self.step += 1
         if window == self.windows - 1:
             self._close_streams()
-        return StepResult(self.step, self.history[-1], width * len(streams) * config.batch_size,
-                          time.perf_counter() - start, lr)
+        tokens = width * len(streams) * config.batch_size // config.sequence_parallel  # this rank's share
+        return StepResult(self.step, self.history[-1], tokens, time.perf_counter() - start, lr)
 
     def _update(self) -> None:
-        """Sum gradients over ranks, clip, step the optimizer and the schedule."""
-        self._sync_gradients()
+        """Clip, step the optimizer and the schedule (DDP / FSDP2 reduced the gradients in the backward)."""
         self.scaler.unscale_(self.optimizer)
         if self.config.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.parameters.values(), self.config.grad_clip)
@@ -272,11 +321,12 @@ class Trainer:
         config = self.config
         batches = [
             make_batch(self.task, seed=config.seed, step=document * config.grad_accumulation + micro,
-                       batch_size=config.batch_size, tokens=self.document_tokens(self.step), rank=self.rank,
-                       world_size=self.world_size)
+                       batch_size=config.batch_size, tokens=self.document_tokens(self.step), rank=self.data_rank,
+                       world_size=self.data_world)
             for micro in range(config.grad_accumulation)
         ]
-        streams = [(self.mem_model.session(batch_size=config.batch_size, crossbatch=config.crossbatch), batch)
+        streams = [(None if self.ring is not None else  # sharded documents need no session
+                    self.mem_model.session(batch_size=config.batch_size, crossbatch=config.crossbatch), batch)
                    for batch in batches]
         self._open = (document, streams)
         return streams
@@ -284,29 +334,14 @@ class Trainer:
     def _close_streams(self) -> None:
         if self._open is not None:
             for session, _ in self._open[1]:
-                session.close()
+                if session is not None:
+                    session.close()
             self._open = None
 
     def _autocast(self):
         if self.config.precision == "fp32":
             return contextlib.nullcontext()
         return torch.autocast("cuda", dtype=torch.bfloat16 if self.config.precision == "bf16" else torch.float16)
-
-    def _sync_gradients(self) -> None:
-        """Sum every trainable gradient over ranks (one flat buffer per dtype)."""
-        if self.world_size == 1:
-            return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.parameters.values()]
-        for dtype in {g.dtype for g in grads}:
-            group = [g for g in grads if g.dtype == dtype]
-            flat = torch.cat([g.flatten() for g in group])
-            dist.all_reduce(flat)
-            offset = 0
-            for g in group:
-                g.copy_(flat[offset : offset + g.numel()].view_as(g))
-                offset += g.numel()
-        for p, g in zip(self.parameters.values(), grads, strict=True):
-            p.grad = g
 
     def train(self, steps: int | None = None) -> list[float]:
         """Run until ``config.steps`` (or ``steps`` more); returns the loss history. Checkpoints as configured."""
@@ -344,6 +379,12 @@ class Trainer:
         for step in range(math.ceil(documents / self.config.batch_size)):
             batch = make_batch(task, seed=seed, step=step, batch_size=self.config.batch_size, tokens=tokens)
             ids, labels = batch.ids.to(self.mem_model.device), batch.labels.to(self.mem_model.device)
+            if self.ring is not None:  # the sharded forward, its sums over the sequence group
+                sums = torch.tensor(self.forward(ids, labels), dtype=torch.float64, device=ids.device)
+                dist.all_reduce(sums, group=self.ring)
+                correct, scored = correct + int(sums[1]), scored + int(sums[2])
+                losses.append((sums[0] / sums[2]).item())
+                continue
             with self.mem_model.session(batch_size=ids.shape[0]) as session:
                 result = session.feed(ids, labels=labels, return_logits=True)
             predictions, targets = result.logits[:, :-1].argmax(-1), labels[:, 1:]
