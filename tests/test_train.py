@@ -113,16 +113,24 @@ def full_parameters(t: Trainer) -> dict[str, torch.Tensor]:
             for name, p in t.mem_model.model.named_parameters()}
 
 
-def _rank_train(rank: int, world: int, store: str, out: str, overrides: dict, sequence: int) -> None:
+def _rank_train(rank: int, world: int, store: str, out: str, overrides: dict, sequence: int,
+                resume_after: int | None) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
         config = train_config(**overrides, sequence_parallel=sequence)
-        if sequence > 1:  # whole documents, each sharded over a group of `sequence` ranks with ring attention
-            model = use_attention(build_tiny_llama(), "ring", group=sequence_group(sequence))
-            t = Trainer(attach(model, WHOLE), TASK, config)
-        else:
-            t = trainer(config)
+
+        def new_trainer() -> Trainer:
+            if sequence > 1:  # whole documents, each sharded over a group of `sequence` ranks with ring attention
+                model = use_attention(build_tiny_llama(), "ring", group=sequence_group(sequence))
+                return Trainer(attach(model, WHOLE), TASK, config)
+            return trainer(config)
+
+        t = new_trainer()
+        if resume_after is not None:  # checkpoint, then continue in a fresh trainer from the files
+            t.train(steps=resume_after)
+            t = new_trainer()
+            t.resume(config.checkpoint_dir)
         t.train()
         evaluation = t.evaluate(documents=4)
         weights = full_parameters(t)
@@ -132,9 +140,10 @@ def _rank_train(rank: int, world: int, store: str, out: str, overrides: dict, se
         dist.destroy_process_group()
 
 
-def distributed_run(tmp_path, world: int, overrides: dict, sequence: int = 1) -> dict:
+def distributed_run(tmp_path, world: int, overrides: dict, sequence: int = 1, resume_after: int | None = None) -> dict:
     out = str(tmp_path / "ranks.pt")
-    mp.spawn(_rank_train, args=(world, str(tmp_path / "store"), out, overrides, sequence), nprocs=world, join=True)
+    mp.spawn(_rank_train, args=(world, str(tmp_path / "store"), out, overrides, sequence, resume_after),
+             nprocs=world, join=True)
     return torch.load(out)
 
 
@@ -150,6 +159,15 @@ def test_two_gloo_ranks_equal_one_rank_with_twice_the_batch(engine, tmp_path):
     ranks = distributed_run(tmp_path, 2, {"steps": 2, "batch_size": 2, "grad_accumulation": 2,
                                           "data_parallel": engine})
     single = trainer(train_config(steps=2, batch_size=4, grad_accumulation=2))
+    single.train()
+    assert_same_training(ranks, single)
+
+
+@pytest.mark.slow
+def test_fsdp_checkpoints_gather_the_shards_and_resume_exactly(tmp_path):
+    ranks = distributed_run(tmp_path, 2, {"steps": 3, "data_parallel": "fsdp",
+                                          "checkpoint_dir": str(tmp_path / "checkpoint")}, resume_after=2)
+    single = trainer(train_config(steps=3, batch_size=4))
     single.train()
     assert_same_training(ranks, single)
 
@@ -218,6 +236,9 @@ def test_crossbatch_training_steps(tmp_path):
     ({"curriculum": ((1, 2),)}, "curriculum must be"),
     ({"precision": "fp8"}, "precision must be one of"),
     ({"step_segments": 2, "curriculum": ((0, 2),)}, "not both"),
+    ({"data_parallel": "zero3"}, "data_parallel must be one of"),
+    ({"sequence_parallel": 0}, "sequence_parallel must be an integer >= 1"),
+    ({"sequence_parallel": 2, "step_segments": 1}, "whole documents in one sharded forward"),
 ])
 def test_bad_train_configs_say_what_was_expected(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -240,6 +261,19 @@ def test_configs_that_do_not_fit_the_model_are_refused():
     with pytest.raises(ValueError, match="at most batch_size - 1"):
         trainer(train_config(crossbatch_positives=1, crossbatch_negatives=2),
                 MemoryConfig(segment_length=8, memory_layers=(1,), fusion="joint"))
+
+
+def test_sequence_parallel_refuses_what_a_sharded_forward_cannot_train(tmp_path):
+    with pytest.raises(ValueError, match="must divide the world size 1"):
+        trainer(train_config(sequence_parallel=2))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        with pytest.raises(ValueError, match="memory config needs memory_layers"):
+            Trainer(attach(use_attention(build_tiny_llama(), "ring"), GATED), TASK, train_config())
+        t = Trainer(attach(use_attention(build_tiny_llama(), "ring"), WHOLE), TASK, train_config(steps=1))
+        assert t.ring is not None and math.isfinite(t.train()[0])  # one rank: the ring is causal attention
+    finally:
+        dist.destroy_process_group()
 
 
 def test_resume_refuses_a_checkpoint_of_other_parameters(tmp_path):
@@ -336,3 +370,46 @@ def test_lora_plus_trains_adapters_embeddings_and_norms_and_merges_into_the_weig
     assert after.keys() == original.keys() and all(torch.equal(after[n], original[n]) for n in original)
     with pytest.raises(ValueError, match="no LoRA adapters to merge"):
         merge_lora(model)
+
+
+RING_RECIPE = (
+    "model:\n"
+    "  llama: {vocab_size: 320, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2,\n"
+    "          num_attention_heads: 4, num_key_value_heads: 2}\n"
+    "memory: {segment_length: 32, xl_length: 0, memory_layers: []}\n"
+    "task: {name: associative_recall, pairs: 4, keys: 8, values: 8}\n"
+    "train: {steps: 2, batch_size: 2, document_tokens: 32, trainable: all, progress: false, sequence_parallel: %d}\n"
+    "evaluate: {documents: 4}\n"
+)
+
+
+def _rank_recipe(rank: int, world: int, port: int, recipe: str, out: str) -> None:
+    import os
+
+    from memlm.cli import main
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))  # what torchrun sets
+    torch.set_num_threads(1)
+    assert main(["train", "--config", recipe, "--output", out]) == 0
+
+
+@pytest.mark.slow
+def test_memlm_train_under_torchrun_shards_documents_with_ring_attention(tmp_path):
+    import json
+    import socket
+
+    recipe = tmp_path / "ring.yaml"
+    recipe.write_text(RING_RECIPE % 2)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_rank_recipe, args=(2, port, str(recipe), str(tmp_path / "ring")), nprocs=2, join=True)
+    from memlm.cli import main
+
+    recipe.write_text(RING_RECIPE % 1)
+    assert main(["train", "--config", str(recipe), "--output", str(tmp_path / "one")]) == 0
+    ring, one = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("ring", "one"))
+    assert ring == pytest.approx(one, rel=1e-5)
+    saved = json.loads((tmp_path / "ring" / "model" / "config.json").read_text())
+    assert not str(saved.get("_attn_implementation", saved.get("attn_implementation", ""))).startswith("memlm")

@@ -7,6 +7,8 @@
       tokenizer: ./tok      # optional; text tasks need one
     extend: {method: yarn, factor: 8}                 # optional: RoPE extension first (memlm.extend_context)
     attention: {name: s2, group_size_ratio: 0.25}     # optional: train with LongLoRA's S2-Attn (use_attention)
+    # train: {sequence_parallel: 2} shards every document over 2 ranks with ring attention (memory: one forward per
+    # document, i.e. segment_length >= document_tokens, xl_length 0, memory_layers []); data_parallel: fsdp for FSDP2
     memory: {segment_length: 16, xl_length: 16, memory_layers: [0], fusion: joint}   # MemoryConfig
     task: {name: associative_recall, pairs: 8, ...}   # or {name: passkey} or {name: text, path: book.txt}
     train: {steps: 1000, batch_size: 16, ...}         # TrainConfig
@@ -35,6 +37,7 @@ from memlm.runtime.model import attach
 
 from .data import AssociativeRecall, Passkey, TextDocuments
 from .lora import merge_lora
+from .parallel import sequence_group
 from .trainer import TrainConfig, Trainer
 
 SECTIONS = ("model", "extend", "attention", "memory", "task", "train", "evaluate")
@@ -101,8 +104,13 @@ def run(recipe_path: str | Path, output: str | Path, steps: int | None = None, r
     if recipe.get("extend"):  # the papers' recipe: extend the positions, then fine-tune at the new length
         extend_from_spec(model, recipe["extend"])
     attention = dict(recipe.get("attention") or {})
+    if config.sequence_parallel > 1:  # each document sharded over a group of ranks: ring attention over the group
+        if attention.setdefault("name", "ring") != "ring":
+            raise ValueError(f"train.sequence_parallel runs ring attention; the recipe's attention is "
+                             f"{attention['name']!r}")
+        attention["group"] = sequence_group(config.sequence_parallel)
     if attention:  # e.g. {name: s2, group_size_ratio: 0.25}: LongLoRA trains with S2-Attn, evaluates with full
-        use_attention(model, attention.pop("name", None), **attention)
+        use_attention(model, attention.get("name"), **{k: v for k, v in attention.items() if k != "name"})
     mem_model = attach(model, MemoryConfig.from_dict(recipe.get("memory", {})), tokenizer=tokenizer)
     trainer = Trainer(mem_model, build_task(recipe["task"], model, tokenizer), config)
     if resume:

@@ -42,6 +42,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from tqdm.auto import tqdm
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
@@ -405,14 +412,17 @@ class Trainer:
         if self.step % self.windows:
             raise ValueError(f"step {self.step} is inside a document; checkpoints fall on document boundaries "
                              f"(every {self.windows} steps with step_segments={self.config.step_segments})")
+        # whole tensors on every rank (FSDP2's shards are gathered: a collective, so all ranks take part)
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+        weights = get_model_state_dict(self.mem_model.model, options=options)
+        optimizer = get_optimizer_state_dict(self.mem_model.model, self.optimizer, options=options)
         if self.rank == 0:
             directory = Path(directory)
             directory.mkdir(parents=True, exist_ok=True)
-            save_file({n: p.detach().contiguous().cpu() for n, p in self.parameters.items()},
-                      str(directory / (WEIGHTS_FILE + ".tmp")))
+            save_file({n: weights[n].contiguous() for n in self.parameters}, str(directory / (WEIGHTS_FILE + ".tmp")))
             state = {
                 "step": self.step, "history": self.history, "config": self.config.to_dict(),
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "optimizer": optimizer, "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(), "rng": _rng_state(),
             }
             torch.save(state, directory / (STATE_FILE + ".tmp"))
@@ -434,10 +444,9 @@ class Trainer:
             raise ValueError(f"{directory} holds weights for other parameters than this trainer trains "
                              f"({sorted(set(weights) ^ set(self.parameters))[:5]} ...)")
         state = torch.load(directory / STATE_FILE, weights_only=False)
-        with torch.no_grad():
-            for name, parameter in self.parameters.items():
-                parameter.copy_(weights[name])
-        self.optimizer.load_state_dict(state["optimizer"])
+        options = StateDictOptions(full_state_dict=True, strict=False)  # every rank reads the whole tensors
+        set_model_state_dict(self.mem_model.model, weights, options=options)
+        set_optimizer_state_dict(self.mem_model.model, self.optimizer, state["optimizer"], options=options)
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.history = state["step"], list(state["history"])
