@@ -6,10 +6,11 @@ the same inputs (max abs error of the unsharded outputs).
     python benchmarks/bench_ring.py [--length 32768] [--ranks 1 2 4] [--check-length 4096]
 
 One layer, batch 1, 8 heads of 64, float32. ``forward``: no gradients; ``train``: forward + backward of a random
-projection of the output. Peak memory: the rank's peak RSS above its RSS once the inputs exist, the largest over
-ranks. On one CPU machine the ranks share its cores (each gets cores / ranks threads) and gloo moves the blocks
-through shared memory: these timings say nothing of NCCL on GPUs. On a GPU machine run the same script with
-``--backend nccl`` (one rank per GPU, CUDA tensors; peak memory is then ``torch.cuda.max_memory_allocated``).
+projection of the output. Peak memory: the rank's peak RSS (inputs included) above its RSS after a warm-up on a
+short sequence, the largest over ranks. On one CPU machine the ranks share its cores (each gets cores / ranks
+threads) and gloo moves the blocks through local sockets: these timings say nothing of NCCL on GPUs. On a GPU
+machine run the same script with ``--backend nccl`` (one rank per GPU, CUDA tensors; peak memory is then
+``torch.cuda.max_memory_allocated``), e.g. ``python benchmarks/bench_ring.py --backend nccl --ranks 1 2 4 8``.
 """
 
 from __future__ import annotations
@@ -53,29 +54,34 @@ def measure(name: str, length: int, mode: str, repeats: int, device) -> dict:
     import torch.distributed as dist
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    local = length // world
-    generator = torch.Generator().manual_seed(rank)
-    q, k, v, weight = (torch.randn(1, HEADS, local, DIM, generator=generator).to(device) for _ in range(4))
-    for t in (q, k, v):
-        t.requires_grad_(mode == "train")
     function = attention(name)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated() / 2**20
-    else:
-        before = rss_mib()
 
-    def run():
+    def inputs(tokens: int):
+        generator = torch.Generator().manual_seed(rank)
+        tensors = [torch.randn(1, HEADS, tokens, DIM, generator=generator).to(device) for _ in range(4)]
+        return [t.requires_grad_(mode == "train") for t in tensors[:3]] + tensors[3:]
+
+    def run(q, k, v, weight):
         with torch.set_grad_enabled(mode == "train"):
             out = function(q, k, v)
             if mode == "train":
                 (out * weight).sum().backward()
 
-    run()  # warm-up
+    # a warm-up on a short sequence first: thread pools, kernels and gloo's buffers are set up before the baseline,
+    # so the peak above it is what this length costs
+    run(*inputs(2 * world * 64))
+    dist.barrier()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated() / 2**20
+    else:
+        before = rss_mib()
+    tensors = inputs(length // world)
+    run(*tensors)  # warm-up at this length
     dist.barrier()
     start = time.perf_counter()
     for _ in range(repeats):
-        run()
+        run(*tensors)
     if device.type == "cuda":
         torch.cuda.synchronize()
     dist.barrier()
