@@ -171,6 +171,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--check-length", type=int, default=4096)
     parser.add_argument("--backend", default="gloo", choices=["gloo", "nccl"])
+    parser.add_argument("--attentions", nargs="*", default=["memlm", "peer"])
     parser.add_argument("--output", default="benchmarks/results/ring.json")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -180,7 +181,7 @@ def main() -> None:
     rows, checks = [], []
     for mode in args.modes:
         for ranks in args.ranks:
-            for name in ("memlm", "peer"):
+            for name in args.attentions:
                 rows.append(launch(args, ranks, name, mode))
                 print(rows[-1], flush=True)
     for ranks in args.ranks:
@@ -193,12 +194,13 @@ def main() -> None:
     for mode in args.modes:
         one = next(r for r in rows if r["mode"] == mode and r["attention"] == "memlm" and r["ranks"] == args.ranks[0])
         for ranks in args.ranks:
-            memlm, peer = (next(r for r in rows if r["mode"] == mode and r["attention"] == a and r["ranks"] == ranks)
-                           for a in ("memlm", "peer"))
+            memlm, peer = (next((r for r in rows if r["mode"] == mode and r["attention"] == a and r["ranks"] == ranks),
+                                None) for a in ("memlm", "peer"))
+            versus = (f"{peer['seconds']:.2f} | {peer['peak_mib_per_rank']:,.0f} | "
+                      f"{peer['seconds'] / memlm['seconds']:.2f}x" if peer else "- | - | -")
             print(f"| {mode} | {ranks} | {memlm['seconds']:.2f} | {memlm['tokens_per_second']:,.0f} | "
                   f"{memlm['peak_mib_per_rank']:,.0f} | {memlm['peak_mib_per_rank'] / one['peak_mib_per_rank']:.2f} | "
-                  f"{peer['seconds']:.2f} | {peer['peak_mib_per_rank']:,.0f} | "
-                  f"{peer['seconds'] / memlm['seconds']:.2f}x |")
+                  f"{versus} |")
     print(f"\nmax abs error against full SDPA at {args.check_length:,} tokens (outputs and q, k, v gradients)")
     names = list(checks[0]["max_abs_error"])
     print("| ranks | " + " | ".join(names) + " |")
