@@ -22,6 +22,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from memlm.runtime.implementations import ring_shard_inputs
 
+from .data import IGNORE_INDEX
+
 ENGINES = ("ddp", "fsdp")
 
 
@@ -65,8 +67,9 @@ class ShardedDocuments(torch.nn.Module):
         inputs = ring_shard_inputs(ids, labels, group=self.group)
         targets = inputs["shift_labels"]
         logits = self.model(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"], use_cache=False).logits
-        loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum")
-        scored = targets != -100
+        loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
+                                   reduction="sum")
+        scored = targets != IGNORE_INDEX
         return loss_sum, int((logits.argmax(-1) == targets)[scored].sum()), int(scored.sum())
 
 
