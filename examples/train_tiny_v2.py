@@ -41,7 +41,7 @@ from memlm.config import MemoryConfig
 from memlm.eval.runner import answer
 from memlm.eval.tasks import Haystack, make_sample, score
 from memlm.tiny import train_tokenizer
-from memlm.train import TrainConfig, Trainer
+from memlm.train import TrainConfig, Trainer, checkpoint_path
 from memlm.train.data import FILLER, TextDocuments
 from memlm.train.needles import NeedleDocuments, NeedleTask
 
@@ -114,7 +114,7 @@ def main() -> None:
                              lr=lr, warmup_steps=min(50, steps), schedule="cosine", seed=seed,
                              checkpoint_dir=str(work / name), checkpoint_every=100, **extra)
         trainer = Trainer(mem_model, task, config)
-        if (work / name / "trainer_state.pt").is_file():
+        if checkpoint_path(work / name) is not None:
             trainer.resume(work / name)
         began = time.perf_counter()
         trainer.train()

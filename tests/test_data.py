@@ -7,7 +7,15 @@ import random
 import pytest
 import torch
 
-from memlm.train.data import IGNORE_INDEX, AssociativeRecall, Passkey, TextDocuments, make_batch
+from memlm.train.data import (
+    IGNORE_INDEX,
+    AssociativeRecall,
+    Mixture,
+    Passkey,
+    RandomRepeats,
+    TextDocuments,
+    make_batch,
+)
 
 from conftest import VOCAB_SIZE, make_text
 
@@ -28,6 +36,38 @@ def test_associative_recall_asks_the_stored_pairs():
         task.document(random.Random(0), 10)
     with pytest.raises(ValueError, match="do not fit a vocabulary"):
         AssociativeRecall(vocab_size=40, keys=32, values=32)
+
+
+def test_random_repeats_score_the_copy_after_the_gap():
+    task = RandomRepeats(vocab_size=VOCAB_SIZE, span=16, gap=24, first_id=5)
+    ids, labels = task.document(random.Random(1), 70)
+    assert len(ids) == len(labels) == 70
+    assert ids[40:56] == ids[:16] and min(ids) >= 5 and max(ids) < VOCAB_SIZE
+    scored = [t for t, label in enumerate(labels) if label != IGNORE_INDEX]
+    assert scored == list(range(41, 56))  # the copy from its second token: its first follows random ids
+    assert [labels[t] for t in scored] == ids[41:56]
+    assert ids[16:40] != ids[:24] and ids[56:] != ids[16:30]  # the gap and the tail are fresh draws
+    assert task.document(random.Random(1), 70) == (ids, labels)
+    with pytest.raises(ValueError, match="at least 56 tokens"):
+        task.document(random.Random(0), 50)
+    with pytest.raises(ValueError, match="span must be an integer >= 2"):
+        RandomRepeats(vocab_size=VOCAB_SIZE, span=1)
+    with pytest.raises(ValueError, match="first_id must be in"):
+        RandomRepeats(vocab_size=8, first_id=7)
+
+
+def test_a_mixture_draws_each_document_from_one_task_by_weight():
+    repeats = RandomRepeats(vocab_size=VOCAB_SIZE, span=4)
+    recall = AssociativeRecall(vocab_size=VOCAB_SIZE, pairs=2, keys=16, values=16)
+    mixture = Mixture([repeats, recall], [3, 1])
+    documents = [mixture.document(random.Random(seed), 16) for seed in range(400)]
+    from_repeats = sum(ids[4:8] == ids[:4] for ids, _ in documents)
+    assert 250 < from_repeats < 350  # about three in four
+    assert mixture.document(random.Random(7), 16) == documents[7]
+    with pytest.raises(ValueError, match="one weight per task"):
+        Mixture([repeats], [1, 2])
+    with pytest.raises(ValueError, match="weights must be numbers > 0"):
+        Mixture([repeats, recall], [1, 0])
 
 
 def test_batches_depend_only_on_seed_step_and_row():

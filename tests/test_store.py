@@ -10,6 +10,7 @@ from memlm import MemoryConfig, attach
 from memlm.cli import main
 from memlm.store import DocumentConflict, DocumentNotFound, FingerprintMismatch, MemoryStore
 from memlm.store.documents import DocumentTooLarge, DocumentWriter, InvalidText, ask, ingest_file
+from memlm.store.store import fingerprint
 
 from conftest import build_tiny_llama, make_text, stored
 
@@ -209,6 +210,112 @@ def test_fingerprint_of_another_model_config_or_tokenizer_is_refused(store, toke
         model.model.layers[1].mlp.down_proj.weight.mul_(1.01)  # another checkpoint of the same architecture
     with pytest.raises(FingerprintMismatch, match="another model"):
         attach(model, memory_model(tokenizer).config, tokenizer=tokenizer).session(store=store, documents=["doc"])
+
+
+def records(store, doc_id):
+    """A document's stored segments as comparable values: ids, text, memory keys and values."""
+    return [(s.ids.tolist(), s.text, {layer: (k.tolist(), v.tolist()) for layer, (k, v) in s.memory.items()})
+            for s in store.segments(doc_id)]
+
+
+def test_two_writers_of_one_document_never_interleave(tmp_path, store, tokenizer):
+    mem_model = memory_model(tokenizer)
+    first = DocumentWriter(store, mem_model, "doc")
+    second = DocumentWriter(store, mem_model, "doc")  # the same empty document: it too would start at byte 0
+    try:
+        first.write(DATA)
+        with pytest.raises(DocumentConflict, match="changed under this writer .* nothing was written"):
+            second.write(DATA)
+            second.finish()
+        first.finish()
+    finally:
+        first.close()
+        second.close()
+    with MemoryStore(tmp_path / "alone") as alone:
+        write(alone, mem_model, "doc", DATA, chunk=len(DATA))  # the same bytes in the same writes
+        assert store.check() == [] and records(store, "doc") == records(alone, "doc")
+    late = DocumentWriter(store, mem_model, "gone")
+    try:
+        store.delete("gone")
+        with pytest.raises(DocumentConflict, match="found no such document"):
+            late.write(DATA)  # a writer whose document was deleted under it stores nothing
+            late.finish()
+    finally:
+        late.close()
+    assert "gone" not in store
+
+
+def test_segments_come_from_one_snapshot(store, tokenizer):
+    write(store, memory_model(tokenizer), "doc", DATA)
+    expected = records(store, "doc")
+    segments = store.segments("doc")
+    first = next(segments)
+    store.delete("doc")  # a delete while a reader iterates (LMDB: the reader keeps its snapshot)
+    rest = list(segments)
+    assert [first.ids.tolist()] + [s.ids.tolist() for s in rest] == [r[0] for r in expected]
+    with pytest.raises(DocumentNotFound):
+        next(store.segments("doc"))
+
+
+def test_a_stored_corpus_may_change_index_capacity_and_the_single_layers_top_k(store, tokenizer, monkeypatch):
+    import memlm.store.store as store_module
+
+    single = dict(memory_layers=(1,), top_k=8)
+    write(store, memory_model(tokenizer, **single), "doc", DATA)
+    prompt = " the river"
+    exact = ask(memory_model(tokenizer, **single), store, ["doc"], prompt, max_new_tokens=4)
+    calls = []
+    monkeypatch.setattr(store_module, "fingerprint", lambda *a, **k: calls.append(1) or fingerprint(*a, **k))
+    ivf = memory_model(tokenizer, memory_layers=(1,), top_k=4, memory_capacity=1 << 16, index="faiss",
+                       index_kwargs={"kind": "ivf", "nlist": 4, "nprobe": 4})
+    for _ in range(3):  # the fingerprint is computed once for a model, not per request
+        answer = ask(ivf, store, ["doc"], prompt, max_new_tokens=4)
+    assert len(calls) == 1 and isinstance(answer.text, str) and exact.text
+    flat = memory_model(tokenizer, memory_layers=(1,), top_k=8, index="faiss")
+    assert ask(flat, store, ["doc"], prompt, max_new_tokens=4).text == exact.text  # faiss flat is exact search
+    with pytest.raises(FingerprintMismatch, match="only index, index_kwargs, memory_capacity and, with one memory "
+                                                  "layer, top_k may differ"):
+        ask(memory_model(tokenizer, memory_layers=(1,), xl_length=16), store, ["doc"], prompt)
+
+
+def test_a_store_of_an_earlier_fingerprint_is_upgraded_when_its_settings_match(store, tokenizer):
+    import json
+
+    mem_model = memory_model(tokenizer)
+    write(store, mem_model, "doc", TEXT[:600].encode())
+    legacy = {k: v for k, v in fingerprint(mem_model, legacy=True).items() if k != "version"}
+    with store._env.begin(write=True) as txn:  # as memlm 0.1 wrote it: every config field hashed, no version
+        txn.put(b"fingerprint", json.dumps(legacy).encode(), db=store._db["meta"])
+    store._bound = None
+    store.bind(mem_model)
+    assert json.loads(store._get("meta", b"fingerprint")) == fingerprint(mem_model)
+    assert ask(mem_model, store, ["doc"], " the", max_new_tokens=1).tokens == 1
+
+
+def test_reads_go_on_while_the_map_grows(tmp_path, tokenizer):
+    import threading
+
+    mem_model, errors, reads = memory_model(tokenizer), [], [0]
+    with MemoryStore(tmp_path / "small", map_size=64 * 1024) as small:
+        done = threading.Event()
+
+        def read():
+            while not done.is_set():
+                try:
+                    small.documents()
+                    reads[0] += 1
+                except Exception as error:  # noqa: BLE001 (any failure is the finding)
+                    errors.append(error)
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        try:
+            write(small, mem_model, "doc", DATA)
+        finally:
+            done.set()
+            reader.join(30)
+        assert errors == [] and reads[0] > 0 and small._env.info()["map_size"] > 64 * 1024
+        assert small.check() == []
 
 
 def test_the_map_grows_when_full(tmp_path, tokenizer):

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from memlm import MemoryConfig, attach, use_attention
-from memlm.train import TrainConfig, Trainer
+from memlm.train import TrainConfig, Trainer, checkpoint_path
 from memlm.train.data import AssociativeRecall
 from memlm.train.parallel import sequence_group
 
@@ -39,7 +43,10 @@ def test_resume_continues_exactly(tmp_path):
     straight.train()
     first = trainer(train_config(checkpoint_dir=str(tmp_path)))
     first.train(steps=3)
-    assert (tmp_path / "trainable.safetensors").is_file() and (tmp_path / "trainer_state.pt").is_file()
+    assert checkpoint_path(tmp_path) == tmp_path / "step-3"
+    assert {p.name for p in tmp_path.iterdir()} == {"checkpoint.json", "step-3"}
+    assert {p.name for p in (tmp_path / "step-3").iterdir()} == {"trainable.safetensors", "trainer_state.pt",
+                                                                 "train_config.json"}
     resumed = trainer(train_config(checkpoint_dir=str(tmp_path)))
     resumed.resume(tmp_path)
     assert resumed.step == 3
@@ -48,6 +55,79 @@ def test_resume_continues_exactly(tmp_path):
     expected = parameters(straight)
     for name, value in parameters(resumed).items():
         assert torch.equal(value, expected[name]), name
+
+
+#: A child process: train, checkpoint at step 2, then die by SIGKILL at one point of the step-4 checkpoint save:
+#: just before (or after) the given call, counted from the start of that save.
+KILLED_DURING_SAVE = """
+import os, shutil, signal, sys
+from pathlib import Path
+import torch
+import memlm.train.trainer as trainer_module
+sys.path.insert(0, {tests!r})
+from test_train import train_config, trainer
+
+target, occurrence, when = {point!r}
+calls = {{}}
+def killing(name, call):
+    def wrapped(*args, **kwargs):
+        if t.step == 4:
+            calls[name] = calls.get(name, 0) + 1
+            if (name, calls[name], when) == (target, occurrence, "before"):
+                os.kill(os.getpid(), signal.SIGKILL)
+        result = call(*args, **kwargs)
+        if t.step == 4 and (name, calls.get(name), when) == (target, occurrence, "after"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return result
+    return wrapped
+trainer_module.save_file = killing("save_file", trainer_module.save_file)
+torch.save = killing("torch.save", torch.save)
+os.fsync = killing("fsync", os.fsync)
+os.replace = killing("replace", os.replace)
+shutil.rmtree = killing("rmtree", shutil.rmtree)
+Path.write_text = killing("write_text", Path.write_text)
+t = trainer(train_config(checkpoint_dir={directory!r}, checkpoint_every=2))
+t.train()
+"""
+
+#: Where the save is cut: before the weights, the state, the config, the first fsync, the manifest, its rename,
+#: the deletion of the previous checkpoint, and after that deletion.
+KILL_POINTS = [("save_file", 1, "before"), ("torch.save", 1, "before"), ("write_text", 1, "before"),
+               ("fsync", 1, "before"), ("write_text", 2, "before"), ("replace", 1, "before"),
+               ("rmtree", 1, "before"), ("rmtree", 1, "after")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", KILL_POINTS, ids=["-".join(map(str, p)) for p in KILL_POINTS])
+def test_a_checkpoint_save_killed_at_any_point_resumes_from_a_whole_checkpoint(tmp_path, point):
+    directory = tmp_path / "checkpoints"
+    script = KILLED_DURING_SAVE.format(tests=str(Path(__file__).parent), point=point, directory=str(directory))
+    child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert child.returncode == -9, child.stderr[-2000:]  # it died by SIGKILL in the save, not otherwise
+    published = 4 if point in (("rmtree", 1, "before"), ("rmtree", 1, "after")) else 2
+    assert checkpoint_path(directory) == directory / f"step-{published}"
+    resumed = trainer(train_config(checkpoint_dir=str(directory), checkpoint_every=2))
+    resumed.resume(directory)
+    assert resumed.step == published
+    resumed.train()
+    straight = trainer(train_config())
+    straight.train()
+    assert resumed.history == straight.history
+    expected = parameters(straight)
+    for name, value in parameters(resumed).items():
+        assert torch.equal(value, expected[name]), name
+    assert {p.name for p in directory.iterdir()} == {"checkpoint.json", "step-6"}  # leftovers cleaned up
+
+
+def test_a_checkpoint_loads_without_unpickling_code(tmp_path):
+    t = trainer(train_config(steps=2, checkpoint_dir=str(tmp_path)))
+    t.train()
+    state = torch.load(tmp_path / "step-2" / "trainer_state.pt", weights_only=True)  # what resume does
+    assert state["step"] == 2 and isinstance(state["rng"]["numpy"]["keys"], torch.Tensor)
+    (tmp_path / "step-2" / "trainable.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="not a whole checkpoint"):
+        trainer(train_config()).resume(tmp_path)
 
 
 class EveryToken:
@@ -304,7 +384,7 @@ def test_memlm_train_runs_a_recipe_and_resumes(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--config", str(recipe), "--output", str(out), "--steps", "2"]) == 0
     assert "steps=2" in capsys.readouterr().out
-    for name in ("metrics.json", "memlm/memlm_config.json", "model/config.json", "checkpoint/trainer_state.pt"):
+    for name in ("metrics.json", "memlm/memlm_config.json", "model/config.json", "checkpoint/checkpoint.json"):
         assert (out / name).is_file(), name
     assert main(["train", "--config", str(recipe), "--output", str(out), "--resume"]) == 0
     assert "steps=4" in capsys.readouterr().out

@@ -39,6 +39,10 @@ def add_commands(commands) -> None:
     ask.add_argument("--model", help=model_help)
     ask.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default 32)")
     ask.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    for command in (serve, ingest, ask):
+        add_model_options(command)
+    serve.add_argument("--map-size", type=int, default=1 << 30, help="initial LMDB map size in bytes; it doubles "
+                       "when full (default 1 GiB)")
     docs = commands.add_parser("docs", help="list a store's documents")
     docs.add_argument("--store", required=True, help="the store's directory")
     docs.add_argument("--check", action="store_true", help="verify every document's segments and hashes")
@@ -62,17 +66,47 @@ def store_errors(handler):
     return run
 
 
-def load_store_model(path: str | None):
-    """The model a store works with: ``path`` or memlm-tiny, keeping memory in float16 unless its config says."""
+#: ``--index`` choices: the memory index backend and its arguments (search-only: a stored corpus may switch)
+INDEXES = {"torch": ("torch", {}), "faiss": ("faiss", {"kind": "flat"}), "ivf": ("faiss", {"kind": "ivf"})}
+
+
+def add_model_options(parser) -> None:
+    parser.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, cuda:1, ... (default cpu)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                        help="the model's dtype (default float32; another dtype makes other memories: another store)")
+    parser.add_argument("--index", choices=sorted(INDEXES), help="memory index: torch (exact), faiss (exact), ivf "
+                        "(approximate); default: the model's")
+    parser.add_argument("--top-k", type=int, help="memory entries each query retrieves; default: the model's")
+
+
+def load_store_model(path: str | None, device: str = "cpu", dtype: str = "float32", index: str | None = None,
+                     top_k: int | None = None):
+    """The model a store works with: ``path`` or memlm-tiny on ``device`` in ``dtype``, keeping memory in float16
+    unless its config says; ``index`` (a key of ``INDEXES``) and ``top_k`` override how memory is searched."""
+    import torch
+
     from memlm.tiny import DEFAULT_DIR, load_default
 
     directory = Path(path) if path else DEFAULT_DIR
     config = directory / "memlm_config.json"
     if not config.is_file():
         raise SystemExit(f"memlm: {directory} is not a memlm model directory (no memlm_config.json)")
-    dtype = json.loads(config.read_text()).get("memory_dtype")
-    mem_model, _ = load_default(directory, **({} if dtype else {"memory_dtype": "float16"}))
+    overrides = {} if json.loads(config.read_text()).get("memory_dtype") else {"memory_dtype": "float16"}
+    if index is not None:
+        overrides["index"], overrides["index_kwargs"] = INDEXES[index]
+    if top_k is not None:
+        overrides["top_k"] = top_k
+    try:
+        device = torch.device(device)
+    except RuntimeError as error:
+        raise SystemExit(f"memlm: --device {device!r} is not a torch device ({error})") from None
+    mem_model, _ = load_default(directory, device=device, **overrides)
+    mem_model.model.to(getattr(torch, dtype))
     return mem_model
+
+
+def model_options(args: argparse.Namespace) -> dict:
+    return {"device": args.device, "dtype": args.dtype, "index": args.index, "top_k": args.top_k}
 
 
 def serve_command(args: argparse.Namespace) -> int:
@@ -90,9 +124,9 @@ def serve_command(args: argparse.Namespace) -> int:
         raise SystemExit(f"memlm serve: refusing to listen on {args.host} without a token; set MEMLM_API_TOKEN or "
                          "--token-file, or listen on 127.0.0.1")
     limits = Limits(args.max_document_bytes, args.max_prompt_chars, args.max_new_tokens)
-    store = MemoryStore(args.store)
+    store = MemoryStore(args.store, map_size=args.map_size)
     try:
-        app = create_app(store, load_store_model(args.model), token=token, limits=limits)
+        app = create_app(store, load_store_model(args.model, **model_options(args)), token=token, limits=limits)
         uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     finally:
         store.close()
@@ -117,7 +151,7 @@ def ingest_command(args: argparse.Namespace) -> int:
     path = Path(args.file)
     if not path.is_file():
         raise SystemExit(f"memlm ingest: {path} is not a file")
-    mem_model = load_store_model(args.model)
+    mem_model = load_store_model(args.model, **model_options(args))
     with MemoryStore(args.store) as store, tqdm(total=path.stat().st_size, unit="B", unit_scale=True,
                                                  desc=f"memlm ingest {args.doc_id}") as bar:
         before = store.document(args.doc_id).tokens if args.doc_id in store and not args.replace else 0
@@ -136,7 +170,7 @@ def ask_command(args: argparse.Namespace) -> int:
     from memlm.store.documents import ask as answer
 
     with MemoryStore(args.store, create=False) as store:
-        result = answer(load_store_model(args.model), store, args.doc, args.question,
+        result = answer(load_store_model(args.model, **model_options(args)), store, args.doc, args.question,
                         max_new_tokens=args.max_new_tokens, temperature=args.temperature)
     print(result.text)
     for found in result.retrieved:

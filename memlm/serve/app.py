@@ -1,16 +1,18 @@
 """The HTTP service: stream documents into a MemoryStore and ask over them (FastAPI; ``memlm serve``).
 
-All model work (ingesting segments, answering) runs on one worker thread, in arrival order
+All model work (ingesting segments, answering, deleting) runs on one worker thread, in arrival order
 (``ModelWorker``): an upload queues one job per segment, so concurrent uploads and queries take turns
-and none waits for a whole document. The request handlers only read bodies and the store.
+and none waits for a whole document, and a delete never runs while a query reads. The request handlers
+read bodies, and the store in a thread pool (never on the event loop; each read one LMDB snapshot).
 
 Endpoints (``/openapi.json`` has the schema): ``PUT /v1/documents/{id}`` (body: the text, streamed;
 ``?offset=N`` resumes, ``?replace=true`` starts over), ``GET /v1/documents``, ``GET`` and ``DELETE
 /v1/documents/{id}``, ``POST /v1/query`` (JSON; server-sent events with ``"stream": true``),
 ``GET /healthz``. With a token, every ``/v1`` request needs ``Authorization: Bearer <token>``.
 Errors are JSON ``{"detail": ...}`` with the status that says what was wrong: 400 invalid UTF-8,
-401 token, 404 unknown document, 409 conflicts with the stored state, 413 too large, 415 content
-type, 422 invalid request.
+401 token, 404 unknown document, 409 conflicts with the stored state (another upload of the document,
+in this process or another, commits first), 413 too large, 415 content type, 422 invalid request; a
+failure of the server itself is a 500 with a generic message, its traceback in the log.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import asyncio
 import hmac
 import json
 import logging
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -30,6 +33,7 @@ from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import ClientDisconnect
+from transformers import GenerationConfig
 
 from memlm.config import check_integer
 from memlm.store.documents import DocumentTooLarge, DocumentWriter, InvalidText, ask
@@ -145,17 +149,17 @@ def create_app(store: MemoryStore, mem_model, *, token: str | None = None, limit
 
     @v1.get("/documents", summary="List the stored documents")
     async def list_documents() -> dict:
-        return {"documents": [document.to_dict() for document in store.documents()]}
+        return {"documents": [document.to_dict() for document in await asyncio.to_thread(store.documents)]}
 
     @v1.get("/documents/{doc_id}", summary="A document's status, tokens and committed byte offset")
     async def get_document(doc_id: DocId) -> dict:
-        return {**store.document(doc_id).to_dict(), "uploading": doc_id in active}
+        return {**(await asyncio.to_thread(store.document, doc_id)).to_dict(), "uploading": doc_id in active}
 
     @v1.delete("/documents/{doc_id}", summary="Delete a document and its memory")
     async def delete_document(doc_id: DocId) -> dict:
         if doc_id in active:
             raise HTTPException(409, f"document {doc_id!r} is being ingested; delete it when the upload ends")
-        return (await asyncio.to_thread(store.delete, doc_id)).to_dict()
+        return (await worker.run(store.delete, doc_id)).to_dict()  # after the queries queued before it
 
     schema = {"requestBody": {"required": True,
                               "content": {"application/json": {"schema": QueryRequest.model_json_schema()}}}}
@@ -180,8 +184,16 @@ def create_app(store: MemoryStore, mem_model, *, token: str | None = None, limit
         if body.max_new_tokens > limits.max_new_tokens:
             raise HTTPException(422, f"max_new_tokens {body.max_new_tokens} exceeds the maximum "
                                      f"{limits.max_new_tokens}")
-        stored_documents(store, body.documents)  # 404 / 409 / 422 now rather than after the queue
         generation = body.model_dump(exclude={"documents", "prompt", "stream"}, exclude_none=True)
+        try:  # the client's mistakes are 422 here; a ValueError from the model work later is the server's (500)
+            GenerationConfig(do_sample=body.temperature > 0, **generation).validate(strict=True)
+            await asyncio.to_thread(stored_documents, store, body.documents)  # 404 / 409 now, not after the queue
+        except (DocumentNotFound, DocumentConflict):
+            raise
+        except ValueError as error:
+            raise HTTPException(422, str(error)) from None
+        if not mem_model.tokenizer(body.prompt, add_special_tokens=False)["input_ids"]:
+            raise HTTPException(422, "the prompt has no tokens")
         run = partial(worker.run, ask, mem_model, store, body.documents, body.prompt, **generation)
         if not body.stream:
             return _answer_json(await run())
@@ -189,12 +201,13 @@ def create_app(store: MemoryStore, mem_model, *, token: str | None = None, limit
 
     @app.get("/healthz", summary="Liveness: the service and its store are up")
     async def healthz() -> dict:
-        return {"status": "ok", "version": __version__, "documents": len(store.documents())}
+        return {"status": "ok", "version": __version__, "documents": len(await asyncio.to_thread(store.documents))}
 
     app.include_router(v1)
     for error_type, status in ((DocumentNotFound, 404), (DocumentConflict, 409), (FingerprintMismatch, 409),
-                               (InvalidText, 400), (DocumentTooLarge, 413), (ValueError, 422)):
+                               (InvalidText, 400), (DocumentTooLarge, 413)):
         app.add_exception_handler(error_type, partial(_error_response, status))
+    app.add_exception_handler(Exception, _server_error)
     return app
 
 
@@ -203,6 +216,12 @@ def _error_response(status: int, request: Request, error: Exception) -> JSONResp
     if isinstance(error, InvalidText):
         body["offset"] = error.offset
     return JSONResponse(body, status_code=status)
+
+
+def _server_error(request: Request, error: Exception) -> JSONResponse:
+    """Anything else is the server's fault: logged with its traceback, answered without internals."""
+    logger.error("%s %s failed", request.method, request.url.path, exc_info=error)
+    return JSONResponse({"detail": "internal server error (the server's log has the details)"}, status_code=500)
 
 
 def _require_type(request: Request, media_type: str, charset: str | None = None, optional: bool = False) -> None:
@@ -221,14 +240,20 @@ def _answer_json(answer) -> dict:
     return {"text": answer.text, "tokens": answer.tokens, "retrieved": answer.retrieved}
 
 
+class _Cancelled(Exception):
+    """Raised on the worker thread, inside generation, once the client of a streamed answer has gone."""
+
+
 async def _events(run, tokenizer):
     """Server-sent events: ``data: {"text": piece}`` as tokens come, then ``event: done`` with the whole answer
-    (or ``event: error``)."""
-    loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+    (or ``event: error``). A client that disconnects stops the generation at its next token."""
+    loop, queue, gone = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
     ids, sent = [], ""
 
     def on_token(token) -> None:  # runs on the worker thread
         nonlocal sent
+        if gone.is_set():
+            raise _Cancelled
         ids.append(int(token[0]))
         text = tokenizer.decode(ids, skip_special_tokens=True)
         if len(text) > len(sent) and not text.endswith("\ufffd"):  # a character split across tokens waits
@@ -238,9 +263,13 @@ async def _events(run, tokenizer):
     async def answer() -> None:
         try:
             queue.put_nowait(("done", _answer_json(await run(streamer=on_token))))
-        except Exception as error:  # reported to the client as an event: the status line has gone out
-            logger.exception("streamed query failed")
+        except _Cancelled:
+            pass
+        except (DocumentNotFound, DocumentConflict) as error:  # e.g. deleted while it waited in the queue
             queue.put_nowait(("error", {"detail": str(error)}))
+        except Exception:  # reported to the client as an event: the status line has gone out
+            logger.exception("streamed query failed")
+            queue.put_nowait(("error", {"detail": "internal server error (the server's log has the details)"}))
 
     task = asyncio.create_task(answer())
     try:
@@ -250,5 +279,6 @@ async def _events(run, tokenizer):
             yield f"{prefix}data: {json.dumps(payload)}\n\n"
             if kind != "data":
                 return
-    finally:
-        await task
+    finally:  # the answer ended, or the client went away (the response task is cancelled)
+        gone.set()
+        await asyncio.shield(task)

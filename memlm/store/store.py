@@ -19,11 +19,13 @@ the record), ``states`` (doc id -> stream state).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -46,11 +48,27 @@ from .records import (
 from .sessions import load_documents, save_session
 
 FORMAT_VERSION = 1
+#: 2: the search-only settings left out of the fingerprint (stores of version 1 are upgraded on bind)
+FINGERPRINT_VERSION = 2
 
 
-def fingerprint(mem_model) -> dict[str, str]:
+#: MemoryConfig fields that only change how stored memory is searched, never what is stored: a stored corpus
+#: may be opened with other values (top_k too when there is one memory layer: with several, what a lower layer
+#: retrieves shapes the hidden states, hence the keys, of the layers above it).
+SEARCH_ONLY = ("index", "index_kwargs", "memory_capacity")
+
+
+def shaping_config(config) -> dict:
+    """The MemoryConfig fields that shape the stored keys, values and stream state (``fingerprint`` hashes them)."""
+    search_only = SEARCH_ONLY + (("top_k",) if len(config.memory_layers) == 1 else ())
+    return {name: value for name, value in config.to_dict().items() if name not in search_only}
+
+
+def fingerprint(mem_model, legacy: bool = False) -> dict:
     """What must match for stored memories to be valid: the model (config, and a sample of every weight, so
-    that two checkpoints of one architecture differ), memlm's config and parameters, the tokenizer."""
+    that two checkpoints of one architecture differ), memlm's parameters and the config fields that shape what is
+    stored (``shaping_config``), the tokenizer. ``legacy``: the fingerprint of stores made before the search-only
+    fields were set apart (every field hashed), so such a store can be recognised and upgraded."""
     model = mem_model.model
     model_config = model.config.to_dict()
     for volatile in ("_name_or_path", "transformers_version", "_attn_implementation", "attn_implementation",
@@ -66,7 +84,8 @@ def fingerprint(mem_model) -> dict[str, str]:
         weights.update(sample.numpy().tobytes())
     config = mem_model.config
     memory_dtype = config.memory_dtype or str(mem_model.dtype).removeprefix("torch.")  # the stored tensors' dtype
-    memlm = hashlib.sha256(json.dumps({**config.to_dict(), "memory_dtype": memory_dtype}, sort_keys=True).encode())
+    fields = config.to_dict() if legacy else shaping_config(config)
+    memlm = hashlib.sha256(json.dumps({**fields, "memory_dtype": memory_dtype}, sort_keys=True).encode())
     for name, tensor in sorted(mem_model.memory_module.state_dict().items()):
         memlm.update(name.encode() + tensor.detach().float().cpu().numpy().tobytes())
     tokenizer = mem_model.tokenizer
@@ -77,6 +96,7 @@ def fingerprint(mem_model) -> dict[str, str]:
     else:
         vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
     return {
+        "version": FINGERPRINT_VERSION,
         "model": hashlib.sha256(json.dumps(model_config, sort_keys=True, default=str).encode()).hexdigest()[:16]
         + weights.hexdigest()[:16],
         "memlm": memlm.hexdigest()[:32],
@@ -115,7 +135,8 @@ class MemoryStore:
             raise FileNotFoundError(f"{self.path} is not a memlm store (no data.mdb)")
         self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._pid = os.getpid()
-        self._lock = threading.RLock()  # set_mapsize needs no transaction of this process in flight
+        self._bound = None  # weakref to the model whose fingerprint was checked
+        self._lock = _ResizeLock()  # transactions share it; set_mapsize (no transaction in flight) takes it alone
         self._env = lmdb.open(str(self.path), map_size=map_size, max_dbs=8, mode=0o600, readahead=False)
         self._db = {name: self._env.open_db(name.encode())
                     for name in ("meta", "documents", "segments", "checksums", "states")}
@@ -144,19 +165,29 @@ class MemoryStore:
     # ----------------------------------------------------------------------------- fingerprint
 
     def bind(self, mem_model) -> None:
-        """Record ``mem_model``'s fingerprint in a new store, or check it against the stored one."""
+        """Record ``mem_model``'s fingerprint in a new store, or check it against the stored one. The fingerprint
+        is computed once per model and store (later calls with the same model only compare identities)."""
+        if self._bound is not None and self._bound() is mem_model:
+            return
         mine = fingerprint(mem_model)
         stored = self._get("meta", b"fingerprint")
         if stored is None:
             self._write(lambda txn: txn.put(b"fingerprint", json.dumps(mine).encode(), db=self._db["meta"]))
-            return
-        stored = json.loads(stored)
-        differ = [part for part in mine if stored.get(part) != mine[part]]
-        if differ:
-            raise FingerprintMismatch(
-                f"{self.path} holds memories made with another {' and '.join(differ)} (stored {stored}, this model "
-                f"{mine}); memories of different models cannot be mixed: use another store directory"
-            )
+        else:
+            stored = json.loads(stored)
+            earlier = stored.get("version") != FINGERPRINT_VERSION
+            if earlier and stored.get("memlm") == fingerprint(mem_model, legacy=True)["memlm"]:
+                # a store of an earlier memlm made with these very settings: its fingerprint is upgraded in place
+                stored = {**stored, "version": FINGERPRINT_VERSION, "memlm": mine["memlm"]}
+                self._write(lambda txn: txn.put(b"fingerprint", json.dumps(stored).encode(), db=self._db["meta"]))
+            differ = [part for part in ("model", "memlm", "tokenizer") if stored.get(part) != mine[part]]
+            if differ:
+                raise FingerprintMismatch(
+                    f"{self.path} holds memories made with another {' and '.join(differ)} (stored {stored}, this "
+                    f"model {mine}); memories of different models cannot be mixed: use another store directory "
+                    f"(only {', '.join(SEARCH_ONLY)} and, with one memory layer, top_k may differ)"
+                )
+        self._bound = weakref.ref(mem_model)
 
     # ----------------------------------------------------------------------------- documents
 
@@ -187,13 +218,18 @@ class MemoryStore:
         return document
 
     def segments(self, doc_id: str) -> Iterator[Segment]:
-        """The document's segments in order (each read in its own short transaction)."""
-        document = self.document(doc_id)
-        for number in range(document.segments):
-            value = self._get("segments", _segment_key(document.key, number))
+        """The document's segments in order, read from one snapshot: a delete or a commit meanwhile changes
+        nothing of what this iteration yields."""
+        with self._read() as txn:
+            value = txn.get(_check_id(doc_id).encode(), db=self._db["documents"])
             if value is None:
-                raise StoreError(f"segment {number} of {doc_id!r} is missing; run store.check()")
-            yield _decode_segment(value)
+                raise DocumentNotFound(f"no document {doc_id!r} in {self.path}")
+            document = Document(**json.loads(value))
+            for number in range(document.segments):
+                value = txn.get(_segment_key(document.key, number), db=self._db["segments"])
+                if value is None:
+                    raise StoreError(f"segment {number} of {doc_id!r} is missing; run store.check()")
+                yield _decode_segment(value)
 
     def tokens(self, doc_id: str) -> torch.Tensor:
         """All stored token ids of a document, [tokens] int64."""
@@ -233,12 +269,25 @@ class MemoryStore:
 
     def commit(self, document: Document, segment: Segment | None, state: tuple[dict, dict]) -> None:
         """Append ``segment`` (if any) as the document's next segment, replace its stream state and write its
-        metadata (``document``, already advanced by the caller), all in one transaction."""
+        metadata (``document``, already advanced by the caller), all in one transaction.
+
+        Compare-and-swap: the stored document must still hold the segments this writer started from (one fewer
+        than ``document.segments`` when a segment is appended), else DocumentConflict and nothing is written; so
+        two writers of one document, in one process or several, never interleave: the second gets the conflict.
+        """
         document.updated = time.time()
         state_value = _encode_state(*state)
         segment_value = None if segment is None else _encode_segment(segment)
 
         def commit(txn):
+            stored = txn.get(document.id.encode(), db=self._db["documents"])
+            stored = None if stored is None else Document(**json.loads(stored))
+            expected = document.segments - (segment is not None)
+            if stored is None or stored.key != document.key or stored.segments != expected:
+                found = "no such document" if stored is None else f"{stored.segments} segments under {stored.key!r}"
+                raise DocumentConflict(f"document {document.id!r} changed under this writer (expected {expected} "
+                                       f"segments under {document.key!r}, found {found}): another upload or a delete "
+                                       "got there first; nothing was written")
             if segment_value is not None:
                 key = _segment_key(document.key, document.segments - 1)
                 txn.put(key, segment_value, db=self._db["segments"])
@@ -340,10 +389,17 @@ class MemoryStore:
             raise RuntimeError(f"{self} was opened in process {self._pid}; an LMDB environment must not cross fork(): "
                                "open the store again in this process")
 
-    def _read(self):
-        """A short read transaction (use as a context manager)."""
+    @contextlib.contextmanager
+    def _read(self) -> Iterator:
+        """A read transaction: one snapshot of the store, whatever commits meanwhile (use as a context manager).
+        Concurrent readers and writers share the lock; only a map resize waits for them (and they for it)."""
         self._check_process()
-        return _Locked(self._lock, self._env.begin(buffers=False))
+        with self._lock.shared():
+            txn = self._env.begin(buffers=False)
+            try:
+                yield txn
+            finally:
+                txn.abort()
 
     def _get(self, db: str, key: bytes) -> bytes | None:
         with self._read() as txn:
@@ -353,13 +409,14 @@ class MemoryStore:
         """Run ``body(txn)`` in one write transaction; grow the map and retry when it is full."""
         self._check_process()
         while True:
-            with self._lock:
-                try:
-                    with self._env.begin(write=True) as txn:
-                        return body(txn)
-                except lmdb.MapFullError:
+            try:
+                with self._lock.shared(), self._env.begin(write=True) as txn:
+                    return body(txn)
+            except lmdb.MapFullError:
+                with self._lock.exclusive():
                     self._env.set_mapsize(self._env.info()["map_size"] * 2)
-                except lmdb.MapResizedError:  # another process grew it: adopt its size
+            except lmdb.MapResizedError:  # another process grew it: adopt its size
+                with self._lock.exclusive():
                     self._env.set_mapsize(0)
 
     def _delete_records(self, txn, key: str) -> None:
@@ -381,21 +438,49 @@ class MemoryStore:
         return keys
 
 
-class _Locked:
-    """A transaction used as a context manager while holding the store's lock."""
+class _ResizeLock:
+    """Shared by every transaction of this process, exclusive for ``set_mapsize``, which LMDB allows only while the
+    process has no transaction in flight. Readers never wait for each other or for writers (LMDB serialises
+    writers itself); a resize waits for the transactions in flight, and new ones wait for the resize. A thread
+    already holding it shared (a read inside a read) does not wait, so it cannot deadlock on a pending resize."""
 
-    def __init__(self, lock: threading.RLock, txn) -> None:
-        self.lock, self.txn = lock, txn
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._active = 0
+        self._resizing = False
+        self._held = threading.local()
 
-    def __enter__(self):
-        self.lock.acquire()
-        return self.txn
-
-    def __exit__(self, *exc_info) -> None:
+    @contextlib.contextmanager
+    def shared(self):
+        depth = getattr(self._held, "depth", 0)
+        with self._condition:
+            if not depth:
+                self._condition.wait_for(lambda: not self._resizing)
+            self._active += 1
+        self._held.depth = depth + 1
         try:
-            self.txn.abort()
+            yield
         finally:
-            self.lock.release()
+            self._held.depth = depth
+            with self._condition:
+                self._active -= 1
+                self._condition.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self):
+        if getattr(self._held, "depth", 0):
+            raise RuntimeError("the store's map must grow, but this thread is inside a read of the store (iterating "
+                               "segments?): write outside the read")
+        with self._condition:
+            self._condition.wait_for(lambda: not self._resizing)
+            self._resizing = True
+            self._condition.wait_for(lambda: self._active == 0)
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._resizing = False
+                self._condition.notify_all()
 
 
 def _check_id(doc_id: object) -> str:

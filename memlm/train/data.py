@@ -8,7 +8,11 @@ token to predict at position t (from tokens before it) or -100 where nothing is 
   order); only the values of the questions are scored. The pairs lie as far back as the document is long.
 * ``Passkey``: a haystack of filler sentences with a random number hidden at a chosen depth and
   asked for at the end (the Landmark-Attention / LongLLaMA test); only the answer is scored.
+* ``RandomRepeats``: a span of random tokens, a gap, the span again; the copy is scored. The fastest way to
+  grow an induction circuit (Olsson et al. 2022), and with a gap beyond the local context, to grow it in the
+  memory layer.
 * ``TextDocuments``: consecutive chunks of any UTF-8 text file; every token is scored.
+* ``Mixture``: each document drawn from one of several tasks, by weight.
 
 ``make_batch`` turns a task into batches that depend only on (seed, step, row): document g of the
 run is written by ``Random(f"{seed}:{g}")``. Training thus needs no data-loader state to resume
@@ -19,10 +23,13 @@ so b rows on each of two ranks are the same documents as 2b rows on one.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from memlm.config import check_integer
 
 IGNORE_INDEX = -100
 
@@ -98,6 +105,54 @@ class AssociativeRecall:
             t if j % 2 else IGNORE_INDEX for j, t in enumerate(asked)
         ]
         return ids, labels
+
+
+@dataclass(frozen=True)
+class RandomRepeats:
+    """``span`` random ids, ``gap`` random ids, the same span again, random ids to the end; the copy is scored
+    from its second token (its first has nothing to be predicted from).
+
+    Predicting the copy means finding where the previous token occurred and reading what followed it: an
+    induction copy (Olsson et al. 2022), which every needle task needs ("The pass key is" -> the number). A gap
+    of at least the local context (XL cache + segment) puts the span out of local reach, so the copy can
+    only be made through the memory layer. Ids are drawn from [first_id, vocab_size).
+    """
+
+    vocab_size: int
+    span: int = 128
+    gap: int = 0
+    first_id: int = 1
+
+    def __post_init__(self) -> None:
+        check_integer("span", self.span, 2)
+        check_integer("gap", self.gap, 0)
+        if not 0 <= self.first_id < self.vocab_size - 1:
+            raise ValueError(f"first_id must be in [0, vocab_size - 1), got {self.first_id} of {self.vocab_size}")
+
+    def document(self, rng: random.Random, tokens: int) -> tuple[list[int], list[int]]:
+        if tokens < 2 * self.span + self.gap:
+            raise ValueError(f"a repeat of {self.span} tokens after a gap of {self.gap} needs documents of at least "
+                             f"{2 * self.span + self.gap} tokens, got {tokens}")
+        draw = [rng.randrange(self.first_id, self.vocab_size) for _ in range(tokens - self.span)]
+        copy = self.span + self.gap
+        ids = draw[:copy] + draw[: self.span] + draw[copy:]
+        labels = [IGNORE_INDEX] * tokens
+        labels[copy + 1 : copy + self.span] = ids[copy + 1 : copy + self.span]
+        return ids, labels
+
+
+class Mixture:
+    """Documents drawn from several tasks: document g comes from ``tasks[i]`` with probability ``weights[i]``."""
+
+    def __init__(self, tasks: Sequence, weights: Sequence[float]) -> None:
+        if not tasks or len(tasks) != len(weights):
+            raise ValueError(f"a mixture needs one weight per task, got {len(tasks)} tasks, {len(weights)} weights")
+        if any(not (isinstance(w, (int, float)) and w > 0) for w in weights):
+            raise ValueError(f"mixture weights must be numbers > 0, got {list(weights)}")
+        self.tasks, self.weights = tuple(tasks), tuple(weights)
+
+    def document(self, rng: random.Random, tokens: int) -> tuple[list[int], list[int]]:
+        return rng.choices(self.tasks, self.weights)[0].document(rng, tokens)
 
 
 FILLER = (

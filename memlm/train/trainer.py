@@ -23,7 +23,8 @@ gradients of one forward per optimizer window, the loss normalised by the global
 x b rows equal 1 rank x 2b rows. ``sequence_parallel=S`` shards each document across S ranks with Ring Attention
 (one forward per document: no memory, no XL cache; data parallel over the W / S groups).
 Checkpoints (rank 0, at document boundaries): trainable weights in safetensors, optimizer/scheduler/RNG
-state, step and loss history; ``resume`` continues exactly, because batches depend only on (seed, step).
+state, step and loss history, in a ``step-N/`` directory published by the atomic rename of a manifest;
+``resume`` continues exactly, because batches depend only on (seed, step).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -65,7 +67,7 @@ from .parallel import ENGINES, ShardedDocuments, StreamWindow, gradient_sync, wr
 TRAINABLE = ("memory", "lora", "lora+", "all")
 SCHEDULES = ("cosine", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
-WEIGHTS_FILE, STATE_FILE = "trainable.safetensors", "trainer_state.pt"
+WEIGHTS_FILE, STATE_FILE, MANIFEST_FILE = "trainable.safetensors", "trainer_state.pt", "checkpoint.json"
 
 
 @dataclass
@@ -406,6 +408,11 @@ class Trainer:
     def save_checkpoint(self, directory: str | Path) -> None:
         """Rank 0 writes trainable weights (safetensors) and the trainer state; every rank waits for it.
 
+        Layout: ``directory/step-N/`` holds one whole checkpoint; ``directory/checkpoint.json`` (the manifest)
+        names the published one. A checkpoint is written whole into its own directory, then published by one
+        atomic rename of the manifest, and only then are older ``step-*`` directories deleted: a crash at any
+        moment leaves the manifest naming a whole checkpoint (the new one or the previous one).
+
         Only at document boundaries: inside a document (``step_segments``) its caches and memory were
         computed with earlier weights, which a resumed run could not rebuild.
         """
@@ -416,34 +423,47 @@ class Trainer:
         options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
         weights = get_model_state_dict(self.mem_model.model, options=options)
         optimizer = get_optimizer_state_dict(self.mem_model.model, self.optimizer, options=options)
-        if self.rank == 0:
-            directory = Path(directory)
-            directory.mkdir(parents=True, exist_ok=True)
-            save_file({n: weights[n].contiguous() for n in self.parameters}, str(directory / (WEIGHTS_FILE + ".tmp")))
-            state = {
-                "step": self.step, "history": self.history, "config": self.config.to_dict(),
-                "optimizer": optimizer, "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(), "rng": _rng_state(),
-            }
-            torch.save(state, directory / (STATE_FILE + ".tmp"))
-            # Replace both files only once both are written: a crash leaves the previous checkpoint whole.
-            os.replace(directory / (WEIGHTS_FILE + ".tmp"), directory / WEIGHTS_FILE)
-            os.replace(directory / (STATE_FILE + ".tmp"), directory / STATE_FILE)
-            (directory / "train_config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        target = Path(directory) / f"step-{self.step}"
+        if self.rank == 0 and checkpoint_path(directory) != target:  # else this very state is published already
+            self._publish(target, weights, optimizer)
         if self.world_size > 1:
             dist.barrier()
 
+    def _publish(self, target: Path, weights: dict, optimizer: dict) -> None:
+        """Write the checkpoint into ``target`` (``directory/step-N``), publish it, delete the older ones."""
+        directory = target.parent
+        if target.exists():  # a save of this step that a crash cut short
+            shutil.rmtree(target)
+        target.mkdir(parents=True)
+        save_file({n: weights[n].contiguous() for n in self.parameters}, str(target / WEIGHTS_FILE))
+        state = {
+            "step": self.step, "history": self.history, "config": self.config.to_dict(),
+            "optimizer": optimizer, "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(), "rng": _rng_state(),
+        }
+        torch.save(state, target / STATE_FILE)
+        (target / "train_config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        _sync(target)
+        manifest = directory / (MANIFEST_FILE + ".tmp")
+        manifest.write_text(json.dumps({"step": self.step, "checkpoint": target.name}) + "\n")
+        _sync(manifest)
+        os.replace(manifest, directory / MANIFEST_FILE)  # the publication: one atomic rename
+        _sync(directory)
+        for old in directory.glob("step-*"):
+            if old.name != target.name and old.is_dir():
+                shutil.rmtree(old)
+
     def resume(self, directory: str | Path) -> None:
-        """Load a checkpoint written by ``save_checkpoint`` (same model, memory and train config)."""
-        directory = Path(directory)
-        for file in (WEIGHTS_FILE, STATE_FILE):
-            if not (directory / file).is_file():
-                raise FileNotFoundError(f"{directory / file} not found: expected a directory made by save_checkpoint")
-        weights = load_file(str(directory / WEIGHTS_FILE))
+        """Load the checkpoint ``save_checkpoint`` published in ``directory`` (same model, memory and train config)."""
+        path = checkpoint_path(directory)
+        if path is None:
+            raise FileNotFoundError(f"{Path(directory) / MANIFEST_FILE} not found: expected a directory made by "
+                                    "save_checkpoint")
+        weights = load_file(str(path / WEIGHTS_FILE))
         if set(weights) != set(self.parameters):
-            raise ValueError(f"{directory} holds weights for other parameters than this trainer trains "
+            raise ValueError(f"{path} holds weights for other parameters than this trainer trains "
                              f"({sorted(set(weights) ^ set(self.parameters))[:5]} ...)")
-        state = torch.load(directory / STATE_FILE, weights_only=False)
+        state = torch.load(path / STATE_FILE, weights_only=True)  # tensors and plain values only: no code runs
         options = StateDictOptions(full_state_dict=True, strict=False)  # every rank reads the whole tensors
         set_model_state_dict(self.mem_model.model, weights, options=options)
         set_optimizer_state_dict(self.mem_model.model, self.optimizer, state["optimizer"], options=options)
@@ -453,6 +473,34 @@ class Trainer:
         _set_rng_state(state["rng"])
 
 
+def checkpoint_path(directory: str | Path) -> Path | None:
+    """The published checkpoint of ``directory`` (``step-N/``, named by its manifest), or None when there is none.
+
+    A directory of the earlier flat layout (the two files side by side, no manifest) is read as it is.
+    """
+    directory = Path(directory)
+    manifest = directory / MANIFEST_FILE
+    if manifest.is_file():
+        path = directory / json.loads(manifest.read_text())["checkpoint"]
+        if not all((path / file).is_file() for file in (WEIGHTS_FILE, STATE_FILE)):
+            raise FileNotFoundError(f"{manifest} names {path}, which is not a whole checkpoint")
+        return path
+    if all((directory / file).is_file() for file in (WEIGHTS_FILE, STATE_FILE)):
+        return directory
+    return None
+
+
+def _sync(path: Path) -> None:
+    """fsync a file, or a directory (every file in it, then the directory entry), so a rename publishes data that
+    is on disk."""
+    for item in [*sorted(path.iterdir()), path] if path.is_dir() else [path]:
+        descriptor = os.open(item, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -460,15 +508,22 @@ def _seed_everything(seed: int) -> None:
 
 
 def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state as tensors and plain values (what ``torch.load(weights_only=True)`` reads)."""
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    numpy = state["numpy"]
+    np.random.set_state((numpy["kind"], numpy["keys"].numpy().astype(np.uint32), numpy["position"],
+                         numpy["has_gauss"], numpy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
