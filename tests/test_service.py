@@ -4,6 +4,8 @@ The server runs the embedded model (memlm-tiny) with float16 memory, as ``memlm 
 """
 
 import contextlib
+import subprocess
+import sys
 import threading
 import time
 
@@ -264,3 +266,141 @@ def test_client_reports_errors_and_the_server_refuses_public_addresses_without_a
     with Client("http://127.0.0.1:9") as client, pytest.raises(httpx.TransportError):
         client.list()
     assert issubclass(ServiceError, Exception) and ServiceError(404, "gone").status == 404
+
+
+def test_an_upload_and_memlm_ingest_of_one_document_never_interleave(tmp_path, serve):
+    """The server ingests part of a document; `memlm ingest` (another process) resumes and finishes it; the
+    server's upload then gets a 409, and the store holds exactly one ingestion."""
+    path = tmp_path / "book.txt"
+    path.write_text(BOOK, encoding="utf-8")
+    data = path.read_bytes()
+    with MemoryStore(tmp_path / "reference") as reference:
+        ingest_file(reference, load_store_model(None), "book", path)
+        expected = stored(reference, "book")
+    server = serve(tmp_path / "store")
+    release, response = threading.Event(), {}
+
+    def body():
+        half = len(data) // 2
+        for start in range(0, half, 2048):
+            yield data[start : min(start + 2048, half)]
+        release.wait(120)
+        yield data[half:]  # the rest in one piece: the request ends, so its answer is read whole
+
+    def upload():
+        response["put"] = httpx.put(f"{server.url}/v1/documents/book", content=body(), timeout=120)
+
+    thread = threading.Thread(target=upload)
+    thread.start()
+    with Client(server.url) as client:
+        deadline = time.monotonic() + 60
+        while committed_tokens(client, "book") < 4 * 64 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    cli = subprocess.run([sys.executable, "-m", "memlm.cli", "ingest", str(path), "--store", str(tmp_path / "store"),
+                          "--doc-id", "book"], capture_output=True, text=True, timeout=300)
+    release.set()
+    thread.join(120)
+    server.stop()
+    assert cli.returncode == 0 and "book: complete" in cli.stdout, cli.stderr[-2000:]
+    assert response["put"].status_code == 409, response["put"].text
+    assert "changed under this writer" in response["put"].json()["detail"]
+    with MemoryStore(tmp_path / "store") as store:
+        assert store.check() == [] and stored(store, "book") == expected
+
+
+def test_healthz_answers_while_the_store_map_grows(tmp_path, serve):
+    server = serve(tmp_path / "store", "--map-size", str(64 * 1024))
+    statuses, done = [], threading.Event()
+
+    def upload():
+        try:
+            with Client(server.url) as client:
+                client.ingest("book", [BOOK.encode()[i : i + 4096] for i in range(0, len(BOOK.encode()), 4096)],
+                              progress=False)
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=upload)
+    thread.start()
+    while not done.is_set():
+        statuses.append(httpx.get(f"{server.url}/healthz", timeout=30).status_code)
+    thread.join(60)
+    server.stop()
+    assert len(statuses) > 5 and set(statuses) == {200}
+    with MemoryStore(tmp_path / "store") as store:
+        assert store.document("book").status == "complete" and store._env.info()["map_size"] > 64 * 1024
+    assert "Traceback" not in server.log.read_text()
+
+
+def test_a_delete_during_queries_is_never_a_server_error(tmp_path, serve):
+    server = serve(tmp_path / "store")
+    statuses = []
+    try:
+        for round_ in range(2):
+            with Client(server.url) as client:
+                client.ingest("book", [BOOK.encode()], progress=False)
+            http = httpx.Client(base_url=server.url, timeout=120)
+
+            def ask(http=http, stream=round_ == 1):
+                for _ in range(3):
+                    body = {"documents": ["book"], "prompt": " What is the pass key?", "max_new_tokens": 24,
+                            "stream": stream}
+                    statuses.append(("query", http.post("/v1/query", json=body).status_code))
+
+            askers = [threading.Thread(target=ask) for _ in range(2)]
+            for thread in askers:
+                thread.start()
+            time.sleep(0.3)
+            statuses.append(("delete", http.delete("/v1/documents/book").status_code))
+            for thread in askers:
+                thread.join(120)
+    finally:
+        server.stop()
+    assert {status for kind, status in statuses if kind == "query"} <= {200, 404, 409}, statuses
+    assert [status for kind, status in statuses if kind == "delete"] == [200, 200]
+    assert "Traceback" not in server.log.read_text()
+
+
+def test_a_client_leaving_a_streamed_answer_frees_the_worker(tmp_path, serve):
+    server = serve(tmp_path / "store")
+    try:
+        with Client(server.url) as client:
+            client.ingest("book", [BOOK.encode()], progress=False)
+            start = time.perf_counter()
+            client.query("book", " What is the pass key?", max_new_tokens=1)
+            alone = time.perf_counter() - start
+            start = time.perf_counter()
+            long = list(client.stream_query("book", " The", max_new_tokens=400))
+            whole = time.perf_counter() - start  # what a stream that is not cancelled costs the worker
+            assert len(long) > 100
+            body = {"documents": ["book"], "prompt": " The", "max_new_tokens": 1000, "stream": True}
+            with httpx.stream("POST", f"{server.url}/v1/query", json=body, timeout=60) as response:
+                next(line for line in response.iter_lines() if line.startswith("data:"))  # the first piece, then go
+            start = time.perf_counter()
+            client.query("book", " What is the pass key?", max_new_tokens=1)
+            after = time.perf_counter() - start
+    finally:
+        server.stop()
+    assert whole > 2.0, whole  # 1,000 tokens would hold the worker for several seconds
+    assert after < alone + 1.0, (after, alone)
+
+
+def test_a_server_fault_is_a_500_with_a_generic_message_and_a_logged_traceback(tmp_path, caplog):
+    from fastapi.testclient import TestClient
+
+    from memlm.serve.app import create_app
+
+    with MemoryStore(tmp_path / "store") as store:
+        app = create_app(store, load_store_model(None))
+
+        def broken():
+            raise RuntimeError("secret internals")
+
+        store.documents = broken
+        with TestClient(app, raise_server_exceptions=False) as http, caplog.at_level("ERROR"):
+            response = http.get("/v1/documents")
+            assert http.get("/v1/documents/missing").status_code == 404  # client errors keep their status
+            assert http.post("/v1/query", json={"documents": ["a b"], "prompt": "hi"}).status_code == 422
+    assert response.status_code == 500 and "secret" not in response.text
+    assert response.json()["detail"].startswith("internal server error")
+    assert "secret internals" in caplog.text and "Traceback" in caplog.text

@@ -224,7 +224,7 @@ def test_two_writers_of_one_document_never_interleave(tmp_path, store, tokenizer
     second = DocumentWriter(store, mem_model, "doc")  # the same empty document: it too would start at byte 0
     try:
         first.write(DATA)
-        with pytest.raises(DocumentConflict, match="changed under this writer .* nothing was written"):
+        with pytest.raises(DocumentConflict, match=r"changed under this writer .* nothing was written"):
             second.write(DATA)
             second.finish()
         first.finish()
@@ -304,7 +304,7 @@ def test_reads_go_on_while_the_map_grows(tmp_path, tokenizer):
                 try:
                     small.documents()
                     reads[0] += 1
-                except Exception as error:  # noqa: BLE001 (any failure is the finding)
+                except Exception as error:  # any failure is the finding
                     errors.append(error)
 
         reader = threading.Thread(target=read)

@@ -186,7 +186,8 @@ def create_app(store: MemoryStore, mem_model, *, token: str | None = None, limit
                                      f"{limits.max_new_tokens}")
         generation = body.model_dump(exclude={"documents", "prompt", "stream"}, exclude_none=True)
         try:  # the client's mistakes are 422 here; a ValueError from the model work later is the server's (500)
-            GenerationConfig(do_sample=body.temperature > 0, **generation).validate(strict=True)
+            sampling = {k: v for k, v in generation.items() if k != "temperature"}  # as ``ask`` passes them
+            GenerationConfig(do_sample=body.temperature > 0, temperature=body.temperature or 1.0, **sampling).validate()
             await asyncio.to_thread(stored_documents, store, body.documents)  # 404 / 409 now, not after the queue
         except (DocumentNotFound, DocumentConflict):
             raise
