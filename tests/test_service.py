@@ -175,7 +175,7 @@ def test_every_error_has_its_status_and_says_what_was_wrong(tmp_path, serve):
         for field, value in (("top_p", 1.5), ("top_k", -1), ("repetition_penalty", 0), ("stop_strings", [""]),
                              ("stop_strings", []), ("top_q", 0.5)):
             expect(422, http.post("/v1/query", json={"documents": ["small"], "prompt": "hi", field: value}), field)
-        expect(422, http.post("/v1/query", json={"documents": ["a b"], "prompt": "hi"}), "document id must match")
+        expect(422, http.post("/v1/query", json={"documents": ["a b"], "prompt": "hi"}), "should match pattern")
         expect(422, http.get("/v1/documents/" + "x" * 129), "pattern")
         expect(422, http.put("/v1/documents/small?offset=-1", content=b"x", headers=text), "offset")
         expect(404, http.post("/v1/query", json={"documents": ["nope"], "prompt": "hi"}), "no document 'nope'")
@@ -366,9 +366,11 @@ def test_a_client_leaving_a_streamed_answer_frees_the_worker(tmp_path, serve):
     try:
         with Client(server.url) as client:
             client.ingest("book", [BOOK.encode()], progress=False)
-            start = time.perf_counter()
-            client.query("book", " What is the pass key?", max_new_tokens=1)
-            alone = time.perf_counter() - start
+            alone = 0.0
+            for _ in range(2):  # a short query on an idle worker (the slower of two)
+                start = time.perf_counter()
+                client.query("book", " What is the pass key?", max_new_tokens=1)
+                alone = max(alone, time.perf_counter() - start)
             start = time.perf_counter()
             long = list(client.stream_query("book", " The", max_new_tokens=400))
             whole = time.perf_counter() - start  # what a stream that is not cancelled costs the worker

@@ -292,6 +292,39 @@ def test_a_store_of_an_earlier_fingerprint_is_upgraded_when_its_settings_match(s
     assert ask(mem_model, store, ["doc"], " the", max_new_tokens=1).tokens == 1
 
 
+def test_a_cached_document_is_asked_over_without_reading_its_segments(tmp_path, tokenizer, monkeypatch):
+    mem_model, prompt = memory_model(tokenizer), " the river"
+    other = make_text(200, seed=9)
+    with MemoryStore(tmp_path / "plain") as plain:
+        write(plain, mem_model, "doc", DATA)
+        expected = ask(mem_model, plain, ["doc"], prompt, max_new_tokens=6).text
+        write(plain, mem_model, "doc", other.encode(), replace=True)
+        expected_other = ask(mem_model, plain, ["doc"], prompt, max_new_tokens=6).text
+    with MemoryStore(tmp_path / "cached", cache_bytes=1 << 26) as store:
+        write(store, mem_model, "doc", DATA)
+        reads = []
+        segments = store.segments
+        monkeypatch.setattr(store, "segments", lambda doc_id: reads.append(doc_id) or segments(doc_id))
+        assert ask(mem_model, store, ["doc"], prompt, max_new_tokens=6).text == expected and reads == ["doc"]
+        assert ask(mem_model, store, ["doc"], prompt, max_new_tokens=6).text == expected and reads == ["doc"]
+        write(store, mem_model, "doc", other.encode(), replace=True)  # another version: the cached one is stale
+        reads.clear()
+        assert ask(mem_model, store, ["doc"], prompt, max_new_tokens=6).text == expected_other and reads == ["doc"]
+        size = store._cache.held
+        assert 0 < size <= 1 << 26
+    with MemoryStore(tmp_path / "cached", cache_bytes=size) as store:  # room for one of the two documents
+        write(store, mem_model, "second", other.encode())  # as large as "doc"
+        reads = []
+        segments = store.segments
+        monkeypatch.setattr(store, "segments", lambda doc_id: reads.append(doc_id) or segments(doc_id))
+        for doc_id in ("doc", "doc", "second", "doc"):
+            ask(mem_model, store, [doc_id], prompt, max_new_tokens=1)
+        assert reads == ["doc", "second", "doc"]  # "second" evicted "doc", least recently used
+        assert store._cache.held <= size
+    with pytest.raises(ValueError, match="cache_bytes must be an integer >= 0"):
+        MemoryStore(tmp_path / "x", cache_bytes=-1)
+
+
 def test_reads_go_on_while_the_map_grows(tmp_path, tokenizer):
     import threading
 
@@ -400,9 +433,9 @@ def test_memory_loads_the_same_in_one_add_or_many(store, tokenizer):
     mem_model = memory_model(tokenizer, memory_capacity=1000)  # FIFO evicts during the load
     write(store, mem_model, "doc", DATA)
     loaded = []
-    for batch_bytes in (1, 1 << 30):  # a flush after every segment, or one add per layer
+    for chunk_bytes in (1, 1 << 30):  # an add after every segment, or one add per layer
         with mem_model.session() as session:
-            assert _load_segments(session.state, store, "doc", batch_bytes=batch_bytes) == store.document("doc").entries
+            assert _load_segments(session.state, store, "doc", chunk_bytes=chunk_bytes) == store.document("doc").entries
             index = session.state.knn.indexes[1]
             loaded.append((index.entries(), index.total_added.tolist(), index._keys.data[:, :, :1000].clone()))
     (entries_a, total_a, slots_a), (entries_b, total_b, slots_b) = loaded

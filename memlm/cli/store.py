@@ -43,6 +43,8 @@ def add_commands(commands) -> None:
         add_model_options(command)
     serve.add_argument("--map-size", type=int, default=1 << 30, help="initial LMDB map size in bytes; it doubles "
                        "when full (default 1 GiB)")
+    serve.add_argument("--cache-bytes", type=int, default=256 << 20, help="decoded memory of recently asked documents "
+                       "kept in RAM, least recently used out first (default 256 MiB; 0 = none)")
     docs = commands.add_parser("docs", help="list a store's documents")
     docs.add_argument("--store", required=True, help="the store's directory")
     docs.add_argument("--check", action="store_true", help="verify every document's segments and hashes")
@@ -124,7 +126,7 @@ def serve_command(args: argparse.Namespace) -> int:
         raise SystemExit(f"memlm serve: refusing to listen on {args.host} without a token; set MEMLM_API_TOKEN or "
                          "--token-file, or listen on 127.0.0.1")
     limits = Limits(args.max_document_bytes, args.max_prompt_chars, args.max_new_tokens)
-    store = MemoryStore(args.store, map_size=args.map_size)
+    store = MemoryStore(args.store, map_size=args.map_size, cache_bytes=args.cache_bytes)
     try:
         app = create_app(store, load_store_model(args.model, **model_options(args)), token=token, limits=limits)
         uvicorn.run(app, host=args.host, port=args.port, log_level="info")

@@ -30,9 +30,13 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi import Path as PathParam
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.routing import Match
 from transformers import GenerationConfig
 
 from memlm.config import check_integer
@@ -61,11 +65,54 @@ class Limits:
             check_integer(name, getattr(self, name), 1)
 
 
+class ErrorBody(BaseModel):
+    """Every error's body: ``detail`` says what was wrong (FastAPI's list of field errors for a request that does not
+    fit the schema); ``offset``: the byte offset of the first invalid UTF-8 byte (400)."""
+
+    detail: str | list[dict]
+    offset: int | None = None
+
+
+ERRORS = {400: "invalid UTF-8", 401: "missing or wrong bearer token", 404: "no such document",
+          409: "conflicts with the stored state (offset, content, status, another upload)", 413: "too large",
+          415: "wrong Content-Type", 422: "invalid request", 500: "the server failed (details in its log)"}
+
+
+def errors(*statuses: int) -> dict:
+    """The ``responses`` of a route: these error statuses (and 401 and 500, which every route may answer)."""
+    return {status: {"model": ErrorBody, "description": ERRORS[status]}
+            for status in sorted({*statuses, 401, 500})}
+
+
+class Retrieved(BaseModel):
+    document: str
+    token_offset: int
+    score: float
+
+
+class AnswerBody(BaseModel):
+    """The answer of ``POST /v1/query`` (without ``stream``; with it, server-sent events and this as ``done``)."""
+
+    text: str
+    tokens: int
+    retrieved: list[Retrieved]
+
+
+ANSWER = {200: {"description": "the answer: JSON, or server-sent events with `stream`", "content": {
+    "application/json": {"schema": AnswerBody.model_json_schema()},
+    "text/event-stream": {"schema": {  # one server-sent event
+        "type": "object", "required": ["data"], "description": "message events (data: {\"text\": piece}), then one "
+        "done event (data: the JSON answer) or error event (data: {\"detail\": ...})",
+        "properties": {"event": {"enum": ["message", "done", "error"]}, "data": {"type": "string"}}}}}}}
+
+
 class QueryRequest(BaseModel):
     """The body of ``POST /v1/query``."""
 
     model_config = ConfigDict(extra="forbid")
-    documents: list[str] = Field(min_length=1, description="ids of complete documents to answer over")
+    documents: list[Annotated[str, Field(pattern=f"^{DOC_ID.pattern}$")]] = Field(
+        min_length=1, description="ids of complete documents to answer over, each once",
+        json_schema_extra={"uniqueItems": True})
     prompt: str = Field(min_length=1)
     max_new_tokens: int | None = Field(None, ge=1, description="default: 64, or the server's maximum if lower")
     temperature: float = Field(0.0, ge=0.0, le=10.0, description="0: greedy decoding")
@@ -85,13 +132,21 @@ class ModelWorker:
     """One thread that runs every piece of model work, in the order it was asked for."""
 
     def __init__(self) -> None:
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memlm-model")
+        self._executor: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
 
     async def run(self, fn, *args, **kwargs):
-        return await asyncio.get_running_loop().run_in_executor(self._executor, partial(fn, *args, **kwargs))
+        with self._lock:  # started on first use, so an app whose lifespan runs again (test clients) works again
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memlm-model")
+            executor = self._executor
+        return await asyncio.get_running_loop().run_in_executor(executor, partial(fn, *args, **kwargs))
 
     def close(self) -> None:
-        self._executor.shutdown(wait=True)
+        with self._lock:
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=True)
 
 
 def create_app(store: MemoryStore, mem_model, *, token: str | None = None, limits: Limits | None = None) -> FastAPI:
@@ -119,8 +174,20 @@ def create_app(store: MemoryStore, mem_model, *, token: str | None = None, limit
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
 
-    @v1.put("/documents/{doc_id}", summary="Ingest a document (the body is its UTF-8 text, streamed)")
-    async def put_document(request: Request, doc_id: DocId, offset: Annotated[int, Query(ge=0)] = 0,
+    text_body = {"requestBody": {"required": False,  # an empty body is an empty document
+                                 "content": {"text/plain": {"schema": {"type": "string"}}}}}
+
+    # OpenAPI links: what a stored document's id leads to (stateful clients and fuzzers follow them)
+    by_id = {"doc_id": "$response.body#/id"}
+    links = {name: {"operationId": operation, "parameters": by_id}
+             for name, operation in (("status", "get_document"), ("delete", "delete_document"))}
+    links["query"] = {"operationId": "query", "requestBody": {"documents": ["$response.body#/id"], "prompt": "Hi"}}
+
+    @v1.put("/documents/{doc_id}", summary="Ingest a document (the body is its UTF-8 text, streamed)",
+            operation_id="put_document", responses={200: {"links": links}, **errors(400, 409, 413, 415, 422)},
+            openapi_extra=text_body)
+    async def put_document(request: Request, doc_id: DocId,
+                           offset: int = Query(0, ge=0, le=limits.max_document_bytes),
                            replace: bool = False) -> dict:
         _require_type(request, "text/plain", charset="utf-8", optional=True)
         length = request.headers.get("content-length")
@@ -147,24 +214,29 @@ def create_app(store: MemoryStore, mem_model, *, token: str | None = None, limit
                 await worker.run(writer.close)
             active.discard(doc_id)
 
-    @v1.get("/documents", summary="List the stored documents")
+    @v1.get("/documents", summary="List the stored documents", operation_id="list_documents", responses=errors())
     async def list_documents() -> dict:
         return {"documents": [document.to_dict() for document in await asyncio.to_thread(store.documents)]}
 
-    @v1.get("/documents/{doc_id}", summary="A document's status, tokens and committed byte offset")
+    @v1.get("/documents/{doc_id}", summary="A document's status, tokens and committed byte offset",
+            operation_id="get_document", responses=errors(404, 422))
     async def get_document(doc_id: DocId) -> dict:
         return {**(await asyncio.to_thread(store.document, doc_id)).to_dict(), "uploading": doc_id in active}
 
-    @v1.delete("/documents/{doc_id}", summary="Delete a document and its memory")
+    @v1.delete("/documents/{doc_id}", summary="Delete a document and its memory", operation_id="delete_document",
+               responses=errors(404, 409, 422))
     async def delete_document(doc_id: DocId) -> dict:
         if doc_id in active:
             raise HTTPException(409, f"document {doc_id!r} is being ingested; delete it when the upload ends")
         return (await worker.run(store.delete, doc_id)).to_dict()  # after the queries queued before it
 
-    schema = {"requestBody": {"required": True,
-                              "content": {"application/json": {"schema": QueryRequest.model_json_schema()}}}}
+    body_schema = QueryRequest.model_json_schema()  # with this server's limits, which it enforces
+    body_schema["properties"]["prompt"]["maxLength"] = limits.max_prompt_chars
+    body_schema["properties"]["max_new_tokens"]["anyOf"][0]["maximum"] = limits.max_new_tokens
+    schema = {"requestBody": {"required": True, "content": {"application/json": {"schema": body_schema}}}}
 
-    @v1.post("/query", summary="Ask over stored documents", openapi_extra=schema)
+    @v1.post("/query", summary="Ask over stored documents", operation_id="query", openapi_extra=schema,
+             responses={**ANSWER, **errors(404, 409, 413, 415, 422)})
     async def query(request: Request):
         _require_type(request, "application/json")
         length = request.headers.get("content-length")
@@ -172,7 +244,7 @@ def create_app(store: MemoryStore, mem_model, *, token: str | None = None, limit
             raise HTTPException(413, f"query body of {int(length):,} bytes is too large")
         try:
             body = QueryRequest.model_validate(json.loads(await request.body()))
-        except json.JSONDecodeError as error:
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise HTTPException(422, f"the body is not valid JSON: {error}") from None
         except ValidationError as error:
             raise HTTPException(422, error.errors(include_url=False, include_context=False)) from None
@@ -200,7 +272,7 @@ def create_app(store: MemoryStore, mem_model, *, token: str | None = None, limit
             return _answer_json(await run())
         return StreamingResponse(_events(run, mem_model.tokenizer), media_type="text/event-stream")
 
-    @app.get("/healthz", summary="Liveness: the service and its store are up")
+    @app.get("/healthz", summary="Liveness: the service and its store are up", operation_id="healthz")
     async def healthz() -> dict:
         return {"status": "ok", "version": __version__, "documents": len(await asyncio.to_thread(store.documents))}
 
@@ -208,8 +280,21 @@ def create_app(store: MemoryStore, mem_model, *, token: str | None = None, limit
     for error_type, status in ((DocumentNotFound, 404), (DocumentConflict, 409), (FingerprintMismatch, 409),
                                (InvalidText, 400), (DocumentTooLarge, 413)):
         app.add_exception_handler(error_type, partial(_error_response, status))
+    app.add_exception_handler(StarletteHTTPException, partial(_http_error, app))
     app.add_exception_handler(Exception, _server_error)
     return app
+
+
+async def _http_error(app: FastAPI, request: Request, error: StarletteHTTPException):
+    """FastAPI's answer, except that a 405 lists in ``Allow`` the methods of every route of the path (Starlette names
+    only those of the first route that matched it, and each method here is a route of its own)."""
+    if error.status_code != 405:
+        return await http_exception_handler(request, error)
+    methods = set()
+    for route in app.routes:
+        if isinstance(route, APIRoute) and route.matches(request.scope)[0] != Match.NONE:
+            methods |= route.methods
+    return JSONResponse({"detail": error.detail}, status_code=405, headers={"Allow": ", ".join(sorted(methods))})
 
 
 def _error_response(status: int, request: Request, error: Exception) -> JSONResponse:

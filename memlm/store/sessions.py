@@ -3,13 +3,12 @@
 One stored document continues exactly where its ingestion ended (memory entries, local context,
 RMT memory). Several: their memories are loaded into the index in the given order (each one's local
 context too, as the entries that would have entered memory next) and the local context starts empty.
-The store is used through its methods only (``bind``, ``segments``, ``state``, ``begin``, ``commit``,
+The store is used through its methods only (``bind``, ``memory``, ``state``, ``begin``, ``commit``,
 ``delete``), so this module does not import it.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
@@ -72,28 +71,15 @@ def load_documents(store, session, documents: list[Document]) -> None:
     state.local.local_start = first  # the loaded entries stand before the (empty) local context
 
 
-def load_segments(state, store, doc_id: str, batch_bytes: int = 64 << 20) -> int:
-    """Add a document's stored memory entries to the session's memory, ``batch_bytes`` at a time (few large
-    adds are faster than one per segment, and an index gives entries the same slots however they arrive);
-    returns the entry count."""
-    keys, values, held, entries = defaultdict(list), defaultdict(list), 0, 0
-
-    def flush():
-        for layer in keys:
-            state.add_memory(layer, torch.cat(keys[layer], dim=1)[None], torch.cat(values[layer], dim=1)[None])
-        keys.clear()
-        values.clear()
-
-    for segment in store.segments(doc_id):
-        for layer, (k, v) in segment.memory.items():
-            keys[layer].append(k)
-            values[layer].append(v)
-            held += k.nbytes + v.nbytes
-        entries += segment.entries
-        if held >= batch_bytes:
-            flush()
-            held = 0
-    flush()
+def load_segments(state, store, doc_id: str, chunk_bytes: int = 64 << 20) -> int:
+    """Add a document's stored memory entries to the session's memory, ``chunk_bytes`` at a time (few large adds
+    are faster than one per segment; an index gives entries the same slots however they arrive); returns the
+    entry count."""
+    entries = 0
+    for memory, count in store.memory(doc_id, chunk_bytes):
+        for layer, (keys, values) in memory.items():
+            state.add_memory(layer, keys[None], values[None])
+        entries += count
     return entries
 
 

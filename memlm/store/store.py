@@ -26,6 +26,7 @@ import os
 import threading
 import time
 import weakref
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -33,6 +34,8 @@ import lmdb
 import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
+
+from memlm.config import check_integer
 
 from .records import (
     SHADOW,
@@ -127,15 +130,20 @@ class MemoryStore:
         path: the store's directory.
         map_size: initial LMDB map size in bytes; it doubles whenever a write finds it full.
         create: make the store if ``path`` holds none (else FileNotFoundError).
+        cache_bytes: the memory of recently loaded documents kept decoded (least recently used out first), so
+            that asking over a document again reads only its metadata; 0 = no cache.
     """
 
-    def __init__(self, path: str | os.PathLike, map_size: int = 1 << 30, create: bool = True) -> None:
+    def __init__(self, path: str | os.PathLike, map_size: int = 1 << 30, create: bool = True,
+                 cache_bytes: int = 0) -> None:
+        check_integer("cache_bytes", cache_bytes, 0)
         self.path = Path(path)
         if not create and not (self.path / "data.mdb").is_file():
             raise FileNotFoundError(f"{self.path} is not a memlm store (no data.mdb)")
         self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._pid = os.getpid()
         self._bound = None  # weakref to the model whose fingerprint was checked
+        self._cache = _MemoryCache(cache_bytes)
         self._lock = _ResizeLock()  # transactions share it; set_mapsize (no transaction in flight) takes it alone
         self._env = lmdb.open(str(self.path), map_size=map_size, max_dbs=8, mode=0o600, readahead=False)
         self._db = {name: self._env.open_db(name.encode())
@@ -235,6 +243,38 @@ class MemoryStore:
         """All stored token ids of a document, [tokens] int64."""
         parts = [segment.ids for segment in self.segments(doc_id)]
         return torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
+
+    def memory(self, doc_id: str, chunk_bytes: int = 64 << 20) -> Iterator[tuple[dict[int, tuple], int]]:
+        """A document's stored memory entries, in order, as ``({layer: (keys, values)}, entries)`` chunks of about
+        ``chunk_bytes`` (keys, values [kv_heads, n, head_dim] concatenated over segments). From the cache when the
+        document, as it is stored now, was loaded before; else read from one snapshot (and cached if it fits)."""
+        document = self.document(doc_id)
+        cached = self._cache.get(document)
+        if cached is not None:
+            yield from cached
+            return
+        chunks, keys, values, held, entries, total = [], defaultdict(list), defaultdict(list), 0, 0, 0
+
+        def chunk():
+            return ({layer: (torch.cat(keys[layer], dim=1), torch.cat(values[layer], dim=1)) for layer in keys},
+                    entries)
+
+        for segment in self.segments(doc_id):
+            for layer, (k, v) in segment.memory.items():
+                keys[layer].append(k)
+                values[layer].append(v)
+                held += k.nbytes + v.nbytes
+            entries += segment.entries
+            if held >= chunk_bytes:
+                chunks.append(chunk())
+                yield chunks[-1]
+                total, held, entries = total + held, 0, 0
+                keys.clear()
+                values.clear()
+        if keys or not chunks:
+            chunks.append(chunk())
+            yield chunks[-1]
+        self._cache.put(document, chunks, total + held)
 
     def state(self, doc_id: str) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
         """The stream state at the document's last commit: tensors and counters (``StreamState.local_state``)."""
@@ -436,6 +476,40 @@ class MemoryStore:
                     break
                 keys.append(key)
         return keys
+
+
+class _MemoryCache:
+    """Decoded memory of recently loaded documents, at most ``capacity`` bytes, least recently used evicted first.
+    An entry is valid for the document exactly as stored when it was read (id, record key, segments, update time):
+    any commit, replacement or delete makes it a miss."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity, self.held = capacity, 0
+        self._entries: OrderedDict[str, tuple[tuple, list, int]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def version(document: Document) -> tuple:
+        return document.key, document.segments, document.updated
+
+    def get(self, document: Document) -> list | None:
+        with self._lock:
+            entry = self._entries.get(document.id)
+            if entry is None or entry[0] != self.version(document):
+                return None
+            self._entries.move_to_end(document.id)
+            return entry[1]
+
+    def put(self, document: Document, chunks: list, size: int) -> None:
+        with self._lock:
+            old = self._entries.pop(document.id, None)
+            self.held -= old[2] if old else 0
+            if size > self.capacity:
+                return
+            while self.held + size > self.capacity:
+                self.held -= self._entries.popitem(last=False)[1][2]
+            self._entries[document.id] = (self.version(document), chunks, size)
+            self.held += size
 
 
 class _ResizeLock:
