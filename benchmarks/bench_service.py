@@ -3,10 +3,13 @@
     python benchmarks/bench_service.py [--book ../shared/data/war_and_peace.txt] [--tokens 200000]
 
 1. The first ``--tokens`` tokens of the book ingested by ``memlm ingest`` (in process) and through
-   ``memlm serve`` with ``memlm.serve.client`` (streamed in 64 KB chunks): tokens/s and their ratio.
+   ``memlm serve`` with ``memlm.serve.client`` (streamed in 64 KB chunks), ``--repeat`` runs of each,
+   alternating: tokens/s (median, and the spread of the runs) and their ratio.
 2. The same text cut into ``--parts`` documents, uploaded by 1, 4 and 8 clients at once: total tokens/s.
 3. Query latency (``max_new_tokens`` 8 over one stored part) with the service idle and while two clients
    upload: p50 / p95 of ``--queries`` queries each.
+4. Query latency over the whole stored document: cold (``--cache-bytes 0``: every query reads and decodes the
+   document's memory from the store) and cached (the service's LRU cache of decoded memory).
 
 Every run uses the embedded model (memlm-tiny, float16 memory, exact torch index) and a fresh store.
 """
@@ -30,7 +33,7 @@ from memlm.cli import load_store_model
 from memlm.serve.client import Client, LocalServer
 from memlm.store import MemoryStore
 
-SECTIONS = ["ingest", "concurrent", "latency"]
+SECTIONS = ["ingest", "concurrent", "latency", "document"]
 PROMPT = " And what did Prince Andrew say? He said"
 
 
@@ -97,7 +100,8 @@ def main() -> None:
     parser.add_argument("--parts", type=int, default=8)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--queries", type=int, default=20)
-    parser.add_argument("--repeat", type=int, default=2, help="runs of each ingestion path (median reported)")
+    parser.add_argument("--repeat", type=int, default=4, help="runs of each ingestion path, alternating (median "
+                        "and spread reported)")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=SECTIONS,
                         help="what to measure (default: all)")
     parser.add_argument("--json", type=Path, help="write the measurements here")
@@ -127,13 +131,31 @@ def main() -> None:
                 http.append(time.perf_counter() - start)
         results["in_process_runs_s"], results["http_runs_s"] = in_process, http
         results["in_process_s"], results["http_s"] = statistics.median(in_process), statistics.median(http)
-        rows = [["in process (memlm ingest)", f"{tokens:,}", f"{results['in_process_s']:.1f}",
-                 f"{tokens / results['in_process_s']:,.0f}", "1.00"],
-                ["HTTP (memlm serve + client)", f"{tokens:,}", f"{results['http_s']:.1f}",
-                 f"{tokens / results['http_s']:,.0f}", f"{results['in_process_s'] / results['http_s']:.2f}"]]
-        table(f"Ingesting the first {tokens:,} tokens of {args.book.name} ({results['bytes']:,} bytes), median of "
-              f"{args.repeat} runs",
-              ["path", "tokens", "seconds", "tokens/s", "vs in process"], rows)
+
+        def row(name, runs, ratio):
+            speeds = [tokens / seconds for seconds in runs]
+            return [name, f"{tokens:,}", f"{statistics.median(runs):.1f}", f"{statistics.median(speeds):,.0f}",
+                    f"{min(speeds):,.0f} – {max(speeds):,.0f}", ratio]
+
+        rows = [row("in process (memlm ingest)", in_process, "1.00"),
+                row("HTTP (memlm serve + client)", http, f"{results['in_process_s'] / results['http_s']:.2f}")]
+        table(f"Ingesting the first {tokens:,} tokens of {args.book.name} ({results['bytes']:,} bytes), {args.repeat} "
+              "alternating runs of each",
+              ["path", "tokens", "median s", "median tokens/s", "runs' range", "vs in process"], rows)
+
+    if "document" in args.sections:
+        store = work / "document"
+        subprocess.run([sys.executable, "-m", "memlm.cli", "ingest", str(book), "--store", str(store), "--doc-id",
+                        "book"], capture_output=True, check=True)
+        rows = []
+        for label, cache in (("cold (no cache: store read + decode)", "0"), ("cached", str(256 << 20))):
+            with LocalServer(store, "--cache-bytes", cache) as server:
+                times = latencies(server.url, "book", args.queries + 1)[1:]  # the first fills the cache
+            results[f"document_query_{'cold' if cache == '0' else 'cached'}_s"] = times
+            rows.append([label, str(len(times)), f"{statistics.median(times) * 1000:,.0f}",
+                         f"{p95(times) * 1000:,.0f}"])
+        table(f"Query latency over the whole stored document ({tokens:,} tokens): {PROMPT!r}, 8 new tokens",
+              ["memory", "queries", "p50 ms", "p95 ms"], rows)
 
     parts = {f"part{i}": work / f"part{i}.txt" for i in range(args.parts)}
     for path, part in zip(parts.values(), split(text, args.parts), strict=True):
