@@ -88,13 +88,17 @@ def test_ingest_and_query_over_http(tmp_path, serve, tokenizer_tiny):
         assert store.documents() == [] and store.check() == []
 
 
-def test_kill_9_mid_upload_then_resume_stores_what_an_uninterrupted_upload_does(tmp_path, serve):
+def book_and_reference(tmp_path):
+    """BOOK as a file, its bytes, and what one uninterrupted in-process ingestion stores for it."""
     path = tmp_path / "book.txt"
     path.write_text(BOOK, encoding="utf-8")
-    data = path.read_bytes()
     with MemoryStore(tmp_path / "reference") as reference:
         ingest_file(reference, load_store_model(None), "book", path)
-        expected = stored(reference, "book")
+        return path, path.read_bytes(), stored(reference, "book")
+
+
+def test_kill_9_mid_upload_then_resume_stores_what_an_uninterrupted_upload_does(tmp_path, serve):
+    path, data, expected = book_and_reference(tmp_path)
     for point, fraction in enumerate((0.2, 0.5, 0.9)):
         store = tmp_path / f"store{point}"
         server = serve(store)
@@ -271,12 +275,7 @@ def test_client_reports_errors_and_the_server_refuses_public_addresses_without_a
 def test_an_upload_and_memlm_ingest_of_one_document_never_interleave(tmp_path, serve):
     """The server ingests part of a document; `memlm ingest` (another process) resumes and finishes it; the
     server's upload then gets a 409, and the store holds exactly one ingestion."""
-    path = tmp_path / "book.txt"
-    path.write_text(BOOK, encoding="utf-8")
-    data = path.read_bytes()
-    with MemoryStore(tmp_path / "reference") as reference:
-        ingest_file(reference, load_store_model(None), "book", path)
-        expected = stored(reference, "book")
+    path, data, expected = book_and_reference(tmp_path)
     server = serve(tmp_path / "store")
     release, response = threading.Event(), {}
 
