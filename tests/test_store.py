@@ -257,6 +257,22 @@ def test_segments_come_from_one_snapshot(store, tokenizer):
         next(store.segments("doc"))
 
 
+def test_reads_inside_a_snapshot_see_one_state_of_the_store(store, tokenizer):
+    import threading
+
+    mem_model = memory_model(tokenizer)
+    write(store, mem_model, "doc", TEXT[:600].encode())
+    with store.snapshot():
+        before = store.document("doc")
+        deleter = threading.Thread(target=store.delete, args=("doc",))  # another thread commits meanwhile
+        deleter.start()
+        deleter.join(30)
+        assert store.document("doc") == before and store.tokens("doc").numel() == before.tokens
+        with store.snapshot():  # nested: the same snapshot
+            assert "doc" in store
+    assert "doc" not in store
+
+
 def test_a_stored_corpus_may_change_index_capacity_and_the_single_layers_top_k(store, tokenizer, monkeypatch):
     import memlm.store.store as store_module
 

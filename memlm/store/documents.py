@@ -308,7 +308,7 @@ def ask(mem_model, store: MemoryStore, documents: list[str], prompt: str, *, max
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     if not ids:
         raise ValueError("the prompt has no tokens")
-    with mem_model.session(store=store, documents=documents) as session:
+    with store.snapshot(), mem_model.session(store=store, documents=documents) as session:  # one snapshot throughout
         if len(ids) > 1:
             session.feed(torch.tensor([ids[:-1]], device=mem_model.device))
         session.state.knn.retrievals = []  # record what the last prompt token and the new tokens retrieve

@@ -145,6 +145,7 @@ class MemoryStore:
         self._bound = None  # weakref to the model whose fingerprint was checked
         self._cache = _MemoryCache(cache_bytes)
         self._lock = _ResizeLock()  # transactions share it; set_mapsize (no transaction in flight) takes it alone
+        self._pinned = threading.local()  # a thread's snapshot() transaction
         self._env = lmdb.open(str(self.path), map_size=map_size, max_dbs=8, mode=0o600, readahead=False)
         self._db = {name: self._env.open_db(name.encode())
                     for name in ("meta", "documents", "segments", "checksums", "states")}
@@ -430,10 +431,29 @@ class MemoryStore:
                                "open the store again in this process")
 
     @contextlib.contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """Inside the block, every read of this thread sees one snapshot of the store (one LMDB read transaction),
+        whatever other threads or processes commit or delete meanwhile (``ask`` answers from one)."""
+        if getattr(self._pinned, "txn", None) is not None:  # already inside one
+            yield
+            return
+        with self._read() as txn:
+            self._pinned.txn = txn
+            try:
+                yield
+            finally:
+                self._pinned.txn = None
+
+    @contextlib.contextmanager
     def _read(self) -> Iterator:
-        """A read transaction: one snapshot of the store, whatever commits meanwhile (use as a context manager).
-        Concurrent readers and writers share the lock; only a map resize waits for them (and they for it)."""
+        """A read transaction: one snapshot of the store, whatever commits meanwhile (use as a context manager);
+        this thread's ``snapshot`` when it is inside one. Concurrent readers and writers share the lock; only a
+        map resize waits for them (and they for it)."""
         self._check_process()
+        pinned = getattr(self._pinned, "txn", None)
+        if pinned is not None:
+            yield pinned
+            return
         with self._lock.shared():
             txn = self._env.begin(buffers=False)
             try:
