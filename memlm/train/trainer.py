@@ -443,12 +443,12 @@ class Trainer:
         }
         torch.save(state, target / STATE_FILE)
         (target / "train_config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
-        _sync(target)
+        _fsync(*target.iterdir(), target)
         manifest = directory / (MANIFEST_FILE + ".tmp")
         manifest.write_text(json.dumps({"step": self.step, "checkpoint": target.name}) + "\n")
-        _sync(manifest)
+        _fsync(manifest)
         os.replace(manifest, directory / MANIFEST_FILE)  # the publication: one atomic rename
-        _sync(directory)
+        _fsync(directory)
         for old in directory.glob("step-*"):
             if old.name != target.name and old.is_dir():
                 shutil.rmtree(old)
@@ -490,11 +490,10 @@ def checkpoint_path(directory: str | Path) -> Path | None:
     return None
 
 
-def _sync(path: Path) -> None:
-    """fsync a file, or a directory (every file in it, then the directory entry), so a rename publishes data that
-    is on disk."""
-    for item in [*sorted(path.iterdir()), path] if path.is_dir() else [path]:
-        descriptor = os.open(item, os.O_RDONLY)
+def _fsync(*paths: Path) -> None:
+    """fsync files and directories (a directory: its entries), so a rename publishes data that is on disk."""
+    for path in paths:
+        descriptor = os.open(path, os.O_RDONLY)
         try:
             os.fsync(descriptor)
         finally:
