@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi import Path as PathParam
@@ -115,13 +115,14 @@ class QueryRequest(BaseModel):
         json_schema_extra={"uniqueItems": True})
     prompt: str = Field(min_length=1)
     max_new_tokens: int | None = Field(None, ge=1, description="default: 64, or the server's maximum if lower")
-    temperature: float = Field(0.0, ge=0.0, le=10.0, description="0: greedy decoding")
+    # 0 (greedy) or a temperature at which sampling stays finite (logits / 1e-300 overflow: found by fuzzing)
+    temperature: Annotated[float, Field(ge=0.01, le=10.0)] | Literal[0] = Field(0, description="0: greedy decoding")
     # the sampling and stopping fields of transformers' GenerationConfig, meaning what they mean there
     top_k: int | None = Field(None, ge=0, description="sample among the k most likely tokens (0: all)")
     top_p: float | None = Field(None, gt=0.0, le=1.0, description="nucleus sampling mass")
     min_p: float | None = Field(None, ge=0.0, le=1.0, description="drop tokens below min_p x the top probability")
     typical_p: float | None = Field(None, gt=0.0, le=1.0, description="locally typical sampling mass")
-    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0, description="> 1 discourages repeats")
+    repetition_penalty: float | None = Field(None, ge=0.01, le=10.0, description="> 1 discourages repeats")
     no_repeat_ngram_size: int | None = Field(None, ge=0, le=64, description="n-grams that may not repeat")
     stop_strings: list[Annotated[str, Field(min_length=1, max_length=256)]] | None = Field(
         None, min_length=1, max_length=16, description="stop when the answer ends with one of these")
@@ -261,9 +262,7 @@ def create_app(store: MemoryStore, mem_model, *, token: str | None = None, limit
             sampling = {k: v for k, v in generation.items() if k != "temperature"}  # as ``ask`` passes them
             GenerationConfig(do_sample=body.temperature > 0, temperature=body.temperature or 1.0, **sampling).validate()
             await asyncio.to_thread(stored_documents, store, body.documents)  # 404 / 409 now, not after the queue
-        except (DocumentNotFound, DocumentConflict):
-            raise
-        except ValueError as error:
+        except ValueError as error:  # (the store's 404 / 409 are no ValueErrors: their own handlers answer them)
             raise HTTPException(422, str(error)) from None
         if not mem_model.tokenizer(body.prompt, add_special_tokens=False)["input_ids"]:
             raise HTTPException(422, "the prompt has no tokens")
