@@ -4,7 +4,8 @@
     index.add(keys, values)             # [batch, heads, n, dim]
     result = index.search(queries, k)   # queries [batch, heads, q, dim] -> SearchResult
 
-Backends: ``"torch"`` (exact, on the tensors' device; the default everywhere), ``"faiss"`` with
+Backends: ``"torch"`` (exact, on the tensors' device; the default everywhere; ``search="two-stage"`` screens
+in bfloat16 first, the same answer faster, and ``"auto"`` picks it where the hardware has bfloat16), ``"faiss"`` with
 ``kind="flat"`` (exact, faiss' brute-force kNN) or ``kind="ivf"`` (approximate, ``nlist`` /
 ``nprobe`` / ``train_size`` / ``evict_block``). This package never imports the memlm runtime.
 """
@@ -39,15 +40,16 @@ def create_index(
     Args:
         backend: ``"torch"`` or ``"faiss"``.
         dim, capacity, batch_size, num_heads, device, dtype: see ``MemoryIndex``.
-        backend_kwargs: for ``"faiss"``: ``kind`` (``"flat"`` or ``"ivf"``) and, for IVF,
+        backend_kwargs: for ``"torch"``: ``search`` (``"auto"``, ``"exact"``, ``"two-stage"``, see
+            ``TorchIndex``); for ``"faiss"``: ``kind`` (``"flat"`` or ``"ivf"``) and, for IVF,
             ``nlist``, ``nprobe``, ``train_size``, ``evict_block`` (see ``FaissIVFIndex``).
     """
     common = {"dim": dim, "capacity": capacity, "batch_size": batch_size, "num_heads": num_heads,
               "device": device, "dtype": dtype}
     if backend == "torch":
-        if backend_kwargs:
-            raise ValueError(f"the 'torch' backend takes no extra arguments, got {sorted(backend_kwargs)}")
-        return TorchIndex(**common)
+        if set(backend_kwargs) - {"search"}:
+            raise ValueError(f"the 'torch' backend takes only 'search', got {sorted(backend_kwargs)}")
+        return TorchIndex(**common, **backend_kwargs)
     if backend == "faiss":
         kind = backend_kwargs.pop("kind", "flat")
         if kind not in FAISS_KINDS:

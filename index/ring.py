@@ -105,6 +105,11 @@ class RingIndex(MemoryIndex):
         for row, total in enumerate(self._total):
             self._keys.write(row, total + n - keep, keys[row])
             self._values.write(row, total + n - keep, values[row])
+            self._wrote_keys(row, total + n - keep, keys[row])
+
+    def _wrote_keys(self, row: int, first_id: int, keys: torch.Tensor) -> None:
+        """Called after keys [heads, m, dim] (in storage dtype) were written as ids first_id, ...; subclasses keep
+        what they derive from keys in step with the ring."""
 
     def _search(self, queries: torch.Tensor, k: int) -> SearchResult:
         sizes = self.size.tolist()

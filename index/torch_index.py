@@ -15,6 +15,12 @@ Searching 65K keys per head is dominated by two costs, and both are avoided here
   groups can rank above it.
 
 Works on any device torch supports, in float32, float16 and bfloat16 storage; scores are float32.
+
+``search="two-stage"`` screens the keys in bfloat16 first and re-scores only the entries that can still win
+(``two_stage.py``: same answer, with a margin argument for why); ``"auto"`` (the default) takes it where
+bfloat16 matmul runs in hardware (CUDA with bfloat16, CPUs with AVX512-BF16 or AMX) and the memory is large
+enough for the screen to pay (``two_stage_min_entries``). The screen costs ``2 * dim + 8`` bytes per entry (a
+bfloat16 copy of the key, its norm and rounding residual; ``8`` when keys are stored in bfloat16 already).
 """
 
 from __future__ import annotations
@@ -23,25 +29,127 @@ import math
 
 import torch
 
-from .ring import RingIndex
+from .ring import RingBuffer, RingIndex
+from .two_stage import key_bounds, two_stage_topk
 
 GROUP = 16
+SEARCHES = ("auto", "exact", "two-stage")
+
+
+def fast_bfloat16(device: torch.device) -> bool:
+    """Whether bfloat16 matmul runs in hardware on ``device`` (torch's own CPU capability queries)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return False
 
 
 class TorchIndex(RingIndex):
-    """Exact FIFO kNN memory on the tensors' own device (see the module docstring)."""
+    """Exact FIFO kNN memory on the tensors' own device (see the module docstring).
+
+    Args:
+        search: ``"exact"`` (float32 scores of every entry), ``"two-stage"`` (a bfloat16 screen, then float32
+            re-scores of the entries that can still win: the same answer) or ``"auto"`` (two-stage where
+            bfloat16 matmul runs in hardware).
+        other arguments: see ``MemoryIndex``.
+    """
 
     backend = "torch"
     slot_multiple = GROUP
     #: queries scored per block (BLAS is fastest with a few dozen), and the score buffer's upper bound
     search_block_queries = 64
     search_block_bytes = 256 * 2**20
+    #: two-stage: the smallest memory screened (below it one stage is as fast), slots per screened block, queries
+    #: per screened chunk, and the mean survivors per query (in units of k) beyond which it gives up (near ties)
+    two_stage_min_entries = 8192
+    two_stage_block_bytes = 16 * 2**20
+    two_stage_queries = 512
+    two_stage_candidate_limit = 16
 
-    def __init__(self, **kwargs) -> None:
+    def __init__(self, *, search: str = "auto", **kwargs) -> None:
         super().__init__(**kwargs)
+        if search not in SEARCHES:
+            raise ValueError(f"search must be one of {SEARCHES}, got {search!r}")
+        self.search_mode = search
+        self.two_stage = search == "two-stage" or (search == "auto" and fast_bfloat16(self.device))
+        self.last_search: str | None = None  # the route the last search took: "two-stage" or "exact"
         self._scores: torch.Tensor | None = None  # the search's score buffer, kept between searches
+        self._screen: RingBuffer | None = None  # bfloat16 keys (None: the keys are bfloat16 already)
+        self._bounds: RingBuffer | None = None  # per entry: key norm and bfloat16 rounding residual norm
+        if self.two_stage:
+            shape = (self.batch_size, self.num_heads, self.capacity)
+            common = {"device": self.device, "multiple": self.slot_multiple}
+            if self._keys.data.dtype != torch.bfloat16:
+                self._screen = RingBuffer(*shape, self.dim, dtype=torch.bfloat16, **common)
+            self._bounds = RingBuffer(*shape, 2, dtype=torch.float32, **common)
+
+    @property
+    def nbytes(self) -> int:
+        derived = sum(ring.nbytes for ring in (self._screen, self._bounds) if ring is not None)
+        return super().nbytes + derived
+
+    def _wrote_keys(self, row: int, first_id: int, keys: torch.Tensor) -> None:
+        if self._screen is not None:
+            self._screen.write(row, first_id, keys.to(torch.bfloat16))
+        if self._bounds is not None:
+            self._bounds.write(row, first_id, key_bounds(keys))
+
+    def _reset(self, rows: list[int]) -> None:
+        super()._reset(rows)
+        for ring in (self._screen, self._bounds):
+            if ring is not None:
+                for row in rows:
+                    ring.clear(row)
+
+    def _load_state(self, state: dict) -> None:
+        super()._load_state(state)
+        keys = self._keys.data  # the screen is derived: rebuilt from the restored keys
+        if self._screen is not None:
+            self._screen.data = keys.to(torch.bfloat16)
+        if self._bounds is not None:
+            self._bounds.data = key_bounds(keys)
 
     def _topk(self, queries: torch.Tensor, k: int, sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._screens(k, sizes):
+            found = self._two_stage_topk(queries, k, sizes)
+            if found is not None:
+                self.last_search = "two-stage"
+                return found
+        self.last_search = "exact"
+        return self._exact_topk(queries, k, sizes)
+
+    def _screens(self, k: int, sizes: list[int]) -> bool:
+        """Whether this search takes the two-stage route (see ``two_stage.py`` for when it would give up)."""
+        if not self.two_stage or min(sizes) < max(self.two_stage_min_entries, 4 * k * GROUP):
+            return False
+        # cuBLAS may reduce bfloat16 partial sums in bfloat16, which the screen's error bound does not cover
+        return self.device.type != "cuda" or not torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
+
+    def _two_stage_topk(self, queries: torch.Tensor, k: int, sizes: list[int]):
+        batch, heads, q, dim = queries.shape
+        rows = batch * heads
+        allocated = self._keys.data.shape[2]
+        keys = self._keys.data.view(rows, allocated, dim)
+        screen = keys if self._screen is None else self._screen.data.view(rows, allocated, dim)
+        bounds = self._bounds.data.view(rows, allocated, 2).amax(dim=1)  # [rows, 2]: dead slots hold zeros
+        live = torch.tensor(sizes, device=self.device).repeat_interleave(heads)
+        chunk = min(q, self.two_stage_queries)
+        block = self.two_stage_block_bytes // (2 * rows * chunk) // GROUP * GROUP
+        block = max(GROUP, min(block, 2048))
+        flat = queries.reshape(rows, q, dim)
+        scores, slots = [], []
+        for start in range(0, q, chunk):
+            found = two_stage_topk(screen, keys, bounds, flat[:, start : start + chunk], live, k,
+                                   slots=math.ceil(max(sizes) / GROUP) * GROUP, block=block,
+                                   candidate_limit=self.two_stage_candidate_limit * k)
+            if found is None:
+                return None
+            scores.append(found[0])
+            slots.append(found[1])
+        return torch.cat(scores, dim=1).view(batch, heads, q, k), torch.cat(slots, dim=1).view(batch, heads, q, k)
+
+    def _exact_topk(self, queries: torch.Tensor, k: int, sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         batch, heads, q, dim = queries.shape
         slots = math.ceil(max(sizes) / GROUP) * GROUP  # allocated storage is a multiple of GROUP
         keys = self._keys.data[:, :, :slots].float().reshape(batch * heads, slots, dim)  # no copy for float32

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 
 import numpy as np
@@ -328,7 +329,19 @@ def test_memory_is_close_to_the_raw_keys_and_values(name):
     keys = torch.randn(1, 2, 5000, 16)
     index.add(keys, keys)
     raw = 2 * index.size.item() * 2 * 16 * 4  # heads * entries * (key + value) * dim * float32
+    if getattr(index, "two_stage", False):  # the screen: a bfloat16 key, its norm and residual (2 * dim + 8 bytes)
+        raw += 2 * index.size.item() * (2 * 16 + 8)
     assert index.nbytes <= 1.1 * raw, (index.nbytes, raw)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_screen_costs_what_the_readme_says(dtype):
+    index = create_index("torch", search="two-stage", dim=64, capacity=4096, num_heads=2, dtype=dtype)
+    keys = torch.randn(1, 2, 4096, 64).to(dtype)
+    index.add(keys, keys)
+    stored = 2 * 4096 * 2 * 64 * keys.element_size()
+    screen = 2 * 4096 * ((0 if dtype == torch.bfloat16 else 2 * 64) + 8)
+    assert index.nbytes == stored + screen
 
 
 # --------------------------------------------------------------------------------------- bad input
@@ -387,7 +400,7 @@ def test_bad_input_is_refused_and_nothing_stored_is_lost(name):
         ({"dtype": torch.int8}, TypeError, "dtype must be one of"),
         ({"backend": "annoy"}, ValueError, "index backend must be one of \\('torch', 'faiss'\\), got 'annoy'"),
         ({"backend": "faiss", "kind": "hnsw"}, ValueError, "faiss kind must be one of"),
-        ({"backend": "torch", "nprobe": 3}, ValueError, "takes no extra arguments"),
+        ({"backend": "torch", "nprobe": 3}, ValueError, "takes only 'search'"),
         ({"backend": "faiss", "kind": "ivf", "nlist": 8, "nprobe": 9}, ValueError, "nprobe \\(9\\) cannot exceed"),
         ({"backend": "faiss", "kind": "ivf", "nlist": 8, "train_size": 4}, ValueError, "train_size must lie"),
     ],
@@ -403,3 +416,149 @@ def test_missing_faiss_names_the_extra_to_install(monkeypatch):
     with pytest.raises(ImportError, match=r"pip install 'memlm\[cpu\]'"):
         create_index("faiss", dim=8, capacity=16)
     assert isinstance(create_index("torch", dim=8, capacity=16), TorchIndex)  # the torch backend needs no faiss
+
+
+# ------------------------------------------------------------------------------------- two-stage search
+
+
+def two_stage_pair(capacity: int, batch: int = 2, heads: int = 2, dim: int = 32, dtype=torch.float32):
+    """An exact index and a two-stage one (screening every search) over the same entries."""
+    common = {"dim": dim, "capacity": capacity, "batch_size": batch, "num_heads": heads, "dtype": dtype}
+    exact = create_index("torch", search="exact", **common)
+    screened = create_index("torch", search="two-stage", **common)
+    screened.two_stage_min_entries = 0
+    return exact, screened
+
+
+def add_both(indexes, keys: torch.Tensor) -> None:
+    for index in indexes:
+        index.add(keys.to(index.dtype), keys.to(index.dtype))
+
+
+def assert_same_top_k(exact: SearchResult, screened: SearchResult, queries: torch.Tensor) -> None:
+    """The same k best scores, rank by rank, each the true score of the entry returned with it (so an entry may
+    differ only where two have the same score to float32 rounding: ties, which any order may break)."""
+    torch.testing.assert_close(screened.scores, exact.scores, rtol=1e-5, atol=1e-5)
+    assert torch.equal(exact.mask, screened.mask)
+    recomputed = torch.einsum("bhqkd,bhqd->bhqk", screened.keys.double(), queries.double()).float()
+    recomputed = recomputed.masked_fill(~screened.mask, -math.inf)
+    torch.testing.assert_close(screened.scores, recomputed, rtol=1e-5, atol=1e-5)
+    same = exact.ids == screened.ids
+    for field in ("keys", "values"):
+        assert torch.equal(getattr(exact, field)[same], getattr(screened, field)[same])
+
+
+def model_keys(n: int) -> torch.Tensor:
+    """Keys [1, kv_heads, n, head_dim] of memlm-tiny's layer 2 (its attention's key projection) over English
+    words in shuffled order: real keys, with the norms and correlations a trained model gives them."""
+    import memlm
+
+    mem_model, tokenizer = memlm.load_default()
+    words = ("It was a bright cold day in April, and the clocks were striking thirteen. The hallway smelt of boiled "
+             "cabbage and old rag mats. At one end of it a coloured poster, too large for indoor display, had been "
+             "tacked to the wall. It depicted simply an enormous face, more than a metre wide.").split()
+    order = np.random.default_rng(0)
+    text = " ".join(" ".join(order.permutation(words)) for _ in range(n // 20))
+    ids = tokenizer(text, return_tensors="pt").input_ids[:, :n]
+    assert ids.shape[1] == n
+    captured = []
+    attention = mem_model.model.model.layers[2].self_attn
+    handle = attention.k_proj.register_forward_hook(lambda module, args, out: captured.append(out.detach()))
+    try:
+        with torch.no_grad():
+            for start in range(0, n, 512):
+                mem_model.model(ids[:, start : start + 512])
+    finally:
+        handle.remove()
+        mem_model.detach()
+    keys = torch.cat(captured, dim=1)  # [1, n, kv_heads * head_dim]
+    return keys.view(1, n, -1, attention.head_dim).transpose(1, 2).contiguous()
+
+
+@pytest.mark.parametrize("kind", ["random", "clustered", "model"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_two_stage_search_returns_the_exact_top_k(kind, dtype):
+    generator = torch.Generator().manual_seed(11)
+    if kind == "model":
+        keys = model_keys(3072)
+        heads, dim = keys.shape[1], keys.shape[3]
+        exact, screened = two_stage_pair(2048, batch=1, heads=heads, dim=dim, dtype=dtype)
+        # A small trained model's keys bunch within the screen's margin (more than k * limit survive): the index
+        # would hand such searches to one stage; here the screen must rank them, and exactly.
+        screened.two_stage_candidate_limit = 10**6
+        queries = keys[:, :, torch.randperm(3072, generator=generator)[:96]] * 1.3
+    else:
+        exact, screened = two_stage_pair(2048, dtype=dtype)
+        if kind == "random":
+            keys = torch.randn(2, 2, 3000, 32, generator=generator)
+        else:
+            points, _ = clustered(2 * 2 * 3000, 32, 40, seed=12)
+            keys = points.view(2, 2, 3000, 32) * 4
+        queries = keys[:, :, torch.randperm(3000, generator=generator)[:96]] + 0.1 * torch.randn(
+            keys.shape[0], keys.shape[1], 96, keys.shape[3], generator=generator)
+    add_both((exact, screened), keys)  # 3,000 entries into a capacity of 2,048: the ring has wrapped
+    for k in (1, 8, 32):
+        found = screened.search(queries, k)
+        assert screened.last_search == "two-stage"
+        assert_same_top_k(exact.search(queries, k), found, queries)
+        assert not found.scores.isnan().any()
+
+
+def test_two_stage_stays_exact_through_eviction_resets_and_state_round_trips():
+    exact, screened = two_stage_pair(1500)
+    generator = torch.Generator().manual_seed(13)
+    queries = torch.randn(2, 2, 40, 32, generator=generator)
+    for step, n in enumerate([700, 900, 1400, 333, 2000, 64]):
+        add_both((exact, screened), torch.randn(2, 2, n, 32, generator=generator) * (1 + step))
+        if step == 3:  # row 1 starts again; it is screened only once it is large enough again
+            for index in (exact, screened):
+                index.reset(rows=[1])
+        assert_same_top_k(exact.search(queries, 6), screened.search(queries, 6), queries)
+    restored = create_index("torch", search="two-stage", dim=32, capacity=1500, batch_size=2, num_heads=2)
+    restored.two_stage_min_entries = 0
+    restored.load_state_dict(screened.state_dict())
+    assert restored.nbytes == screened.nbytes
+    assert_same_top_k(exact.search(queries, 6), restored.search(queries, 6), queries)
+    assert restored.last_search == "two-stage"
+    add_both((exact, restored), torch.randn(2, 2, 700, 32, generator=generator))  # and on after the restore
+    assert_same_top_k(exact.search(queries, 6), restored.search(queries, 6), queries)
+
+
+def test_two_stage_near_ties_are_ranked_exactly_or_handed_to_the_exact_search():
+    generator = torch.Generator().manual_seed(14)
+    base = torch.randn(32, generator=generator)
+    # Keys equal in bfloat16 but not in float32: the screen cannot tell them apart, the re-score must.
+    close = base + 1e-4 * torch.randn(1, 1, 4096, 32, generator=generator)
+    exact, screened = two_stage_pair(4096, batch=1, heads=1)
+    add_both((exact, screened), close)
+    queries = base.expand(1, 1, 8, 32) + 0.01 * torch.randn(1, 1, 8, 32, generator=generator)
+    assert_same_top_k(exact.search(queries, 8), screened.search(queries, 8), queries)
+    assert screened.last_search == "exact"  # every entry survives the screen: the one-stage search ranks them
+    # 64 near ties among random keys (fewer than the survivors allowed): screened, and still exact.
+    exact, screened = two_stage_pair(4096, batch=1, heads=1)
+    keys = torch.randn(1, 1, 4096, 32, generator=generator)
+    keys[:, :, ::64] = base + 1e-3 * torch.randn(1, 1, 64, 32, generator=generator)
+    add_both((exact, screened), keys)
+    assert_same_top_k(exact.search(queries, 8), screened.search(queries, 8), queries)
+    assert screened.last_search == "two-stage"
+
+
+def test_two_stage_keys_beyond_bfloat16_range_fall_back_without_nan():
+    exact, screened = two_stage_pair(2048, batch=1, heads=1, dim=4)
+    keys = torch.randn(1, 1, 2048, 4, generator=torch.Generator().manual_seed(15)) * 1e-3
+    keys[0, 0, 100, 0] = 3.395e38  # finite in float32, infinite in bfloat16
+    add_both((exact, screened), keys)
+    queries = torch.randn(1, 1, 5, 4, generator=torch.Generator().manual_seed(16)) * 1e-30
+    found = screened.search(queries, 4)
+    assert screened.last_search == "exact" and not found.scores.isnan().any()
+    assert_same_top_k(exact.search(queries, 4), found, queries)
+
+
+def test_search_mode_is_checked_and_auto_is_the_default():
+    with pytest.raises(ValueError, match="search must be one of"):
+        create_index("torch", dim=8, capacity=16, search="fast")
+    with pytest.raises(ValueError, match="takes only 'search'"):
+        create_index("torch", dim=8, capacity=16, nprobe=4)
+    assert create_index("torch", dim=8, capacity=16).search_mode == "auto"
+    exact = create_index("torch", dim=8, capacity=16, search="exact")
+    assert not exact.two_stage and exact.nbytes == 0  # nothing allocated before the first add

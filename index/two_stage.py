@@ -1,0 +1,151 @@
+"""Two-stage exact top-k: screen every key in bfloat16, re-score the few that can still win in float32.
+
+The exact search (``torch_index.py``) is bound by float32 matmul and by reading its score matrix back. Modern
+hardware multiplies bfloat16 several times faster (AMX / AVX512-BF16 on CPUs, tensor cores on GPUs), so:
+
+1. **Screen** (``screen``: the keys in bfloat16, kept beside the stored keys). Keys are scored against the
+   bfloat16 queries in blocks of ``block`` slots; a block's scores stay in one small reused buffer (it fits in
+   cache: no score matrix over the whole memory ever exists). Each block is reduced at once to the maxima of
+   strided groups of ``GROUP`` slots (an elementwise max of slices, the one reduction as fast as the matmul).
+2. **Threshold**: the ``k``-th largest group maximum ``theta`` of each query. The ``k`` groups above it hold
+   ``k`` distinct entries whose screened score is at least ``theta``.
+3. **Collect**: a second pass over the blocks keeps every entry whose screened score ``L`` is at least
+   ``theta - 2e``, where ``e`` bounds ``|L - R|`` for the float32 re-score ``R`` of any entry (below).
+4. **Re-score** the survivors in float32 from the stored keys; their top-k by ``R`` is the answer.
+
+Why it is exact (the margin argument). With ``|L - R| <= e`` for every entry, the ``k`` entries with
+``L >= theta`` have ``R >= theta - e``, so the ``k``-th largest ``R`` overall is at least ``theta - e``. An entry
+of the true top-k has ``R`` at least that, so its ``L >= R - e >= theta - 2e``: it survives step 3. The
+survivors hold the whole float32 top-k, which step 4 ranks by the same float32 products the one-stage search
+computes (up to float32 rounding of the sum order). The bound used is sharper than one ``e`` for all entries:
+
+The bound. Write ``q^``, ``k^`` for the bfloat16 roundings (unit roundoff ``u = 2**-8``). The product moves by
+``|q^.k^ - q.k| <= |q^| |k^ - k| + |q^ - q| |k|``; accumulating ``d`` products in float32 and the float32
+re-score each add at most ``γ_d |q| |k|`` (``γ_d = d 2**-24 / (1 - d 2**-24)``), so with the head's largest key
+norm ``K`` and largest rounding residual ``D = max |k^ - k|`` (both kept per slot), ``|ŝ - R| <= a`` with
+``a = |q^| D + |q^ - q| K + 3 γ_d |q| K`` for the float32 result ``ŝ`` of the screen's matmul. Rounding ``ŝ`` to
+bfloat16 adds ``u |ŝ| <= v |L|`` with ``v = u / (1 - u)``. So ``|L - R| <= a + v |L|``, and since ``x - v|x|`` and
+``x + v|x|`` increase with ``x``: the ``k`` entries above ``theta`` have ``R >= P = theta - a - v |theta|``, hence
+so does the whole true top-k, and each of its entries has ``L + a + v|L| >= P``, i.e. ``L >= threshold`` with
+``threshold = (P - a) / (1 + v)`` (``/ (1 - v)`` where ``P - a < 0``). Computed with a relative slack of 1e-3.
+This holds for float32 accumulation: oneDNN / AMX on CPUs, cuBLAS with
+``torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False`` (``TorchIndex`` checks it).
+
+When it gives up. The search returns ``None`` (the caller runs the one-stage search) when a bound or
+threshold is not finite (keys or queries beyond bfloat16's range) or when more than ``candidate_limit``
+entries per query survive on average (near ties wider than ``2e``: many keys of almost equal score).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+GROUP = 16  # slots per group of the screen's strided reduction; blocks are multiples of it
+UNIT_ROUNDOFF = 2.0**-8  # bfloat16: 8 significant bits
+
+
+def gamma(dim: int) -> float:
+    """``γ_d``: the relative error bound of a float32 sum of ``dim`` products."""
+    return dim * 2.0**-24 / (1 - dim * 2.0**-24)
+
+
+def key_bounds(keys: torch.Tensor) -> torch.Tensor:
+    """[..., dim] stored keys -> [..., 2] float32: each key's norm and the norm of its bfloat16 rounding residual."""
+    keys = keys.float()
+    return torch.stack((keys.norm(dim=-1), (keys.to(torch.bfloat16).float() - keys).norm(dim=-1)), dim=-1)
+
+
+def two_stage_topk(screen: torch.Tensor, keys: torch.Tensor, bounds: torch.Tensor, queries: torch.Tensor,
+                   sizes: torch.Tensor, k: int, *, slots: int, block: int, candidate_limit: int,
+                   ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The exact top-k by float32 inner product, or None where it cannot be certified cheaply.
+
+    screen:   [rows, allocated, dim] bfloat16 copy of the keys.
+    keys:     [rows, allocated, dim] the stored keys (float32, float16 or bfloat16).
+    bounds:   [rows, 2] the largest key norm ``K`` and rounding residual ``D`` of each row (``key_bounds``).
+    queries:  [rows, q, dim] float32.
+    sizes:    [rows] live slots per row (slots ``0 .. size-1``).
+    slots:    slots to scan (a multiple of ``GROUP``, at least every size).
+    block:    slots scored per block (a multiple of ``GROUP``).
+    candidate_limit: the mean survivors per query beyond which the search gives up.
+    Returns scores [rows, q, k] float32 and slots [rows, q, k] long, best first. None also where fewer than
+    ``k`` groups of some row hold a live entry (a nearly empty row: the one-stage search is cheap there).
+    """
+    rows, _, dim = screen.shape
+    q = queries.shape[1]
+    low = queries.to(torch.bfloat16)
+    low_t = low.transpose(1, 2).contiguous()  # [rows, dim, q]: keys @ queries^T streams the keys once per block
+    norm, residual = (bounds[:, i : i + 1] for i in range(2))  # [rows, 1] K, D
+    slack = 1 + 1e-3
+    a = slack * (low.float().norm(dim=-1) * residual + (low.float() - queries).norm(dim=-1) * norm
+                 + 3 * gamma(dim) * queries.norm(dim=-1) * norm)  # [rows, q]
+    v = slack * UNIT_ROUNDOFF / (1 - UNIT_ROUNDOFF)
+    scores = torch.empty(rows, block, q, dtype=torch.bfloat16, device=queries.device)
+    starts = range(0, slots, block)
+
+    def scored(start: int) -> torch.Tensor:
+        """Screened scores [rows, n, q] of slots start .. start+n-1; dead slots -inf."""
+        n = min(block, slots - start)
+        out = torch.bmm(screen[:, start : start + n], low_t, out=scores[:, :n])
+        dead = (start + torch.arange(n, device=out.device)).unsqueeze(0) >= sizes.unsqueeze(1)  # [rows, n]
+        if bool(dead.any()):
+            out.masked_fill_(dead.unsqueeze(-1), -math.inf)
+        return out
+
+    def group_max(out: torch.Tensor) -> torch.Tensor:
+        """[rows, n, q] -> [rows, n // GROUP, q]: group j of a block holds its slots j, j + n/GROUP, ..."""
+        return out.view(rows, GROUP, out.shape[1] // GROUP, q).amax(dim=1)
+
+    # Pass 1: group maxima of every block (kept for pass 2: 1/GROUP of the scores), then each query's k-th largest
+    # one. The maxima are reduced once more before ranking: any partition into disjoint groups gives a valid
+    # threshold, and coarser groups cost less to rank.
+    maxima = [group_max(scored(start)) for start in starts]
+    coarser = slots // GROUP**2 >= 4 * k  # enough coarse groups that the k-th largest is still a tight threshold
+    coarse = torch.cat([group_max(m) if coarser and m.shape[1] % GROUP == 0 else m for m in maxima], dim=1)
+    if coarse.shape[1] < k:
+        return None
+    theta = coarse.topk(k, dim=1).values[:, -1].float()  # [rows, q]
+    reach = theta - a - v * theta.abs() - a  # P - a
+    threshold = torch.where(reach >= 0, reach / (1 + v), reach / (1 - v)).unsqueeze(1)  # [rows, 1, q], float32
+    if not bool(torch.isfinite(threshold).all()):
+        return None  # a nearly empty row, or a bound or a screened score overflowed
+
+    # Pass 2: the survivors. Groups whose maximum clears the threshold are found on the kept maxima; only their
+    # GROUP members are compared (a gather of T x GROUP scores from the block, not a pass over it). A survivor is
+    # carried as its flat offset in the block's scores, (row * n + slot) * q + query, decoded once at the end.
+    flat_threshold = threshold.reshape(-1)  # [rows * q]
+    survivors, found = [], 0
+    for start, groups in zip(starts, maxima, strict=True):
+        out = scored(start)
+        n = out.shape[1]
+        width = n // GROUP
+        flagged = torch.nonzero((groups >= threshold).view(-1)).squeeze(1)  # (row * width + group) * q + query
+        row, query = flagged // (width * q), flagged % q
+        first = flagged + row * (n - width) * q  # member 0 of the group: (row * n + group) * q + query
+        members = first.unsqueeze(1) + torch.arange(GROUP, device=out.device) * (width * q)  # [T, GROUP]
+        alive = out.take(members) >= flat_threshold[row * q + query].unsqueeze(1)
+        offsets = members[alive]
+        survivors.append((start, n, offsets))
+        found += offsets.numel()
+        if found > candidate_limit * rows * q:
+            return None  # near ties: let the one-stage search rank them
+    row, slot, query = (torch.cat(parts) for parts in zip(*[
+        (offsets // (n * q), start + offsets // q % n, offsets % q) for start, n, offsets in survivors], strict=True))
+
+    # Re-score the survivors in float32, grouped by query, and rank each query's.
+    owner = row * q + query
+    order = torch.argsort(owner)
+    owner, slot = owner[order], slot[order]
+    counts = torch.bincount(owner, minlength=rows * q)
+    stored = keys.reshape(-1, dim).index_select(0, row[order] * keys.shape[1] + slot).float()
+    exact = torch.einsum("td,td->t", stored, queries.reshape(-1, dim).repeat_interleave(counts, dim=0))
+    rank = torch.arange(owner.numel(), device=owner.device) - (counts.cumsum(0) - counts)[owner]
+    width = int(counts.max())
+    padded = torch.full((rows * q, width), -math.inf, device=queries.device)
+    padded_slots = torch.full((rows * q, width), -1, dtype=torch.long, device=queries.device)
+    padded[owner, rank] = exact
+    padded_slots[owner, rank] = slot
+    best, at = padded.topk(k, dim=1)
+    return best.view(rows, q, k), padded_slots.gather(1, at).view(rows, q, k)
