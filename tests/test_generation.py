@@ -72,7 +72,7 @@ def test_multi_turn_is_one_stream(tiny_llama):
         first = session.generate(p, max_new_tokens=11, eos_token_id=[])
         second = session.generate(q, max_new_tokens=11, eos_token_id=[])
         assert session.tokens_seen == 100 + 9 + 11 + 7 + 10  # the last answer's last token waits for the next input
-        streamed = torch.cat(session.history, dim=1)
+        streamed = session.history.stream()[0]
     with mem_model.session() as session:
         session.feed(torch.cat((a, p, first), dim=1))
         assert torch.equal(session.generate(q, max_new_tokens=11, eos_token_id=[]), second)
@@ -136,7 +136,7 @@ def test_chat_messages_use_the_template_and_continue_the_conversation(tiny_llama
             rendered = tokenizer.apply_chat_template([{"role": "user", "content": "the river"}], tokenize=False,
                                                      add_generation_prompt=True)
             prompt_ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
-            assert torch.cat(session.history, dim=1)[0, : len(prompt_ids)].tolist() == prompt_ids
+            assert session.history.stream()[0][0, : len(prompt_ids)].tolist() == prompt_ids
             second = session.generate([{"role": "user", "content": "and the stone"}], max_new_tokens=5)
             assert isinstance(first, str) and isinstance(second, str)
             assert [m["role"] for m in session.conversation] == ["user", "assistant", "user", "assistant"]

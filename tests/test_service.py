@@ -295,6 +295,10 @@ def test_an_upload_and_memlm_ingest_of_one_document_never_interleave(tmp_path, s
         deadline = time.monotonic() + 60
         while committed_tokens(client, "book") < 4 * 64 and time.monotonic() < deadline:
             time.sleep(0.05)
+        # and until the server has ingested what it received: it then waits for the rest of the upload
+        seen = -1
+        while seen != (seen := committed_tokens(client, "book")) and time.monotonic() < deadline:
+            time.sleep(1.0)
     cli = subprocess.run([sys.executable, "-m", "memlm.cli", "ingest", str(path), "--store", str(tmp_path / "store"),
                           "--doc-id", "book"], capture_output=True, text=True, timeout=300)
     release.set()

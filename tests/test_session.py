@@ -257,3 +257,29 @@ def test_bad_session_input_is_refused_and_nothing_stored_is_lost(tiny_llama, tin
             session.generate(document(2, seed=15), max_new_tokens=7)
         assert session.tokens_seen == 250
         assert all(torch.equal(session.state.local.cache[layer][0], k) for layer, k in cache.items())
+
+
+def test_the_id_history_is_bounded_and_save_document_says_when_it_was(tiny_llama, tmp_path):
+    from memlm.store import MemoryStore
+
+    mem_model = attach(tiny_llama, MemoryConfig(**SMALL))
+    ids = document(350, seed=21)
+    with mem_model.session(history_tokens=100) as bounded, mem_model.session(history_tokens=None) as full:
+        for start in range(0, 350, 30):  # forwards of 30 ids: the oldest kept one is cut in the middle
+            bounded.feed(ids[:, start : start + 30])
+            full.feed(ids[:, start : start + 30])
+        assert bounded.stream_length == full.stream_length == 350
+        kept, mask = bounded.stream_ids()
+        assert mask is None and torch.equal(kept, ids[:, -100:])
+        assert bounded.history.kept == 100 and bounded.history.dropped == 250
+        # Greedy decoding without processors over past ids does not depend on them; a repetition penalty sees the
+        # kept ids only. The model state is the same either way.
+        assert torch.equal(bounded.generate(max_new_tokens=5), full.generate(max_new_tokens=5))
+        assert bounded.stream_length == full.stream_length == 355
+        store = MemoryStore(tmp_path / "store")
+        with pytest.raises(ValueError, match="kept only its last 100 token ids"):
+            bounded.save_document(store, "doc")
+        assert store.documents() == []  # nothing was written
+        assert full.save_document(store, "doc").tokens == 355
+    with pytest.raises(ValueError, match="history_tokens"):
+        mem_model.session(history_tokens=0)

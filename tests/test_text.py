@@ -168,7 +168,7 @@ def memory_model(tokenizer):
 
 
 def fed_ids(session) -> list[int]:
-    return torch.cat(session.history, dim=1)[0].tolist()
+    return session.history.stream()[0][0].tolist()
 
 
 @pytest.mark.parametrize("kind", KINDS)

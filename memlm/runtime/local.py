@@ -12,7 +12,10 @@ document's first ``sink_tokens`` tokens, when they leave the XL cache, stay in f
 instead of entering memory.
 
 Keys are kept unrotated; the position policy rotates them on use. Per layer the cache holds
-keys, values [batch, kv_heads, local, head_dim] on the layer's device.
+keys, values [batch, kv_heads, local, head_dim] on the layer's device: views of a *room* allocated once per layer
+and reused by every segment (a forward writes its tokens in place; closing a segment moves the kept tokens to the
+front), so a stream allocates nothing per segment that outlives it. Where a graph runs through the cache
+(CrossBatch training), tensors are concatenated instead, as autograd needs.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ class LocalContext:
     def reset(self) -> None:
         # layer -> unrotated keys, values [batch, kv_heads, sinks + cache + read + open, head_dim]
         self.cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.rooms: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> preallocated keys, values
         self.pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # what the forward in flight computed
         self.new = (0, 0, 0)  # read, text, write tokens of the forward in flight
         self.local_start = 0  # document position of the first cached text token after the sinks
@@ -73,11 +77,7 @@ class LocalContext:
         """
         read, n, _ = self.new
         for layer, (k, v) in self.pending.items():
-            k, v = k[:, :, : read + n], v[:, :, : read + n]
-            if layer in self.cache:
-                cached_k, cached_v = self.cache[layer]
-                k, v = torch.cat((cached_k, k), dim=2), torch.cat((cached_v, v), dim=2)
-            self.cache[layer] = (k, v)
+            self.append(layer, k[:, :, : read + n], v[:, :, : read + n])
         self.pending, self.new = {}, (0, 0, 0)
         self.read_length += read
         self.open_length += n
@@ -97,18 +97,63 @@ class LocalContext:
         new_sinks = max(0, min(drop, self.sink_tokens - self.local_start))
         evicted = {}
         for layer, (k, v) in self.cache.items():
-            if end > start:
-                k, v = (torch.cat((t[:, :, :start], t[:, :, end:]), dim=2) for t in (k, v))
+            # the text entries in order (the read tokens left out), then which of them leave and which stay
+            every = torch.arange(k.shape[2], device=k.device)
+            text = torch.cat((every[:start], every[end:])) if end > start else every
             if drop > new_sinks:
-                evicted[layer] = (k[:, :, sinks + new_sinks : sinks + drop], v[:, :, sinks + new_sinks : sinks + drop])
-            kept_sinks = sinks + new_sinks
-            self.cache[layer] = tuple(torch.cat((t[:, :, :kept_sinks], t[:, :, sinks + drop :]), dim=2) if kept_sinks
-                                      else t[:, :, drop:] for t in (k, v))
+                leaving = text[sinks + new_sinks : sinks + drop]
+                evicted[layer] = (k.index_select(2, leaving), v.index_select(2, leaving))
+            staying = torch.cat((text[: sinks + new_sinks], text[sinks + drop :]))
+            self.store(layer, k.index_select(2, staying), v.index_select(2, staying))
         self.local_start += drop
         self.sink_length += new_sinks
         self.cache_length = kept - drop
         self.read_length = self.open_length = 0
         return evicted
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Add keys, values [batch, kv_heads, m, d] at the end of a layer's local context."""
+        cached = self.cache.get(layer)
+        if cached is None:
+            self.store(layer, k, v)
+            return
+        if self.in_graph(k, v, *cached):
+            self.cache[layer] = (torch.cat((cached[0], k), dim=2), torch.cat((cached[1], v), dim=2))
+            return
+        length = cached[0].shape[2]
+        room = self.room(layer, cached[0], length + k.shape[2])
+        for buffer, old, new in zip(room, cached, (k, v), strict=True):
+            if old.data_ptr() != buffer.data_ptr():  # restored or detached: not in the room yet
+                buffer[:, :, :length] = old
+            buffer[:, :, length : length + new.shape[2]] = new
+        self.cache[layer] = tuple(buffer[:, :, : length + k.shape[2]] for buffer in room)
+
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Make keys, values [batch, kv_heads, m, d] (tensors of their own, not views of the room) a layer's local
+        context."""
+        if self.in_graph(k, v):
+            self.cache[layer] = (k, v)
+            return
+        room = self.room(layer, k, k.shape[2])
+        for buffer, new in zip(room, (k, v), strict=True):
+            buffer[:, :, : new.shape[2]] = new
+        self.cache[layer] = tuple(buffer[:, :, : k.shape[2]] for buffer in room)
+
+    def room(self, layer: int, like: torch.Tensor, needed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's preallocated keys, values [batch, kv_heads, room, d] of ``like``'s kind, with room for
+        ``needed`` tokens (sinks + XL cache + a segment: made once; larger only for RMT read tokens)."""
+        room = self.rooms.get(layer)
+        size = max(needed, self.sink_tokens + self.xl_length + self.segment_length)
+        batch, heads, _, dim = like.shape
+        if room is None or room[0].shape[2] < needed or room[0].shape[:2] != (batch, heads) or \
+                room[0].shape[3] != dim or room[0].dtype != like.dtype or room[0].device != like.device:
+            room = tuple(like.new_empty(batch, heads, size, dim) for _ in range(2))
+            self.rooms[layer] = room
+        return room
+
+    @staticmethod
+    def in_graph(*tensors: torch.Tensor) -> bool:
+        return any(t.requires_grad for t in tensors)
 
     @property
     def read_slots(self) -> tuple[int, int]:
@@ -136,7 +181,8 @@ class LocalContext:
             raise RuntimeError("cannot save a stream in the middle of a forward")
         tensors = {}
         for layer, (keys, values) in self.cache.items():
-            tensors[f"cache.{layer}.keys"], tensors[f"cache.{layer}.values"] = keys, values
+            # copies: the cache is a view of the room, which the stream's next segment overwrites
+            tensors[f"cache.{layer}.keys"], tensors[f"cache.{layer}.values"] = keys.clone(), values.clone()
         return tensors, {name: getattr(self, name) for name in self.COUNTERS}
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], counters: dict[str, int],

@@ -28,7 +28,7 @@ from memlm.positions.rotary import find_rotary
 from memlm.version import __version__
 
 from .attention import register
-from .session import Session
+from .session import HISTORY_TOKENS, Session
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +133,8 @@ class MemoryModel:
     def dtype(self) -> torch.dtype:
         return self.model.dtype
 
-    def session(self, batch_size: int = 1, crossbatch=None, store=None, documents=None):
+    def session(self, batch_size: int = 1, crossbatch=None, store=None, documents=None,
+                history_tokens: int | None = HISTORY_TOKENS):
         """A new document session (a context manager): ``with mem_model.session() as s: ...``.
 
         ``crossbatch``: a ``memlm.CrossBatch`` for Focused-Transformer training (``crossbatch.py``): memory
@@ -143,9 +144,13 @@ class MemoryModel:
         document: the session continues exactly where its ingestion ended (memory, XL cache, RMT memory).
         Several: their memories are loaded into the index in the given order and the local context
         starts empty. The FIFO ``memory_capacity`` applies (see ``documents.py`` for large corpora).
+        ``history_tokens``: the token ids kept per row (generation's logits processors see them, e.g. a repetition
+        penalty; ``save_document`` needs all of a document's): the last 2**20 by default, so a stream of any length
+        holds at most 8 MiB of them; None keeps every one.
         """
         self.check_attached()
-        return Session(self, batch_size=batch_size, crossbatch=crossbatch, store=store, documents=documents)
+        return Session(self, batch_size=batch_size, crossbatch=crossbatch, store=store, documents=documents,
+                       history_tokens=history_tokens)
 
     def detach(self) -> PreTrainedModel:
         """Remove everything attach added and return the original model."""

@@ -22,11 +22,15 @@ from memlm.memory.rmt import RecurrentMemory
 
 from .generation import Conversation, decoding_pieces, next_tokens, streamer_callback
 from .generation import generation_config as generation_config_for
+from .history import IdHistory
 from .rows import RowStreams
 from .stream import StreamState
 from .text import TextStream
 
 IGNORE_INDEX = -100
+#: token ids a session keeps by default (generation's logits processors see them; save_document needs them all):
+#: 8 MiB per row at most, however long the stream
+HISTORY_TOKENS = 2**20
 
 
 @dataclass
@@ -49,8 +53,12 @@ class FeedResult:
 class Session:
     """Streams documents through ``mem_model``; see ``MemoryModel.session``."""
 
-    def __init__(self, mem_model, batch_size: int = 1, crossbatch=None, store=None, documents=None) -> None:
+    def __init__(self, mem_model, batch_size: int = 1, crossbatch=None, store=None, documents=None,
+                 history_tokens: int | None = HISTORY_TOKENS) -> None:
         check_integer("batch_size", batch_size, 1)
+        if history_tokens is not None:
+            check_integer("history_tokens", history_tokens, 1)
+        self.history_tokens = history_tokens
         self.mem_model = mem_model
         self.batch_size = batch_size
         self.crossbatch = crossbatch
@@ -106,8 +114,7 @@ class Session:
         if self.rmt is not None:
             self.rmt.reset()
         self._last_logits: torch.Tensor | None = None  # [batch, vocab] of the last token fed
-        self.history: list[torch.Tensor] = []  # ids [batch, n] of every forward (save_document, generation)
-        self.history_real: list[torch.Tensor | None] = []  # their real-token masks (None: no padding)
+        self.history = IdHistory(self.batch_size, self.history_tokens)  # the stream's last ids (generation, saving)
         self.text_streams: list[TextStream] | None = None  # the text being fed: one for every row, or one per row
         self.pending: torch.Tensor | None = None  # [batch, 1] the last generated token, fed with the next input
         self.chat: Conversation | None = None  # the chat so far, when generate was given messages
@@ -121,6 +128,10 @@ class Session:
         if not callable(getattr(store, "save", None)):
             raise TypeError(f"store must be a memlm.MemoryStore, got {type(store).__name__}")
         self.flush()  # the document ends here
+        if self.history.dropped:
+            raise ValueError(f"this session kept only its last {self.history_tokens:,} token ids (history_tokens) of "
+                             f"{self.stream_length:,}: open it with history_tokens=None to save a document this "
+                             "long, or ingest it with a memlm.store.DocumentWriter")
         return store.save(self, doc_id)
 
     @property
@@ -281,20 +292,18 @@ class Session:
     @property
     def stream_length(self) -> int:
         """Ids in the stream so far (fed, generated, and padding), per row."""
-        return sum(ids.shape[1] for ids in self.history) + (0 if self.pending is None else 1)
+        return self.history.total + (0 if self.pending is None else 1)
 
     def stream_ids(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The stream's ids [batch, n] (padding included) and its mask of real ids [batch, n] (None: all real)."""
+        """The stream's last ids [batch, n] (padding included; at most ``history_tokens`` and the token pending)
+        and their mask of real ids [batch, n] (None: all real)."""
         device = self.mem_model.device
-        parts = [*self.history, *([] if self.pending is None else [self.pending])]
-        if not parts:
-            return torch.empty(self.batch_size, 0, dtype=torch.long, device=device), None
-        ids = torch.cat([p.to(device) for p in parts], dim=1)
-        masks = [*self.history_real, *([] if self.pending is None else [None])]  # a generated token is real
-        if all(m is None for m in masks):
-            return ids, None
-        reals = [torch.ones_like(p, dtype=torch.bool) if m is None else m for p, m in zip(parts, masks, strict=True)]
-        return ids, torch.cat([r.to(device) for r in reals], dim=1).long()
+        ids, real = self.history.stream()
+        if self.pending is not None:  # a generated token: real
+            ids = torch.cat((ids.to(device), self.pending.to(device)), dim=1)
+            real = None if real is None else torch.cat((real.to(device), torch.ones_like(self.pending, dtype=torch.bool)
+                                                        .to(device)), dim=1)
+        return ids.to(device), None if real is None else real.to(device).long()
 
     # ------------------------------------------------------------------------------------ internals
 
@@ -395,8 +404,7 @@ class Session:
             state.abort()
             raise
         state.commit()
-        self.history.append(ids.detach())
-        self.history_real.append(None if real is None else real.detach())
+        self.history.append(ids.detach(), None if real is None else real.detach())
         if write:
             rmt.write(out.hidden_states[-1][:, -write:])
         logits = out.logits[:, read : read + n] if keep_all else out.logits[:, -1 - write : out.logits.shape[1] - write]

@@ -118,11 +118,17 @@ class DocumentWriter:
         self.session = mem_model.session()
         stored, before = [], b""  # the stored token ids (to check the skipped ones below) and the text's tail
         if self.document.segments:
-            store.restore(self.session, [doc_id], allow_incomplete=True)
-            for segment in store.segments(doc_id):
-                self.hash.update(segment.text)
-                stored += segment.ids.tolist()
-                before = (before + segment.text)[-4 * TextStream.CONTEXT :]
+            with store.snapshot():  # the record and its segments as one state, whatever another writer commits
+                current = store.document(doc_id)
+                if (current.segments, current.bytes) != (self.document.segments, self.document.bytes):
+                    self.close()
+                    raise DocumentConflict(f"document {doc_id!r} changed while this writer opened it (another writer "
+                                           f"committed up to byte {current.bytes}); resume from there")
+                store.restore(self.session, [doc_id], allow_incomplete=True)
+                for segment in store.segments(doc_id):
+                    self.hash.update(segment.text)
+                    stored += segment.ids.tolist()
+                    before = (before + segment.text)[-4 * TextStream.CONTEXT :]
         self.decoder = codecs.getincrementaldecoder("utf-8")()
         self.text = TextStream(self.tokenizer, document_start=offset == 0,
                                context=before.decode("utf-8", errors="ignore"), piece_length=PIECE, max_held=MAX_PIECE)

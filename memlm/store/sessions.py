@@ -101,7 +101,7 @@ def save_session(store, session, doc_id: str) -> Document:
                          "read itself (feed its text into a fresh session)")
     store.bind(session.mem_model)
     state = session.state
-    ids = torch.cat(session.history, dim=1)[0].cpu() if session.history else torch.empty(0, dtype=torch.long)
+    ids = session.history.stream()[0][0].cpu()
     memory, memory_start = {}, 0
     for layer in state.knn.indexes if state.memory is not None else ():
         keys, values, memory_start = state.knn.entries(layer)
