@@ -2,6 +2,7 @@
 
     python benchmarks/bench_index.py           # the full workload (a few minutes on 2 cores)
     python benchmarks/bench_index.py --quick   # smaller sizes, under a minute
+    python benchmarks/bench_index.py --text ../shared/data/war_and_peace.txt   # also: real model keys
 
 Workload (full): batch 1, 8 heads, dim 64, float32, capacity 65,536 per head, 512 queries per search
 (one segment), k = 32; IVF at capacity 1M with one head on clustered keys. Every figure is measured
@@ -88,14 +89,15 @@ def bench_segment_search(capacity: int, heads: int, dim: int, queries: int, repe
     raw = 2 * keys.numel() * 4  # keys + values, float32
     rows = [["bare faiss IndexFlatIP (keys only)", "-", f"{bare_time * 1e3:.0f}",
              f"{heads * queries / bare_time:,.0f}", "1.00", "1.000", f"{sum(f.ntotal for f in bare) * dim * 4:,}", "-"]]
-    backends = [("torch", {}), ("faiss", {"kind": "flat"}), ("faiss", {"kind": "ivf"})]
+    backends = [("torch", {"search": "exact"}), ("torch", {"search": "two-stage"}), ("faiss", {"kind": "flat"}),
+                ("faiss", {"kind": "ivf"})]
     for backend, kwargs in backends:
         index = create_index(backend, dim=dim, capacity=capacity, num_heads=heads, **kwargs)
         index.add(keys, keys)
         result = index.search(query, K)
         seconds = timed(lambda index=index: index.search(query, K), repeat)
         rate = add_rate(index, heads, dim)
-        name = backend + (f" {kwargs['kind']}" if kwargs else "") + (
+        name = backend + (f" {next(iter(kwargs.values()))}" if kwargs else "") + (
             f" (nlist {index.nlist}, nprobe {index.nprobe})" if kwargs.get("kind") == "ivf" else "")
         rows.append([name, f"{rate * heads:,.0f}", f"{seconds * 1e3:.0f}", f"{heads * queries / seconds:,.0f}",
                      f"{bare_time / seconds:.2f}", f"{same_neighbours(result.ids[0].numpy(), bare_ids):.3f}",
@@ -168,9 +170,118 @@ def bench_ivf(capacity: int, dim: int, queries: int, nprobes: list[int], repeat:
           rows)
 
 
+def same_scores(exact, found) -> float:
+    """Fraction of queries whose k best scores are exact's, rank by rank (to float32 rounding): recall where two
+    entries of one score may come in either order."""
+    close = torch.isclose(found.scores, exact.scores, rtol=1e-5, atol=1e-5) | (
+        torch.isinf(found.scores) & torch.isinf(exact.scores))
+    return float(close.all(dim=-1).float().mean())
+
+
+def recall(exact, found) -> float:
+    """recall@k: the fraction of exact's k best ids that ``found`` returns."""
+    return same_neighbours(found.ids.flatten(0, 1).numpy(), exact.ids.flatten(0, 1).numpy())
+
+
+@torch.no_grad()
+def model_keys(text_path: str, capacity: int, queries: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys memlm-tiny stores in its memory layer while reading ``text_path`` (capacity of them, [1, heads, n,
+    dim]) and the search queries [1, heads, q, dim] of the segments read after them, exactly as the layer searches."""
+    from memlm import load_default
+
+    mem_model, tokenizer = load_default(memory_capacity=capacity)
+    with open(text_path, encoding="utf-8") as file:
+        text = file.read()
+    segment = mem_model.config.segment_length
+    ids = tokenizer(text[: 8 * (capacity + 4 * queries)], return_tensors="pt").input_ids
+    assert ids.shape[1] > capacity + mem_model.config.xl_length + queries, "text too short for this capacity"
+    recorded = []
+    with mem_model.session() as session:
+        session.feed(ids[:, : capacity + mem_model.config.xl_length])  # the memory is full from here on
+        index = next(iter(session.state.knn.indexes.values()))
+        keys = index.entries(0)[0].unsqueeze(0)  # [1, heads, capacity, dim], stored as the layer stores them
+        search = index.search
+        index.search = lambda q, k: recorded.append(q.clone()) or search(q, k)  # record, then search as usual
+        start = capacity + mem_model.config.xl_length
+        while sum(q.shape[2] for q in recorded) < queries:
+            session.feed(ids[:, start : start + segment])
+            start += segment
+    mem_model.detach()
+    return keys.float(), torch.cat(recorded, dim=2)[:, :, :queries].float()
+
+
+def bench_two_stage(kinds: dict, repeat: int) -> None:
+    """Two-stage exact search against one stage, on keys of several kinds: speed, answers, route."""
+    rows = []
+    for name, (keys, query) in kinds.items():
+        heads, capacity, dim = keys.shape[1], keys.shape[2], keys.shape[3]
+        indexes = {}
+        for search in ("exact", "two-stage"):
+            index = indexes[search] = create_index("torch", dim=dim, capacity=capacity, num_heads=heads,
+                                                   search=search)
+            index.add(keys, keys)
+        exact = indexes["exact"].search(query, K)
+        found = indexes["two-stage"].search(query, K)
+        route = indexes["two-stage"].last_search
+        times = {search: timed(lambda index=index, query=query: index.search(query, K), repeat)
+                 for search, index in indexes.items()}
+        rows.append([name, f"{heads} x {capacity:,} x {dim}", query.shape[2], f"{times['exact'] * 1e3:.0f}",
+                     f"{times['two-stage'] * 1e3:.0f}", f"{times['exact'] / times['two-stage']:.2f}",
+                     f"{recall(exact, found):.3f}", f"{same_scores(exact, found):.3f}", route])
+    table(f"Two-stage exact search (bfloat16 screen, float32 re-score) against one stage, k {K}",
+          ["keys", "heads x entries x dim", "queries per head", "one stage ms", "two-stage ms", "speed-up",
+           "recall@32 (ids)", "queries with exact scores", "route taken"], rows)
+
+
+def bench_matmul_peak(capacity: int, heads: int, dim: int, queries: int, repeat: int) -> None:
+    """The screen's matmul against what this machine's matmul reaches: float32 and bfloat16."""
+    keys = random_entries(heads, capacity, dim, 7)[0]
+    query = random_entries(heads, queries, dim, 8)[0]
+    block = 2048
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        k, q_t = keys.to(dtype), query.to(dtype).transpose(1, 2).contiguous()
+        out = torch.empty(heads, block, queries, dtype=dtype)
+        blocked = timed(lambda k=k, q_t=q_t, out=out: [torch.bmm(k[:, s : s + block], q_t, out=out)
+                                                       for s in range(0, capacity, block)], repeat)
+        whole = timed(lambda k=k, q_t=q_t: torch.bmm(k, q_t), repeat)
+        square = torch.randn(4096, 4096).to(dtype)
+        peak = timed(lambda square=square: square @ square, repeat)
+        flops = 2 * heads * capacity * queries * dim
+        rows.append([str(dtype).removeprefix("torch."), f"{whole * 1e3:.0f}", f"{flops / whole / 1e9:.0f}",
+                     f"{blocked * 1e3:.0f}", f"{flops / blocked / 1e9:.0f}", f"{2 * 4096**3 / peak / 1e9:.0f}",
+                     f"{(2 * 4096**3 / peak) and (flops / blocked) / (2 * 4096**3 / peak):.2f}"])
+    table(f"The screen's matmul ({heads} heads x {capacity:,} keys x {queries} queries x {dim}) on this CPU "
+          f"({torch.get_num_threads()} threads)",
+          ["dtype", "whole score matrix ms", "GFLOP/s", f"blocks of {block} keys ms", "GFLOP/s",
+           "4096^3 matmul GFLOP/s (the peak reached)", "blocked / peak"], rows)
+
+
+def bench_ivf_model_keys(keys: torch.Tensor, query: torch.Tensor, nprobes: list[int], repeat: int) -> None:
+    """faiss IVF on real model keys: recall@32 and speed against the exact searches."""
+    heads, capacity, dim = keys.shape[1], keys.shape[2], keys.shape[3]
+    exact_index = create_index("torch", dim=dim, capacity=capacity, num_heads=heads, search="exact")
+    exact_index.add(keys, keys)
+    exact = exact_index.search(query, K)
+    exact_time = timed(lambda: exact_index.search(query, K), repeat)
+    ivf = create_index("faiss", kind="ivf", dim=dim, capacity=capacity, num_heads=heads)
+    ivf.add(keys, keys)
+    rows = []
+    for nprobe in nprobes:
+        for head in ivf._ivf[0]:
+            head.nprobe = nprobe
+        seconds = timed(lambda: ivf.search(query, K), repeat)
+        rows.append([f"faiss ivf, nlist {ivf.nlist}, nprobe {nprobe}", f"{seconds * 1e3:.0f}",
+                     f"{exact_time / seconds:.2f}", f"{recall(exact, ivf.search(query, K)):.3f}"])
+    table(f"faiss IVF on memlm-tiny's memory keys ({heads} heads x {capacity:,} x {dim}), {query.shape[2]} queries "
+          f"per head, k {K}; one-stage exact: {exact_time * 1e3:.0f} ms",
+          ["index", "search ms", "speed vs exact", "recall@32"], rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller sizes (for a first look)")
+    parser.add_argument("--text", help="a text file (e.g. war_and_peace.txt): also measure on memlm-tiny's keys")
     args = parser.parse_args()
     heads, dim, queries = 8, 64, 512
     if args.quick:
@@ -179,6 +290,16 @@ def main() -> None:
         capacity, repeat, scaling, ivf_capacity = 65536, 5, [8192, 65536, 524288], 1 << 20
     print(f"memlm.index benchmark, torch {torch.__version__}, faiss {faiss.__version__}")
     bench_segment_search(capacity, heads, dim, queries, repeat)
+    kinds = {"random": (random_entries(heads, capacity, dim, 7), random_entries(heads, queries, dim, 8))}
+    points = clustered_entries(heads * (capacity + queries), dim, clusters=4096, seed=11)
+    points = points.view(1, heads, capacity + queries, dim)
+    kinds["clustered (4096 centres)"] = (points[:, :, :capacity].contiguous(), points[:, :, capacity:].contiguous())
+    if args.text:
+        kinds["memlm-tiny memory layer, War and Peace"] = model_keys(args.text, capacity, queries)
+    bench_two_stage(kinds, repeat)
+    bench_matmul_peak(capacity, heads, dim, queries, repeat)
+    if args.text:
+        bench_ivf_model_keys(*kinds["memlm-tiny memory layer, War and Peace"], [1, 4, 16, 64], repeat)
     bench_dtypes(capacity, heads, dim, queries, repeat)
     bench_add_scaling(scaling, heads, dim)
     bench_ivf(ivf_capacity, dim, queries, [16, 32, 64, 128], repeat)

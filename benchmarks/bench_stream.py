@@ -100,6 +100,49 @@ def bench_vs_plain(n_tokens: int) -> None:
           f"segment 512", ["run", "tokens/s", "vs plain"], rows)
 
 
+PEER = ("lucidrains' memorizing-transformers-pytorch 0.4.1, kNN layers at two layers, HNSW index: 1,535 tokens/s, "
+        "0.40x its plain model (issue 25, measured 2026-12-03 on this machine class; not rerun here)")
+
+
+@torch.no_grad()
+def bench_memory_overhead(n_tokens: int) -> None:
+    """The Memorizing Transformers workload of issue 25: memory layers at two layers, 65,536 entries, top-k 32, XL
+    512, 512-token segments, a random Llama with 8 kv heads of 64. All runs advance together, one segment each in
+    turn."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=8192, hidden_size=512, intermediate_size=1152, num_hidden_layers=6,
+                                      num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=2048)
+    model = transformers.LlamaForCausalLM(config).eval()
+    parameters = sum(p.numel() for p in model.parameters())
+    ids = tokens(n_tokens, 8192)
+    memory = {"segment_length": 512, "xl_length": 512, "memory_layers": (2, 4), "top_k": 32,
+              "memory_capacity": 65536}
+    variants = [
+        ("memlm: xl 512", MemoryConfig(segment_length=512, xl_length=512, memory_layers=())),
+        ("memlm: xl 512 + kNN, exact one stage (float32)", MemoryConfig(**memory, index_kwargs={"search": "exact"})),
+        ("memlm: xl 512 + kNN, exact two-stage (bfloat16 screen)",
+         MemoryConfig(**memory, index_kwargs={"search": "two-stage"})),
+        ("memlm: xl 512 + kNN, faiss IVF (nlist 256, nprobe 16)",
+         MemoryConfig(**memory, index="faiss", index_kwargs={"kind": "ivf"})),
+    ]
+    seconds = dict.fromkeys(["plain"] + [name for name, _ in variants], 0.0)
+    with contextlib.ExitStack() as stack:
+        runs = {"plain": lambda segment: model(segment, logits_to_keep=1)}
+        for name, variant in variants:
+            runs[name] = stack.enter_context(attach(copy.deepcopy(model), variant).session()).feed
+        for start in range(0, n_tokens, 512):
+            for name, run in runs.items():
+                begin = time.perf_counter()
+                run(ids[:, start : start + 512])
+                seconds[name] += time.perf_counter() - begin
+    rows = [["plain 512-token forwards, no memory" if name == "plain" else name, f"{n_tokens / s:,.0f}",
+             f"{seconds['plain'] / s:.2f}"] for name, s in seconds.items()]
+    table(f"Streaming {n_tokens:,} random tokens through a random Llama ({parameters / 1e6:.1f}M parameters: 6 layers, "
+          f"hidden 512, 8 kv heads of 64), memory at layers 2 and 4 (65,536 entries, k 32), segment 512",
+          ["run", "tokens/s", "vs plain"], rows)
+    print(f"\nPeer, quoted: {PEER}")
+
+
 @torch.no_grad()
 def bench_scaling(checkpoints: list[int], window: int = 32) -> None:
     model = llama(layers=4, hidden=128, heads=4, vocab=32000, max_positions=2048)
@@ -234,7 +277,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller sizes (for a first look)")
     parser.add_argument("--previous", type=Path, help="a directory with another memlm installed, to compare with")
     parser.add_argument("--only-versions", action="store_true", help="with --previous: only that comparison")
-    parser.add_argument("--only", choices=("scaling",), help="only this table (in this process)")
+    parser.add_argument("--only", choices=("scaling", "overhead"), help="only this table (in this process)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--worker-tokens", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -244,6 +287,9 @@ def main() -> None:
     if args.only == "scaling":
         bench_scaling([16384, 65536] if args.quick else [65536, 262144, 1048576])
         return
+    if args.only == "overhead":
+        bench_memory_overhead(8192 if args.quick else 65536)
+        return
     if args.previous:
         bench_versions(args.previous, 16384 if args.quick else 65536)
         if args.only_versions:
@@ -252,10 +298,12 @@ def main() -> None:
     if args.quick:
         bench_rmt(16384, [0, 4, 16, 64])
         bench_vs_plain(8192)
+        bench_memory_overhead(8192)
         bench_vs_full([4096])
     else:
         bench_rmt(65536, [0, 4, 16, 64])
         bench_vs_plain(65536)
+        bench_memory_overhead(65536)
         bench_vs_full([8192, 16384])
     # resident memory is the point of the scaling table: a fresh process, which nothing above has grown
     sys.stdout.flush()

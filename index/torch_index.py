@@ -18,8 +18,10 @@ Works on any device torch supports, in float32, float16 and bfloat16 storage; sc
 
 ``search="two-stage"`` screens the keys in bfloat16 first and re-scores only the entries that can still win
 (``two_stage.py``: same answer, with a margin argument for why); ``"auto"`` (the default) takes it where
-bfloat16 matmul runs in hardware (CUDA with bfloat16, CPUs with AVX512-BF16 or AMX) and the memory is large
-enough for the screen to pay (``two_stage_min_entries``). The screen costs ``2 * dim + 8`` bytes per entry (a
+bfloat16 matmul runs in hardware (CUDA with bfloat16, CPUs with AVX512-BF16 or AMX) and the search is large
+enough for the screen to pay: at least ``two_stage_min_entries`` entries, heads of at least ``auto_min_dim`` and
+``auto_min_queries`` queries per head (below them its two passes cost more than one float32 stage, as measured by
+``benchmarks/bench_index.py``). The screen costs ``2 * dim + 8`` bytes per entry (a
 bfloat16 copy of the key, its norm and rounding residual; ``8`` when keys are stored in bfloat16 already).
 """
 
@@ -63,9 +65,11 @@ class TorchIndex(RingIndex):
     #: two-stage: the smallest memory screened (below it one stage is as fast), slots per screened block, queries
     #: per screened chunk, and the mean survivors per query (in units of k) beyond which it gives up (near ties)
     two_stage_min_entries = 8192
-    two_stage_block_bytes = 16 * 2**20
+    two_stage_block_bytes = 32 * 2**20
     two_stage_queries = 512
     two_stage_candidate_limit = 16
+    auto_min_dim = 64
+    auto_min_queries = 256
 
     def __init__(self, *, search: str = "auto", **kwargs) -> None:
         super().__init__(**kwargs)
@@ -111,7 +115,7 @@ class TorchIndex(RingIndex):
             self._bounds.data = key_bounds(keys)
 
     def _topk(self, queries: torch.Tensor, k: int, sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._screens(k, sizes):
+        if self._screens(k, sizes, queries.shape[2]):
             found = self._two_stage_topk(queries, k, sizes)
             if found is not None:
                 self.last_search = "two-stage"
@@ -119,9 +123,11 @@ class TorchIndex(RingIndex):
         self.last_search = "exact"
         return self._exact_topk(queries, k, sizes)
 
-    def _screens(self, k: int, sizes: list[int]) -> bool:
+    def _screens(self, k: int, sizes: list[int], queries: int) -> bool:
         """Whether this search takes the two-stage route (see ``two_stage.py`` for when it would give up)."""
         if not self.two_stage or min(sizes) < max(self.two_stage_min_entries, 4 * k * GROUP):
+            return False
+        if self.search_mode == "auto" and (self.dim < self.auto_min_dim or queries < self.auto_min_queries):
             return False
         # cuBLAS may reduce bfloat16 partial sums in bfloat16, which the screen's error bound does not cover
         return self.device.type != "cuda" or not torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction

@@ -80,3 +80,32 @@ def test_an_evicting_xl_cache_equals_transformers_with_a_cut_dynamic_cache(name,
     torch.testing.assert_close(session_logits(mem_model, ids), expected, atol=1e-4, rtol=0)
     # and fed in pieces that cut segments anywhere
     torch.testing.assert_close(session_logits(mem_model, ids, chunks=[5, 20, 1, 33, 28]), expected, atol=1e-4, rtol=0)
+
+
+def test_a_long_stream_reuses_one_room_per_layer_and_one_id_ring(tiny_llama):
+    """Nothing a stream keeps is allocated per segment: the XL cache is a view of a room made once per layer, the
+    token ids a ring; and the stream streamed through rooms gives transformers' own evicting cache's logits."""
+    config = MemoryConfig(segment_length=16, xl_length=24, memory_layers=(-1,), top_k=4, memory_capacity=64)
+    mem_model = attach(tiny_llama, config)
+    ids = document(16 * 12, seed=9)
+    with mem_model.session(history_tokens=40) as session:
+        session.feed(ids[:, :32])
+        rooms = {layer: (k.data_ptr(), v.data_ptr()) for layer, (k, v) in session.state.local.rooms.items()}
+        ring = session.history.ids.data_ptr()
+        for start in range(32, 192, 16):
+            session.feed(ids[:, start : start + 16])
+        local = session.state.local
+        assert {layer: (k.data_ptr(), v.data_ptr()) for layer, (k, v) in local.rooms.items()} == rooms
+        for layer, (k, v) in local.cache.items():  # the cache is the front of its room
+            assert k.data_ptr() == rooms[layer][0] and v.data_ptr() == rooms[layer][1] and k.shape[2] == 24
+        assert session.history.ids.data_ptr() == ring and session.history.ids.shape[1] == 40
+        assert torch.equal(session.stream_ids()[0], ids[:, -40:])
+    mem_model.detach()
+    plain = attach(tiny_llama, MemoryConfig(segment_length=16, xl_length=24, memory_layers=()))
+    with plain.session() as session:
+        session.feed(ids[:, :32])
+        reference = [session.feed(ids[:, start : start + 16], return_logits=True).logits
+                     for start in range(32, 192, 16)]
+    plain.detach()
+    expected = cut_cache_logits(tiny_llama, ids, segment=16, xl=24)[:, 32:]
+    torch.testing.assert_close(torch.cat(reference, dim=1), expected, atol=1e-5, rtol=0)
