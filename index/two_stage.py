@@ -84,13 +84,14 @@ def two_stage_topk(screen: torch.Tensor, keys: torch.Tensor, bounds: torch.Tenso
     v = slack * UNIT_ROUNDOFF / (1 - UNIT_ROUNDOFF)
     scores = torch.empty(rows, block, q, dtype=torch.bfloat16, device=queries.device)
     starts = range(0, slots, block)
+    all_live = int(sizes.min())  # slots below it are live in every row
 
     def scored(start: int) -> torch.Tensor:
         """Screened scores [rows, n, q] of slots start .. start+n-1; dead slots -inf."""
         n = min(block, slots - start)
         out = torch.bmm(screen[:, start : start + n], low_t, out=scores[:, :n])
-        dead = (start + torch.arange(n, device=out.device)).unsqueeze(0) >= sizes.unsqueeze(1)  # [rows, n]
-        if bool(dead.any()):
+        if start + n > all_live:
+            dead = (start + torch.arange(n, device=out.device)).unsqueeze(0) >= sizes.unsqueeze(1)  # [rows, n]
             out.masked_fill_(dead.unsqueeze(-1), -math.inf)
         return out
 
@@ -111,17 +112,20 @@ def two_stage_topk(screen: torch.Tensor, keys: torch.Tensor, bounds: torch.Tenso
     threshold = torch.where(reach >= 0, reach / (1 + v), reach / (1 - v)).unsqueeze(1)  # [rows, 1, q], float32
     if not bool(torch.isfinite(threshold).all()):
         return None  # a nearly empty row, or a bound or a screened score overflowed
+    flags = [groups >= threshold for groups in maxima]  # [rows, width, q]: groups that may hold a survivor
+    if sum(int(f.sum()) for f in flags) > candidate_limit * rows * q:
+        return None  # near ties: each flagged group holds a survivor at least; give up before the second pass
 
     # Pass 2: the survivors. Groups whose maximum clears the threshold are found on the kept maxima; only their
     # GROUP members are compared (a gather of T x GROUP scores from the block, not a pass over it). A survivor is
     # carried as its flat offset in the block's scores, (row * n + slot) * q + query, decoded once at the end.
     flat_threshold = threshold.reshape(-1)  # [rows * q]
     survivors, found = [], 0
-    for start, groups in zip(starts, maxima, strict=True):
+    for start, flag in zip(starts, flags, strict=True):
         out = scored(start)
         n = out.shape[1]
         width = n // GROUP
-        flagged = torch.nonzero((groups >= threshold).view(-1)).squeeze(1)  # (row * width + group) * q + query
+        flagged = torch.nonzero(flag.view(-1)).squeeze(1)  # (row * width + group) * q + query
         row, query = flagged // (width * q), flagged % q
         first = flagged + row * (n - width) * q  # member 0 of the group: (row * n + group) * q + query
         members = first.unsqueeze(1) + torch.arange(GROUP, device=out.device) * (width * q)  # [T, GROUP]
