@@ -138,18 +138,16 @@ def two_stage_topk(screen: torch.Tensor, keys: torch.Tensor, bounds: torch.Tenso
     row, slot, query = (torch.cat(parts) for parts in zip(*[
         (offsets // (n * q), start + offsets // q % n, offsets % q) for start, n, offsets in survivors], strict=True))
 
-    # Re-score the survivors in float32, grouped by query, and rank each query's.
+    # Re-score the survivors in float32, grouped by query, and keep each query's k best (every query has at least
+    # k survivors: the k entries above theta). Sorted, not padded: one query's near ties cost no memory for others.
     owner = row * q + query
     order = torch.argsort(owner)
     owner, slot = owner[order], slot[order]
     counts = torch.bincount(owner, minlength=rows * q)
     stored = keys.reshape(-1, dim).index_select(0, row[order] * keys.shape[1] + slot).float()
     exact = torch.einsum("td,td->t", stored, queries.reshape(-1, dim).repeat_interleave(counts, dim=0))
-    rank = torch.arange(owner.numel(), device=owner.device) - (counts.cumsum(0) - counts)[owner]
-    width = int(counts.max())
-    padded = torch.full((rows * q, width), -math.inf, device=queries.device)
-    padded_slots = torch.full((rows * q, width), -1, dtype=torch.long, device=queries.device)
-    padded[owner, rank] = exact
-    padded_slots[owner, rank] = slot
-    best, at = padded.topk(k, dim=1)
-    return best.view(rows, q, k), padded_slots.gather(1, at).view(rows, q, k)
+    order = torch.argsort(exact, descending=True, stable=True)
+    order = order[torch.argsort(owner[order], stable=True)]  # by query, best first within each
+    first = counts.cumsum(0) - counts  # [rows * q]: where each query's survivors start
+    pick = order[first.unsqueeze(1) + torch.arange(k, device=first.device)]  # [rows * q, k]
+    return exact[pick].view(rows, q, k), slot[pick].view(rows, q, k)
