@@ -3,6 +3,7 @@
     python benchmarks/bench_index.py           # the full workload (a few minutes on 2 cores)
     python benchmarks/bench_index.py --quick   # smaller sizes, under a minute
     python benchmarks/bench_index.py --text ../shared/data/war_and_peace.txt   # also: real model keys
+    python benchmarks/bench_index.py --device cuda   # on a GPU: the two-stage table there, faiss-gpu flat beside
 
 Workload (full): batch 1, 8 heads, dim 64, float32, capacity 65,536 per head, 512 queries per search
 (one segment), k = 32; IVF at capacity 1M with one head on clustered keys. Every figure is measured
@@ -37,12 +38,15 @@ def timed(fn, repeat: int) -> float:
 
 def alternating(calls: dict, repeat: int) -> dict:
     """Median seconds of each call, the calls taking turns ``repeat`` times after one warm-up round (so that the
-    drift of a shared machine hits them alike)."""
+    drift of a shared machine hits them alike); GPU work is waited for."""
     times = {name: [] for name in calls}
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
     for round_ in range(repeat + 1):
         for name, fn in calls.items():
+            sync()
             start = time.perf_counter()
             fn()
+            sync()
             if round_:
                 times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}
@@ -223,27 +227,35 @@ def model_keys(text_path: str, capacity: int, queries: int) -> tuple[torch.Tenso
     return keys.float(), torch.cat(recorded, dim=2)[:, :, :queries].float()
 
 
-def bench_two_stage(kinds: dict, repeat: int) -> None:
-    """Two-stage exact search against one stage, on keys of several kinds: speed, answers, route."""
+def bench_two_stage(kinds: dict, repeat: int, device: str = "cpu") -> None:
+    """Two-stage exact search against one stage, on keys of several kinds: speed, answers, route (on CUDA also
+    faiss-gpu's flat search, and the screen needs float32 accumulation: see ``index/two_stage.py``)."""
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
     rows = []
     for name, (keys, query) in kinds.items():
+        keys, query = keys.to(device), query.to(device)
         heads, capacity, dim = keys.shape[1], keys.shape[2], keys.shape[3]
         indexes = {}
-        for search in ("exact", "two-stage"):
-            index = indexes[search] = create_index("torch", dim=dim, capacity=capacity, num_heads=heads,
-                                                   search=search)
+        for search in ("exact", "two-stage", *(["faiss flat"] if cuda else [])):
+            backend = {"backend": "faiss", "kind": "flat"} if search == "faiss flat" else {"search": search}
+            index = indexes[search] = create_index(dim=dim, capacity=capacity, num_heads=heads, device=device,
+                                                   **backend)
             index.add(keys, keys)
         exact = indexes["exact"].search(query, K)
         found = indexes["two-stage"].search(query, K)
         route = indexes["two-stage"].last_search
         times = alternating({search: lambda index=index, query=query: index.search(query, K)
                              for search, index in indexes.items()}, repeat)
-        rows.append([name, f"{heads} x {capacity:,} x {dim}", query.shape[2], f"{times['exact'] * 1e3:.0f}",
-                     f"{times['two-stage'] * 1e3:.0f}", f"{times['exact'] / times['two-stage']:.2f}",
-                     f"{recall(exact, found):.3f}", f"{same_scores(exact, found):.3f}", route])
-    table(f"Two-stage exact search (bfloat16 screen, float32 re-score) against one stage, k {K}",
+        rows.append([name, f"{heads} x {capacity:,} x {dim}", query.shape[2], f"{times['exact'] * 1e3:.1f}",
+                     f"{times['two-stage'] * 1e3:.1f}", f"{times['exact'] / times['two-stage']:.2f}",
+                     f"{recall(exact, found):.3f}", f"{same_scores(exact, found):.3f}", route]
+                    + ([f"{times['faiss flat'] * 1e3:.1f}"] if cuda else []))
+    table(f"Two-stage exact search (bfloat16 screen, float32 re-score) against one stage, k {K}, on {device}",
           ["keys", "heads x entries x dim", "queries per head", "one stage ms", "two-stage ms", "speed-up",
-           "recall@32 (ids)", "queries with exact scores", "route taken"], rows)
+           "recall@32 (ids)", "queries with exact scores", "route taken"] + (["faiss-gpu flat ms"] if cuda else []),
+          rows)
 
 
 def bench_matmul_peak(capacity: int, heads: int, dim: int, queries: int, repeat: int) -> None:
@@ -295,6 +307,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller sizes (for a first look)")
     parser.add_argument("--text", help="a text file (e.g. war_and_peace.txt): also measure on memlm-tiny's keys")
+    parser.add_argument("--device", default="cpu", help="cuda: only the two-stage table, on the GPU")
     args = parser.parse_args()
     heads, dim, queries = 8, 64, 512
     if args.quick:
@@ -302,8 +315,11 @@ def main() -> None:
     else:
         capacity, repeat, scaling, ivf_capacity = 65536, 5, [8192, 65536, 524288], 1 << 20
     print(f"memlm.index benchmark, torch {torch.__version__}, faiss {faiss.__version__}")
-    bench_segment_search(capacity, heads, dim, queries, repeat)
-    kinds = {"random": (random_entries(heads, capacity, dim, 7), random_entries(heads, queries, dim, 8))}
+    if args.device == "cpu":
+        bench_segment_search(capacity, heads, dim, queries, repeat)
+    kinds = {f"random, {n:,} entries": (random_entries(heads, n, dim, 7), random_entries(heads, queries, dim, 8))
+             for n in (capacity // 4, capacity // 2)}  # where one stage is as fast (auto screens from 32,768)
+    kinds["random"] = (random_entries(heads, capacity, dim, 7), random_entries(heads, queries, dim, 8))
     points = clustered_entries(heads * (capacity + queries), dim, clusters=4096, seed=11)
     points = points.view(1, heads, capacity + queries, dim)
     kinds["clustered (4096 centres)"] = (points[:, :, :capacity].contiguous(), points[:, :, capacity:].contiguous())
@@ -312,7 +328,9 @@ def main() -> None:
                                                           large[:, :, ivf_capacity:].contiguous())
     if args.text:
         kinds["memlm-tiny memory layer, War and Peace"] = model_keys(args.text, capacity, queries)
-    bench_two_stage(kinds, 2 * repeat)
+    bench_two_stage(kinds, 2 * repeat, args.device)
+    if args.device != "cpu":
+        return
     bench_matmul_peak(capacity, heads, dim, queries, repeat)
     if args.text:
         bench_ivf_model_keys(*kinds["memlm-tiny memory layer, War and Peace"], [1, 4, 16, 64], repeat)

@@ -64,7 +64,7 @@ class TorchIndex(RingIndex):
     search_block_bytes = 256 * 2**20
     #: two-stage: the smallest memory screened (below it one stage is as fast), slots per screened block, queries
     #: per screened chunk, and the mean survivors per query (in units of k) beyond which it gives up (near ties)
-    two_stage_min_entries = 8192
+    two_stage_min_entries = 32768
     two_stage_block_bytes = 32 * 2**20
     two_stage_queries = 512
     two_stage_candidate_limit = 16
@@ -76,7 +76,9 @@ class TorchIndex(RingIndex):
         if search not in SEARCHES:
             raise ValueError(f"search must be one of {SEARCHES}, got {search!r}")
         self.search_mode = search
-        self.two_stage = search == "two-stage" or (search == "auto" and fast_bfloat16(self.device))
+        # auto never screens heads below auto_min_dim: they get no screen to keep either
+        self.two_stage = search == "two-stage" or (search == "auto" and self.dim >= self.auto_min_dim
+                                                   and fast_bfloat16(self.device))
         self.last_search: str | None = None  # the route the last search took: "two-stage" or "exact"
         self._scores: torch.Tensor | None = None  # the search's score buffer, kept between searches
         self._screen: RingBuffer | None = None  # bfloat16 keys (None: the keys are bfloat16 already)

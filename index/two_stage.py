@@ -57,6 +57,14 @@ def key_bounds(keys: torch.Tensor) -> torch.Tensor:
     return torch.stack((keys.norm(dim=-1), (keys.to(torch.bfloat16).float() - keys).norm(dim=-1)), dim=-1)
 
 
+def descending_key(scores: torch.Tensor) -> torch.Tensor:
+    """float32 [n] -> int64 [n] in [0, 2**32), smaller for larger scores (the IEEE bits made monotonic: negative
+    floats have their other bits flipped), so that one integer sort orders by (group, score descending)."""
+    bits = scores.contiguous().view(torch.int32).long()
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits) + 2**31  # increases with the score
+    return 2**32 - 1 - ordered
+
+
 def two_stage_topk(screen: torch.Tensor, keys: torch.Tensor, bounds: torch.Tensor, queries: torch.Tensor,
                    sizes: torch.Tensor, k: int, *, slots: int, block: int, candidate_limit: int,
                    ) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -103,8 +111,10 @@ def two_stage_topk(screen: torch.Tensor, keys: torch.Tensor, bounds: torch.Tenso
     # one. The maxima are reduced once more before ranking: any partition into disjoint groups gives a valid
     # threshold, and coarser groups cost less to rank.
     maxima = [group_max(scored(start)) for start in starts]
-    coarser = slots // GROUP**2 >= 4 * k  # enough coarse groups that the k-th largest is still a tight threshold
-    coarse = torch.cat([group_max(m) if coarser and m.shape[1] % GROUP == 0 else m for m in maxima], dim=1)
+    # the coarsest grouping that still leaves 4k groups (enough for the k-th largest to stay a tight threshold)
+    factor = next((f for f in (16, 8, 4, 2) if slots // (GROUP * f) >= 4 * k), 1)
+    coarse = torch.cat([m.view(rows, factor, -1, q).amax(dim=1) if m.shape[1] % factor == 0 else m for m in maxima],
+                       dim=1)
     if coarse.shape[1] < k:
         return None
     theta = coarse.topk(k, dim=1).values[:, -1].float()  # [rows, q]
@@ -146,8 +156,7 @@ def two_stage_topk(screen: torch.Tensor, keys: torch.Tensor, bounds: torch.Tenso
     counts = torch.bincount(owner, minlength=rows * q)
     stored = keys.reshape(-1, dim).index_select(0, row[order] * keys.shape[1] + slot).float()
     exact = torch.einsum("td,td->t", stored, queries.reshape(-1, dim).repeat_interleave(counts, dim=0))
-    order = torch.argsort(exact, descending=True, stable=True)
-    order = order[torch.argsort(owner[order], stable=True)]  # by query, best first within each
+    order = torch.argsort(owner * 2**32 + descending_key(exact))  # by query, best first within each
     first = counts.cumsum(0) - counts  # [rows * q]: where each query's survivors start
     pick = order[first.unsqueeze(1) + torch.arange(k, device=first.device)]  # [rows * q, k]
     return exact[pick].view(rows, q, k), slot[pick].view(rows, q, k)

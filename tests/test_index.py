@@ -567,14 +567,17 @@ def test_search_mode_is_checked_and_auto_is_the_default():
 def test_auto_screens_only_searches_large_enough_to_pay():
     from memlm.index.torch_index import fast_bfloat16
 
-    keys = torch.randn(1, 1, 8192, 64, generator=torch.Generator().manual_seed(17))
-    index = create_index("torch", dim=64, capacity=8192)
-    index.add(keys, keys)
+    keys = torch.randn(1, 1, 32768, 64, generator=torch.Generator().manual_seed(17))
+    index = create_index("torch", dim=64, capacity=32768)
+    index.add(keys[:, :, :32767], keys[:, :, :32767])
+    index.search(torch.randn(1, 1, 512, 64), 8)
+    assert index.last_search == "exact"  # too small a memory for the screen to pay
+    index.add(keys[:, :, -1:], keys[:, :, -1:])
     index.search(torch.randn(1, 1, 255, 64), 8)
     assert index.last_search == "exact"  # too few queries for the screen's two passes to pay
     index.search(torch.randn(1, 1, 256, 64), 8)
     assert index.last_search == ("two-stage" if fast_bfloat16(torch.device("cpu")) else "exact")
-    small = create_index("torch", dim=32, capacity=8192)
+    small = create_index("torch", dim=32, capacity=32768)
     small.add(keys[..., :32], keys[..., :32])
     small.search(torch.randn(1, 1, 512, 32), 8)
     assert small.last_search == "exact"  # heads below 64 dims: one float32 stage is faster
