@@ -506,6 +506,9 @@ def test_two_stage_search_returns_the_exact_top_k(kind, dtype):
 
 def test_two_stage_stays_exact_through_eviction_resets_and_state_round_trips():
     exact, screened = two_stage_pair(1500)
+    # small blocks (of 112 slots: some groups coarsened, some not, a short last block) and query chunks of 16
+    screened.two_stage_queries = 16
+    screened.two_stage_block_bytes = 112 * 2 * 4 * 16
     generator = torch.Generator().manual_seed(13)
     queries = torch.randn(2, 2, 40, 32, generator=generator)
     for step, n in enumerate([700, 900, 1400, 333, 2000, 64]):
@@ -514,6 +517,7 @@ def test_two_stage_stays_exact_through_eviction_resets_and_state_round_trips():
             for index in (exact, screened):
                 index.reset(rows=[1])
         assert_same_top_k(exact.search(queries, 6), screened.search(queries, 6), queries)
+    assert screened.last_search == "two-stage"
     restored = create_index("torch", search="two-stage", dim=32, capacity=1500, batch_size=2, num_heads=2)
     restored.two_stage_min_entries = 0
     restored.load_state_dict(screened.state_dict())
