@@ -136,7 +136,8 @@ def bench_memory_overhead(n_tokens: int, warmup: int) -> None:
          MemoryConfig(**memory, index="faiss", index_kwargs={"kind": "ivf"})),
     ]
     rows = interleaved(model, variants, ids, warmup)
-    table(f"Streaming {n_tokens:,} random tokens after {warmup:,} through a random Llama ({parameters / 1e6:.1f}M "
+    after = f" after {warmup:,} untimed" if warmup else ""
+    table(f"Streaming {n_tokens:,} random tokens{after} through a random Llama ({parameters / 1e6:.1f}M "
           f"parameters: 6 layers, hidden 512, 8 kv heads of 64), memory at layers 2 and 4 (65,536 entries, k 32), "
           "segment 512",
           ["run", "tokens/s", "vs plain"], rows)
