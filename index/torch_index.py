@@ -32,9 +32,8 @@ import math
 import torch
 
 from .ring import RingBuffer, RingIndex
-from .two_stage import key_bounds, two_stage_topk
+from .two_stage import GROUP, key_bounds, two_stage_topk
 
-GROUP = 16
 SEARCHES = ("auto", "exact", "two-stage")
 
 

@@ -42,7 +42,7 @@ import math
 
 import torch
 
-GROUP = 16  # slots per group of the screen's strided reduction; blocks are multiples of it
+GROUP = 16  # slots per strided group (the screen's reduction, and the one-stage grouped top-k of torch_index.py)
 UNIT_ROUNDOFF = 2.0**-8  # bfloat16: 8 significant bits
 
 
