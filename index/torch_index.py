@@ -95,10 +95,12 @@ class TorchIndex(RingIndex):
         return super().nbytes + derived
 
     def _wrote_keys(self, row: int, first_id: int, keys: torch.Tensor) -> None:
+        if not self.two_stage:
+            return
+        screen = keys.to(torch.bfloat16)  # keys themselves when stored in bfloat16
         if self._screen is not None:
-            self._screen.write(row, first_id, keys.to(torch.bfloat16))
-        if self._bounds is not None:
-            self._bounds.write(row, first_id, key_bounds(keys))
+            self._screen.write(row, first_id, screen)
+        self._bounds.write(row, first_id, key_bounds(keys, screen))
 
     def _reset(self, rows: list[int]) -> None:
         super()._reset(rows)
@@ -109,11 +111,13 @@ class TorchIndex(RingIndex):
 
     def _load_state(self, state: dict) -> None:
         super()._load_state(state)
+        if not self.two_stage:
+            return
         keys = self._keys.data  # the screen is derived: rebuilt from the restored keys
+        screen = keys.to(torch.bfloat16)
         if self._screen is not None:
-            self._screen.data = keys.to(torch.bfloat16)
-        if self._bounds is not None:
-            self._bounds.data = key_bounds(keys)
+            self._screen.data = screen
+        self._bounds.data = key_bounds(keys, screen)
 
     def _topk(self, queries: torch.Tensor, k: int, sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         if self._screens(k, sizes, queries.shape[2]):
@@ -145,16 +149,16 @@ class TorchIndex(RingIndex):
         block = self.two_stage_block_bytes // (2 * rows * chunk) // GROUP * GROUP
         block = max(GROUP, min(block, 2048))
         flat = queries.reshape(rows, q, dim)
-        scores, slots = [], []
+        scan = math.ceil(max(sizes) / GROUP) * GROUP
+        chunks = []
         for start in range(0, q, chunk):
-            found = two_stage_topk(screen, keys, bounds, flat[:, start : start + chunk], live, k,
-                                   slots=math.ceil(max(sizes) / GROUP) * GROUP, block=block,
-                                   candidate_limit=self.two_stage_candidate_limit * k)
+            found = two_stage_topk(screen, keys, bounds, flat[:, start : start + chunk], live, k, slots=scan,
+                                   block=block, candidate_limit=self.two_stage_candidate_limit * k)
             if found is None:
                 return None
-            scores.append(found[0])
-            slots.append(found[1])
-        return torch.cat(scores, dim=1).view(batch, heads, q, k), torch.cat(slots, dim=1).view(batch, heads, q, k)
+            chunks.append(found)
+        scores, slots = (torch.cat(parts, dim=1).view(batch, heads, q, k) for parts in zip(*chunks, strict=True))
+        return scores, slots
 
     def _exact_topk(self, queries: torch.Tensor, k: int, sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         batch, heads, q, dim = queries.shape

@@ -51,10 +51,11 @@ def gamma(dim: int) -> float:
     return dim * 2.0**-24 / (1 - dim * 2.0**-24)
 
 
-def key_bounds(keys: torch.Tensor) -> torch.Tensor:
-    """[..., dim] stored keys -> [..., 2] float32: each key's norm and the norm of its bfloat16 rounding residual."""
+def key_bounds(keys: torch.Tensor, screen: torch.Tensor) -> torch.Tensor:
+    """Stored keys and their bfloat16 copy [..., dim] -> [..., 2] float32: each key's norm and the norm of its
+    rounding residual."""
     keys = keys.float()
-    return torch.stack((keys.norm(dim=-1), (keys.to(torch.bfloat16).float() - keys).norm(dim=-1)), dim=-1)
+    return torch.stack((keys.norm(dim=-1), (screen.float() - keys).norm(dim=-1)), dim=-1)
 
 
 def descending_key(scores: torch.Tensor) -> torch.Tensor:
@@ -85,9 +86,10 @@ def two_stage_topk(screen: torch.Tensor, keys: torch.Tensor, bounds: torch.Tenso
     q = queries.shape[1]
     low = queries.to(torch.bfloat16)
     low_t = low.transpose(1, 2).contiguous()  # [rows, dim, q]: keys @ queries^T streams the keys once per block
+    rounded = low.float()
     norm, residual = (bounds[:, i : i + 1] for i in range(2))  # [rows, 1] K, D
     slack = 1 + 1e-3
-    a = slack * (low.float().norm(dim=-1) * residual + (low.float() - queries).norm(dim=-1) * norm
+    a = slack * (rounded.norm(dim=-1) * residual + (rounded - queries).norm(dim=-1) * norm
                  + 3 * gamma(dim) * queries.norm(dim=-1) * norm)  # [rows, q]
     v = slack * UNIT_ROUNDOFF / (1 - UNIT_ROUNDOFF)
     scores = torch.empty(rows, block, q, dtype=torch.bfloat16, device=queries.device)

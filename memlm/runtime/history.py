@@ -75,12 +75,11 @@ class IdHistory:
         grown = max(needed, 2 * room, 1024)
         if self.limit is not None:
             grown = min(grown, self.limit)
-        for name in ("ids", "real"):
-            old = getattr(self, name)
-            if old is None and name == "real":
-                continue
-            new = torch.ones(self.batch_size, grown, dtype=torch.bool, device=device) if name == "real" else \
-                torch.zeros(self.batch_size, grown, dtype=torch.long, device=device)
-            if old is not None:
-                new[:, : self.total] = old[:, : self.total]
-            setattr(self, name, new)
+        self.ids = self._grown(self.ids, torch.zeros(self.batch_size, grown, dtype=torch.long, device=device))
+        if self.real is not None:
+            self.real = self._grown(self.real, torch.ones(self.batch_size, grown, dtype=torch.bool, device=device))
+
+    def _grown(self, old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
+        if old is not None:
+            new[:, : self.total] = old[:, : self.total]
+        return new

@@ -299,11 +299,12 @@ class Session:
         and their mask of real ids [batch, n] (None: all real)."""
         device = self.mem_model.device
         ids, real = self.history.stream()
+        ids, real = ids.to(device), None if real is None else real.to(device)
         if self.pending is not None:  # a generated token: real
-            ids = torch.cat((ids.to(device), self.pending.to(device)), dim=1)
-            real = None if real is None else torch.cat((real.to(device), torch.ones_like(self.pending, dtype=torch.bool)
-                                                        .to(device)), dim=1)
-        return ids.to(device), None if real is None else real.to(device).long()
+            pending = self.pending.to(device)
+            ids = torch.cat((ids, pending), dim=1)
+            real = None if real is None else torch.cat((real, torch.ones_like(pending, dtype=torch.bool)), dim=1)
+        return ids, None if real is None else real.long()
 
     # ------------------------------------------------------------------------------------ internals
 

@@ -249,6 +249,10 @@ class MemoryStore:
         """A document's stored memory entries, in order, as ``({layer: (keys, values)}, entries)`` chunks of about
         ``chunk_bytes`` (keys, values [kv_heads, n, head_dim] concatenated over segments). From the cache when the
         document, as it is stored now, was loaded before; else read from one snapshot (and cached if it fits)."""
+        with self.snapshot():  # the record (the cache's key) and the segments it caches: one state
+            yield from self._memory(doc_id, chunk_bytes)
+
+    def _memory(self, doc_id: str, chunk_bytes: int) -> Iterator[tuple[dict[int, tuple], int]]:
         document = self.document(doc_id)
         cached = self._cache.get(document)
         if cached is not None:
