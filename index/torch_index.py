@@ -19,9 +19,9 @@ Works on any device torch supports, in float32, float16 and bfloat16 storage; sc
 ``search="two-stage"`` screens the keys in bfloat16 first and re-scores only the entries that can still win
 (``two_stage.py``: same answer, with a margin argument for why); ``"auto"`` (the default) takes it where
 bfloat16 matmul runs in hardware (CUDA with bfloat16, CPUs with AVX512-BF16 or AMX) and the search is large
-enough for the screen to pay: at least ``two_stage_min_entries`` entries, heads of at least ``auto_min_dim`` and
-``auto_min_queries`` queries per head (below them its two passes cost more than one float32 stage, as measured by
-``benchmarks/bench_index.py``). The screen costs ``2 * dim + 8`` bytes per entry (a
+enough for the screen to pay: at least ``two_stage_min_entries`` entries, heads of at least ``auto_min_dim``, and
+queries x dim of at least ``auto_min_work`` per head (below them its two passes cost more than one float32 stage,
+as measured by ``benchmarks/bench_index.py --crossover``). The screen costs ``2 * dim + 8`` bytes per entry (a
 bfloat16 copy of the key, its norm and rounding residual; ``8`` when keys are stored in bfloat16 already).
 """
 
@@ -33,6 +33,7 @@ import torch
 
 from .ring import RingBuffer, RingIndex
 from .two_stage import GROUP, key_bounds, two_stage_topk
+from .workspace import Workspace
 
 SEARCHES = ("auto", "exact", "two-stage")
 
@@ -63,12 +64,12 @@ class TorchIndex(RingIndex):
     search_block_bytes = 256 * 2**20
     #: two-stage: the smallest memory screened (below it one stage is as fast), slots per screened block, queries
     #: per screened chunk, and the mean survivors per query (in units of k) beyond which it gives up (near ties)
-    two_stage_min_entries = 32768
+    two_stage_min_entries = 8192
     two_stage_block_bytes = 32 * 2**20
     two_stage_queries = 512
     two_stage_candidate_limit = 16
-    auto_min_dim = 64
-    auto_min_queries = 256
+    auto_min_dim = 16
+    auto_min_work = 4096  # queries x dim per head: 64 queries of 64 dims, 256 of 16
 
     def __init__(self, *, search: str = "auto", **kwargs) -> None:
         super().__init__(**kwargs)
@@ -79,7 +80,7 @@ class TorchIndex(RingIndex):
         self.two_stage = search == "two-stage" or (search == "auto" and self.dim >= self.auto_min_dim
                                                    and fast_bfloat16(self.device))
         self.last_search: str | None = None  # the route the last search took: "two-stage" or "exact"
-        self._scores: torch.Tensor | None = None  # the search's score buffer, kept between searches
+        self._workspace = Workspace()  # the searches' scratch buffers, kept between searches
         self._screen: RingBuffer | None = None  # bfloat16 keys (None: the keys are bfloat16 already)
         self._bounds: RingBuffer | None = None  # per entry: key norm and bfloat16 rounding residual norm
         if self.two_stage:
@@ -132,7 +133,7 @@ class TorchIndex(RingIndex):
         """Whether this search takes the two-stage route (see ``two_stage.py`` for when it would give up)."""
         if not self.two_stage or min(sizes) < max(self.two_stage_min_entries, 4 * k * GROUP):
             return False
-        if self.search_mode == "auto" and (self.dim < self.auto_min_dim or queries < self.auto_min_queries):
+        if self.search_mode == "auto" and queries * self.dim < self.auto_min_work:
             return False
         # cuBLAS may reduce bfloat16 partial sums in bfloat16, which the screen's error bound does not cover
         return self.device.type != "cuda" or not torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
@@ -153,7 +154,8 @@ class TorchIndex(RingIndex):
         chunks = []
         for start in range(0, q, chunk):
             found = two_stage_topk(screen, keys, bounds, flat[:, start : start + chunk], live, k, slots=scan,
-                                   block=block, candidate_limit=self.two_stage_candidate_limit * k)
+                                   block=block, candidate_limit=self.two_stage_candidate_limit * k,
+                                   workspace=self._workspace)
             if found is None:
                 return None
             chunks.append(found)
@@ -166,7 +168,9 @@ class TorchIndex(RingIndex):
         keys = self._keys.data[:, :, :slots].float().reshape(batch * heads, slots, dim)  # no copy for float32
         queries_t = queries.reshape(batch * heads, q, dim).transpose(1, 2)  # [bh, dim, q]
         block = max(1, min(q, self.search_block_queries, self.search_block_bytes // (4 * batch * heads * slots)))
-        buffer = self._score_buffer(batch * heads * slots * block, queries.device)
+        # kept between searches: allocating hundreds of MB every search costs page faults that exceed the search
+        buffer = self._workspace.get("scores", (batch * heads * slots * block,), torch.float32, queries.device,
+                                     limit=self.search_block_bytes // 4)
         out_scores = torch.empty(batch * heads, q, k, device=queries.device)
         out_slots = torch.empty(batch * heads, q, k, dtype=torch.long, device=queries.device)
         grouped = slots // GROUP > 4 * k  # below that, grouping saves nothing
@@ -186,16 +190,6 @@ class TorchIndex(RingIndex):
             out_scores[:, start : start + n] = best.transpose(1, 2)
             out_slots[:, start : start + n] = best_slots.transpose(1, 2)
         return out_scores.view(batch, heads, q, k), out_slots.view(batch, heads, q, k)
-
-    def _score_buffer(self, size: int, device: torch.device) -> torch.Tensor:
-        """A float32 buffer of at least ``size`` elements. Allocating hundreds of MB for every search costs
-        page faults (kernel time) that exceed the search itself, so it is kept and grows by doubling (up to
-        ``search_block_bytes``) as the memory fills; it is freed with the index."""
-        buffer = self._scores
-        if buffer is None or buffer.numel() < size or buffer.device != device:
-            grown = 0 if buffer is None else min(2 * buffer.numel(), self.search_block_bytes // 4)
-            buffer = self._scores = torch.empty(max(size, grown), device=device)
-        return buffer
 
     @staticmethod
     def _grouped_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

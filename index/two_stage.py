@@ -42,6 +42,8 @@ import math
 
 import torch
 
+from .workspace import Workspace
+
 GROUP = 16  # slots per strided group (the screen's reduction, and the one-stage grouped top-k of torch_index.py)
 UNIT_ROUNDOFF = 2.0**-8  # bfloat16: 8 significant bits
 
@@ -68,7 +70,7 @@ def descending_key(scores: torch.Tensor) -> torch.Tensor:
 
 def two_stage_topk(screen: torch.Tensor, keys: torch.Tensor, bounds: torch.Tensor, queries: torch.Tensor,
                    sizes: torch.Tensor, k: int, *, slots: int, block: int, candidate_limit: int,
-                   ) -> tuple[torch.Tensor, torch.Tensor] | None:
+                   workspace: Workspace) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The exact top-k by float32 inner product, or None where it cannot be certified cheaply.
 
     screen:   [rows, allocated, dim] bfloat16 copy of the keys.
@@ -79,11 +81,13 @@ def two_stage_topk(screen: torch.Tensor, keys: torch.Tensor, bounds: torch.Tenso
     slots:    slots to scan (a multiple of ``GROUP``, at least every size).
     block:    slots scored per block (a multiple of ``GROUP``).
     candidate_limit: the mean survivors per query beyond which the search gives up.
+    workspace: where the score block, the group maxima and the survivors' keys and queries live between calls.
     Returns scores [rows, q, k] float32 and slots [rows, q, k] long, best first. None also where fewer than
     ``k`` groups of some row hold a live entry (a nearly empty row: the one-stage search is cheap there).
     """
-    rows, _, dim = screen.shape
+    rows, allocated, dim = screen.shape
     q = queries.shape[1]
+    device = queries.device
     low = queries.to(torch.bfloat16)
     low_t = low.transpose(1, 2).contiguous()  # [rows, dim, q]: keys @ queries^T streams the keys once per block
     rounded = low.float()
@@ -92,27 +96,30 @@ def two_stage_topk(screen: torch.Tensor, keys: torch.Tensor, bounds: torch.Tenso
     a = slack * (rounded.norm(dim=-1) * residual + (rounded - queries).norm(dim=-1) * norm
                  + 3 * gamma(dim) * queries.norm(dim=-1) * norm)  # [rows, q]
     v = slack * UNIT_ROUNDOFF / (1 - UNIT_ROUNDOFF)
-    scores = torch.empty(rows, block, q, dtype=torch.bfloat16, device=queries.device)
+    scores = workspace.get("scores", (rows * block * q,), torch.bfloat16, device)
     starts = range(0, slots, block)
     all_live = int(sizes.min())  # slots below it are live in every row
 
     def scored(start: int) -> torch.Tensor:
         """Screened scores [rows, n, q] of slots start .. start+n-1; dead slots -inf."""
         n = min(block, slots - start)
-        out = torch.bmm(screen[:, start : start + n], low_t, out=scores[:, :n])
+        out = torch.bmm(screen[:, start : start + n], low_t, out=scores[: rows * n * q].view(rows, n, q))
         if start + n > all_live:
-            dead = (start + torch.arange(n, device=out.device)).unsqueeze(0) >= sizes.unsqueeze(1)  # [rows, n]
+            dead = (start + torch.arange(n, device=device)).unsqueeze(0) >= sizes.unsqueeze(1)  # [rows, n]
             out.masked_fill_(dead.unsqueeze(-1), -math.inf)
         return out
 
-    def group_max(out: torch.Tensor) -> torch.Tensor:
-        """[rows, n, q] -> [rows, n // GROUP, q]: group j of a block holds its slots j, j + n/GROUP, ..."""
-        return out.view(rows, GROUP, out.shape[1] // GROUP, q).amax(dim=1)
-
-    # Pass 1: group maxima of every block (kept for pass 2: 1/GROUP of the scores), then each query's k-th largest
-    # one. The maxima are reduced once more before ranking: any partition into disjoint groups gives a valid
-    # threshold, and coarser groups cost less to rank.
-    maxima = [group_max(scored(start)) for start in starts]
+    # Pass 1: group maxima of every block (kept for pass 2: 1/GROUP of the scores, group j of a block holds its
+    # slots j, j + n/GROUP, ...), then each query's k-th largest one. The maxima are reduced once more before
+    # ranking: any partition into disjoint groups gives a valid threshold, and coarser groups cost less to rank.
+    maxima_buffer = workspace.get("maxima", (rows * (slots // GROUP) * q,), torch.bfloat16, device)
+    maxima, used = [], 0
+    for start in starts:
+        out = scored(start)
+        width = out.shape[1] // GROUP
+        groups = maxima_buffer[used : used + rows * width * q].view(rows, width, q)
+        maxima.append(torch.amax(out.view(rows, GROUP, width, q), dim=1, out=groups))
+        used += groups.numel()
     # the coarsest grouping that still leaves 4k groups (enough for the k-th largest to stay a tight threshold)
     factor = next((f for f in (16, 8, 4, 2) if slots // (GROUP * f) >= 4 * k), 1)
     coarse = torch.cat([m.view(rows, factor, -1, q).amax(dim=1) if m.shape[1] % factor == 0 else m for m in maxima],
@@ -129,19 +136,20 @@ def two_stage_topk(screen: torch.Tensor, keys: torch.Tensor, bounds: torch.Tenso
         return None  # near ties: each flagged group holds a survivor at least; give up before the second pass
 
     # Pass 2: the survivors. Groups whose maximum clears the threshold are found on the kept maxima; only their
-    # GROUP members are compared (a gather of T x GROUP scores from the block, not a pass over it). A survivor is
-    # carried as its flat offset in the block's scores, (row * n + slot) * q + query, decoded once at the end.
+    # GROUP members are compared (a gather of GROUP x T scores from the block, member-major so that each member's
+    # reads run forward through the block, not a pass over it). A survivor is carried as its flat offset in the
+    # block's scores, (row * n + slot) * q + query, decoded once at the end.
     flat_threshold = threshold.reshape(-1)  # [rows * q]
     survivors, found = [], 0
     for start, flag in zip(starts, flags, strict=True):
         out = scored(start)
         n = out.shape[1]
         width = n // GROUP
-        flagged = torch.nonzero(flag.view(-1)).squeeze(1)  # (row * width + group) * q + query
+        flagged = torch.nonzero(flag.view(-1)).squeeze(1)  # (row * width + group) * q + query, ascending
         row, query = flagged // (width * q), flagged % q
         first = flagged + row * (n - width) * q  # member 0 of the group: (row * n + group) * q + query
-        members = first.unsqueeze(1) + torch.arange(GROUP, device=out.device) * (width * q)  # [T, GROUP]
-        alive = out.take(members) >= flat_threshold[row * q + query].unsqueeze(1)
+        members = first + (torch.arange(GROUP, device=device) * (width * q)).unsqueeze(1)  # [GROUP, T]
+        alive = out.take(members) >= flat_threshold[row * q + query]
         offsets = members[alive]
         survivors.append((start, n, offsets))
         found += offsets.numel()
@@ -150,15 +158,19 @@ def two_stage_topk(screen: torch.Tensor, keys: torch.Tensor, bounds: torch.Tenso
     row, slot, query = (torch.cat(parts) for parts in zip(*[
         (offsets // (n * q), start + offsets // q % n, offsets % q) for start, n, offsets in survivors], strict=True))
 
-    # Re-score the survivors in float32, grouped by query, and keep each query's k best (every query has at least
-    # k survivors: the k entries above theta). Sorted, not padded: one query's near ties cost no memory for others.
-    owner = row * q + query
-    order = torch.argsort(owner)
-    owner, slot = owner[order], slot[order]
-    counts = torch.bincount(owner, minlength=rows * q)
-    stored = keys.reshape(-1, dim).index_select(0, row[order] * keys.shape[1] + slot).float()
-    exact = torch.einsum("td,td->t", stored, queries.reshape(-1, dim).repeat_interleave(counts, dim=0))
+    # Re-score the survivors in float32 and keep each query's k best (every query has at least k survivors: the
+    # k entries above theta). Sorted, not padded: one query's near ties cost no memory for others.
+    owner = row * q + query  # [T]
+    total = owner.numel()
+    stored = torch.index_select(keys.reshape(-1, dim), 0, row * allocated + slot,
+                                out=workspace.get("keys", (total, dim), keys.dtype, device))
+    if stored.dtype != torch.float32:
+        stored = workspace.get("keys32", (total, dim), torch.float32, device).copy_(stored)
+    asked = torch.index_select(queries.reshape(-1, dim), 0, owner,
+                               out=workspace.get("queries", (total, dim), torch.float32, device))
+    exact = torch.bmm(stored.unsqueeze(1), asked.unsqueeze(2)).view(total)  # each survivor's float32 product
     order = torch.argsort(owner * 2**32 + descending_key(exact))  # by query, best first within each
+    counts = torch.bincount(owner, minlength=rows * q)
     first = counts.cumsum(0) - counts  # [rows * q]: where each query's survivors start
-    pick = order[first.unsqueeze(1) + torch.arange(k, device=first.device)]  # [rows * q, k]
+    pick = order[first.unsqueeze(1) + torch.arange(k, device=device)]  # [rows * q, k]
     return exact[pick].view(rows, q, k), slot[pick].view(rows, q, k)

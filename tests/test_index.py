@@ -571,17 +571,24 @@ def test_search_mode_is_checked_and_auto_is_the_default():
 def test_auto_screens_only_searches_large_enough_to_pay():
     from memlm.index.torch_index import fast_bfloat16
 
-    keys = torch.randn(1, 1, 32768, 64, generator=torch.Generator().manual_seed(17))
-    index = create_index("torch", dim=64, capacity=32768)
-    index.add(keys[:, :, :32767], keys[:, :, :32767])
+    screened = "two-stage" if fast_bfloat16(torch.device("cpu")) else "exact"
+    keys = torch.randn(1, 1, 8192, 64, generator=torch.Generator().manual_seed(17))
+    index = create_index("torch", dim=64, capacity=8192)
+    index.add(keys[:, :, :8191], keys[:, :, :8191])
     index.search(torch.randn(1, 1, 512, 64), 8)
     assert index.last_search == "exact"  # too small a memory for the screen to pay
     index.add(keys[:, :, -1:], keys[:, :, -1:])
-    index.search(torch.randn(1, 1, 255, 64), 8)
-    assert index.last_search == "exact"  # too few queries for the screen's two passes to pay
-    index.search(torch.randn(1, 1, 256, 64), 8)
-    assert index.last_search == ("two-stage" if fast_bfloat16(torch.device("cpu")) else "exact")
-    small = create_index("torch", dim=32, capacity=32768)
-    small.add(keys[..., :32], keys[..., :32])
-    small.search(torch.randn(1, 1, 512, 32), 8)
-    assert small.last_search == "exact"  # heads below 64 dims: one float32 stage is faster
+    index.search(torch.randn(1, 1, 63, 64), 8)
+    assert index.last_search == "exact"  # too little work per head for the screen's two passes to pay
+    index.search(torch.randn(1, 1, 64, 64), 8)
+    assert index.last_search == screened
+    short = create_index("torch", dim=16, capacity=8192)  # shorter heads need more queries to pay
+    short.add(keys[..., :16], keys[..., :16])
+    short.search(torch.randn(1, 1, 255, 16), 8)
+    assert short.last_search == "exact"
+    short.search(torch.randn(1, 1, 256, 16), 8)
+    assert short.last_search == screened
+    tiny = create_index("torch", dim=8, capacity=8192)
+    tiny.add(keys[..., :8], keys[..., :8])
+    tiny.search(torch.randn(1, 1, 4096, 8), 8)
+    assert not tiny.two_stage and tiny.last_search == "exact"  # heads below 16 dims keep no screen
