@@ -112,7 +112,7 @@ def bench_segment_search(capacity: int, heads: int, dim: int, queries: int, repe
         index = create_index(backend, dim=dim, capacity=capacity, num_heads=heads, **kwargs)
         index.add(keys, keys)
         result = index.search(query, K)
-        seconds = timed(lambda index=index: index.search(query, K), repeat)
+        seconds = timed(lambda index=index: index.search(query, K, scratch=True), repeat)
         rate = add_rate(index, heads, dim)
         name = backend + (f" {next(iter(kwargs.values()))}" if kwargs else "") + (
             f" (nlist {index.nlist}, nprobe {index.nprobe})" if kwargs.get("kind") == "ivf" else "")
@@ -121,7 +121,8 @@ def bench_segment_search(capacity: int, heads: int, dim: int, queries: int, repe
                      f"{index.nbytes:,}", f"{index.nbytes / raw:.3f}"])
     table(
         f"Segment search: batch 1, {heads} heads, dim {dim}, float32, capacity {capacity:,} per head, "
-        f"{queries} queries, k {K} ({torch.get_num_threads()} threads)",
+        f"{queries} queries, k {K} ({torch.get_num_threads()} threads; memlm's searches return keys and values too, "
+        "in reused buffers as the kNN reader asks)",
         ["backend", "add entries/s (all heads, evicting)", "search ms", "query vectors/s",
          "speed vs bare faiss", "same ids as bare faiss", "index bytes", "bytes / raw k+v"],
         rows,
@@ -218,7 +219,7 @@ def model_keys(text_path: str, capacity: int, queries: int) -> tuple[torch.Tenso
         index = next(iter(session.state.knn.indexes.values()))
         keys = index.entries(0)[0].unsqueeze(0)  # [1, heads, capacity, dim], stored as the layer stores them
         search = index.search
-        index.search = lambda q, k: recorded.append(q.clone()) or search(q, k)  # record, then search as usual
+        index.search = lambda q, k, **kw: recorded.append(q.clone()) or search(q, k, **kw)  # record, then search
         start = capacity + mem_model.config.xl_length
         while sum(q.shape[2] for q in recorded) < queries:
             session.feed(ids[:, start : start + segment])
@@ -246,7 +247,7 @@ def bench_two_stage(kinds: dict, repeat: int, device: str = "cpu") -> None:
         exact = indexes["exact"].search(query, K)
         found = indexes["two-stage"].search(query, K)
         route = indexes["two-stage"].last_search
-        times = alternating({search: lambda index=index, query=query: index.search(query, K)
+        times = alternating({search: lambda index=index, query=query: index.search(query, K, scratch=True)
                              for search, index in indexes.items()}, repeat)
         rows.append([name, f"{heads} x {capacity:,} x {dim}", query.shape[2], f"{times['exact'] * 1e3:.1f}",
                      f"{times['two-stage'] * 1e3:.1f}", f"{times['exact'] / times['two-stage']:.2f}",
@@ -256,6 +257,30 @@ def bench_two_stage(kinds: dict, repeat: int, device: str = "cpu") -> None:
           ["keys", "heads x entries x dim", "queries per head", "one stage ms", "two-stage ms", "speed-up",
            "recall@32 (ids)", "queries with exact scores", "route taken"] + (["faiss-gpu flat ms"] if cuda else []),
           rows)
+
+
+def bench_crossover(sizes: list[int], repeat: int) -> None:
+    """Where the two-stage search starts to pay: one stage against two-stage (its size gate lifted) by memory size,
+    head size and queries per search, taking turns; and the route ``auto`` takes there (``TorchIndex``'s gates)."""
+    rows = []
+    for dim in (16, 64):
+        for queries in (64, 512):
+            for n in sizes:
+                keys, query = random_entries(8, n, dim, 7), random_entries(8, queries, dim, 8)
+                indexes = {search: create_index(dim=dim, capacity=n, num_heads=8, search=search)
+                           for search in ("exact", "two-stage", "auto")}
+                indexes["two-stage"].two_stage_min_entries = 0
+                for index in indexes.values():
+                    index.add(keys, keys)
+                indexes["auto"].search(query, K, scratch=True)
+                calls = {search: lambda index=indexes[search], query=query: index.search(query, K, scratch=True)
+                         for search in ("exact", "two-stage")}
+                times = alternating(calls, repeat)
+                rows.append([dim, queries, f"{n:,}", f"{times['exact'] * 1e3:.1f}", f"{times['two-stage'] * 1e3:.1f}",
+                             f"{times['exact'] / times['two-stage']:.2f}", indexes["auto"].last_search])
+    table(f"One stage against two-stage by size: 8 heads, k {K}, random keys, on this CPU "
+          f"({torch.get_num_threads()} threads)",
+          ["head dim", "queries per head", "entries", "one stage ms", "two-stage ms", "speed-up", "auto takes"], rows)
 
 
 def bench_matmul_peak(capacity: int, heads: int, dim: int, queries: int, repeat: int) -> None:
@@ -308,6 +333,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller sizes (for a first look)")
     parser.add_argument("--text", help="a text file (e.g. war_and_peace.txt): also measure on memlm-tiny's keys")
     parser.add_argument("--device", default="cpu", help="cuda: only the two-stage table, on the GPU")
+    parser.add_argument("--crossover", action="store_true", help="only the table of where two-stage starts to pay")
     args = parser.parse_args()
     heads, dim, queries = 8, 64, 512
     if args.quick:
@@ -315,10 +341,12 @@ def main() -> None:
     else:
         capacity, repeat, scaling, ivf_capacity = 65536, 5, [8192, 65536, 524288], 1 << 20
     print(f"memlm.index benchmark, torch {torch.__version__}, faiss {faiss.__version__}")
+    if args.crossover:
+        return bench_crossover([4096, 8192, 16384, 32768], repeat)
     if args.device == "cpu":
         bench_segment_search(capacity, heads, dim, queries, repeat)
     kinds = {f"random, {n:,} entries": (random_entries(heads, n, dim, 7), random_entries(heads, queries, dim, 8))
-             for n in (capacity // 4, capacity // 2)}  # where one stage is as fast (auto screens from 32,768)
+             for n in (capacity // 4, capacity // 2)}
     kinds["random"] = (random_entries(heads, capacity, dim, 7), random_entries(heads, queries, dim, 8))
     points = clustered_entries(heads * (capacity + queries), dim, clusters=4096, seed=11)
     points = points.view(1, heads, capacity + queries, dim)
@@ -331,6 +359,7 @@ def main() -> None:
     bench_two_stage(kinds, 2 * repeat, args.device)
     if args.device != "cpu":
         return
+    bench_crossover([4096, 8192, 16384, 32768], repeat)
     bench_matmul_peak(capacity, heads, dim, queries, repeat)
     if args.text:
         bench_ivf_model_keys(*kinds["memlm-tiny memory layer, War and Peace"], [1, 4, 16, 64], repeat)

@@ -179,7 +179,7 @@ class FaissIVFIndex(MemoryIndex):
             ivf.remove_ids(self._faiss.IDSelectorRange(oldest, min(cut, total)))
         self._oldest[row] = cut
 
-    def _search(self, queries: torch.Tensor, k: int) -> SearchResult:
+    def _search(self, queries: torch.Tensor, k: int, scratch: bool) -> SearchResult:
         batch, heads, q, dim = queries.shape
         scores = np.full((batch, heads, q, k), -np.inf, dtype=np.float32)
         ids = np.full((batch, heads, q, k), -1, dtype=np.int64)
@@ -204,7 +204,7 @@ class FaissIVFIndex(MemoryIndex):
         return SearchResult(
             scores=torch.from_numpy(scores).to(self.device).masked_fill(~mask, -math.inf),
             keys=torch.from_numpy(keys).to(self.device, self.dtype).masked_fill(~mask.unsqueeze(-1), 0),
-            values=self._values.gather(slots),
+            values=self._values.gather(slots, self._result_buffer("values", (*slots.shape, dim), self.dtype, scratch)),
             mask=mask,
             ids=ids_t,
         )

@@ -44,13 +44,16 @@ class RingBuffer:
         self.data[row, :, start : start + head] = entries[:, :head]
         self.data[row, :, : m - head] = entries[:, head:]
 
-    def gather(self, slots: torch.Tensor) -> torch.Tensor:
-        """slots: [batch, heads, q, k] long, -1 for none -> [batch, heads, q, k, dim], zero where -1."""
+    def gather(self, slots: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """slots: [batch, heads, q, k] long, -1 for none -> [batch, heads, q, k, dim], zero where -1 (into ``out``
+        when given: contiguous, of that shape and this buffer's dtype)."""
         batch, heads, length, dim = self.data.shape
         rows = torch.arange(batch * heads, device=slots.device).view(batch, heads, 1, 1) * length
+        none = slots < 0
         flat = (rows + slots.clamp(min=0)).flatten()
-        out = self.data.view(-1, dim).index_select(0, flat).view(*slots.shape, dim)
-        return out.masked_fill_((slots < 0).unsqueeze(-1), 0)
+        out = torch.index_select(self.data.view(-1, dim), 0, flat,
+                                 out=None if out is None else out.view(-1, dim)).view(*slots.shape, dim)
+        return out.masked_fill_(none.unsqueeze(-1), 0) if bool(none.any()) else out
 
     def clear(self, row: int) -> None:
         self.data[row].zero_()
@@ -111,7 +114,7 @@ class RingIndex(MemoryIndex):
         """Called after keys [heads, m, dim] (in storage dtype) were written as ids first_id, ...; subclasses keep
         what they derive from keys in step with the ring."""
 
-    def _search(self, queries: torch.Tensor, k: int) -> SearchResult:
+    def _search(self, queries: torch.Tensor, k: int, scratch: bool) -> SearchResult:
         sizes = self.size.tolist()
         live = min(k, max(sizes))
         scores, slots = self._topk(queries, live, sizes)
@@ -127,10 +130,12 @@ class RingIndex(MemoryIndex):
         total = torch.tensor(self._total, device=slots.device).view(-1, 1, 1, 1)
         wraps = (total - 1 - slots).div(self.capacity, rounding_mode="floor")
         ids = torch.where(mask, slots + wraps * self.capacity, -1)
+        shape = (*slots.shape, self.dim)
         return SearchResult(
             scores=scores.masked_fill(~mask, -math.inf),
-            keys=self._keys.gather(slots).to(self.dtype),
-            values=self._values.gather(slots),
+            keys=self._keys.gather(slots, self._result_buffer("keys", shape, self._keys.data.dtype, scratch)
+                                    ).to(self.dtype),
+            values=self._values.gather(slots, self._result_buffer("values", shape, self.dtype, scratch)),
             mask=mask,
             ids=ids,
         )

@@ -33,7 +33,6 @@ import torch
 
 from .ring import RingBuffer, RingIndex
 from .two_stage import GROUP, key_bounds, two_stage_topk
-from .workspace import Workspace
 
 SEARCHES = ("auto", "exact", "two-stage")
 
@@ -80,7 +79,6 @@ class TorchIndex(RingIndex):
         self.two_stage = search == "two-stage" or (search == "auto" and self.dim >= self.auto_min_dim
                                                    and fast_bfloat16(self.device))
         self.last_search: str | None = None  # the route the last search took: "two-stage" or "exact"
-        self._workspace = Workspace()  # the searches' scratch buffers, kept between searches
         self._screen: RingBuffer | None = None  # bfloat16 keys (None: the keys are bfloat16 already)
         self._bounds: RingBuffer | None = None  # per entry: key norm and bfloat16 rounding residual norm
         if self.two_stage:

@@ -592,3 +592,23 @@ def test_auto_screens_only_searches_large_enough_to_pay():
     tiny.add(keys[..., :8], keys[..., :8])
     tiny.search(torch.randn(1, 1, 4096, 8), 8)
     assert not tiny.two_stage and tiny.last_search == "exact"  # heads below 16 dims keep no screen
+
+
+@pytest.mark.parametrize("name", list(BACKENDS))
+def test_scratch_results_equal_fresh_ones_and_zero_their_empty_entries(name):
+    generator = torch.Generator().manual_seed(18)
+    index = make(name)
+    full = torch.randn(2, 3, 40, 8, generator=generator)
+    index.add(full, full * 2)
+    queries = torch.randn(2, 3, 5, 8, generator=generator)
+    fresh, scratch = index.search(queries, 6), index.search(queries, 6, scratch=True)
+    for field in ("scores", "keys", "values", "mask", "ids"):
+        assert torch.equal(getattr(fresh, field), getattr(scratch, field)), field
+    # a later scratch search reuses the buffers; entries a sequence does not hold are zero, not left-overs
+    index.reset([1])
+    index.add(full[:, :, :3], full[:, :, :3] * 2)  # row 1 now holds 3 entries: 3 of its 6 results are empty
+    again = index.search(queries, 6, scratch=True)
+    assert again.values.data_ptr() == scratch.values.data_ptr()
+    assert not again.mask[1].all() and again.mask[0].all()
+    assert not again.keys[~again.mask].any() and not again.values[~again.mask].any()
+    assert torch.equal(again.values, index.search(queries, 6).values)

@@ -136,8 +136,8 @@ def test_retrieved_ids_never_refer_to_evicted_or_local_tokens(tiny_qwen2, monkey
     seen = []
     original_search = TorchIndex.search
 
-    def spy(index, queries, k):
-        result = original_search(index, queries, k)
+    def spy(index, queries, k, **kwargs):
+        result = original_search(index, queries, k, **kwargs)
         seen.append((int(index.total_added[0]), result.ids[result.mask]))
         return result
 

@@ -71,7 +71,9 @@ class KNNMemory:
         batch, q_heads, n, head_dim = q.shape
         group = q_heads // index.num_heads  # query head h reads kv head h // group
         queries = self.positions.search_queries(q.detach(), local_start, sinks)
-        found = index.search(queries.reshape(batch, index.num_heads, group * n, head_dim), self.top_k)
+        # consumed at once below: without a graph to keep them, keys and values may live in the index's buffers
+        found = index.search(queries.reshape(batch, index.num_heads, group * n, head_dim), self.top_k,
+                             scratch=not torch.is_grad_enabled())
         shape = (batch, q_heads, n, self.top_k)
         if self.retrievals is not None:
             self.retrievals.append((found.ids.reshape(shape), found.scores.reshape(shape) * scale))
