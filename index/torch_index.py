@@ -69,6 +69,8 @@ class TorchIndex(RingIndex):
     two_stage_candidate_limit = 16
     auto_min_dim = 16
     auto_min_work = 4096  # queries x dim per head: 64 queries of 64 dims, 256 of 16
+    #: auto: after a screen gave up, the next 1, 2, 4, ... (at most this many) searches it would take run one stage
+    auto_backoff = 64
 
     def __init__(self, *, search: str = "auto", **kwargs) -> None:
         super().__init__(**kwargs)
@@ -78,7 +80,9 @@ class TorchIndex(RingIndex):
         # auto never screens heads below auto_min_dim: they get no screen to keep either
         self.two_stage = search == "two-stage" or (search == "auto" and self.dim >= self.auto_min_dim
                                                    and fast_bfloat16(self.device))
-        self.last_search: str | None = None  # the route the last search took: "two-stage" or "exact"
+        # the route the last search took: "two-stage", "exact", or "screen gave up" (tried, then ran one stage)
+        self.last_search: str | None = None
+        self._skipped_screens, self._backoff = 0, 1  # auto's back-off after screens that gave up
         self._screen: RingBuffer | None = None  # bfloat16 keys (None: the keys are bfloat16 already)
         self._bounds: RingBuffer | None = None  # per entry: key norm and bfloat16 rounding residual norm
         if self.two_stage:
@@ -119,20 +123,28 @@ class TorchIndex(RingIndex):
         self._bounds.data = key_bounds(keys, screen)
 
     def _topk(self, queries: torch.Tensor, k: int, sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        self.last_search = "exact"
         if self._screens(k, sizes, queries.shape[2]):
             found = self._two_stage_topk(queries, k, sizes)
             if found is not None:
                 self.last_search = "two-stage"
+                self._backoff = 1
                 return found
-        self.last_search = "exact"
+            self.last_search = "screen gave up"
+            if self.search_mode == "auto":  # the keys bunch, and a FIFO memory changes slowly: wait before retrying
+                self._skipped_screens, self._backoff = self._backoff, min(2 * self._backoff, self.auto_backoff)
         return self._exact_topk(queries, k, sizes)
 
     def _screens(self, k: int, sizes: list[int], queries: int) -> bool:
         """Whether this search takes the two-stage route (see ``two_stage.py`` for when it would give up)."""
         if not self.two_stage or min(sizes) < max(self.two_stage_min_entries, 4 * k * GROUP):
             return False
-        if self.search_mode == "auto" and queries * self.dim < self.auto_min_work:
-            return False
+        if self.search_mode == "auto":
+            if queries * self.dim < self.auto_min_work:
+                return False
+            if self._skipped_screens:
+                self._skipped_screens -= 1
+                return False
         # cuBLAS may reduce bfloat16 partial sums in bfloat16, which the screen's error bound does not cover
         return self.device.type != "cuda" or not torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
 

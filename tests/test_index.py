@@ -537,7 +537,7 @@ def test_two_stage_near_ties_are_ranked_exactly_or_handed_to_the_exact_search():
     add_both((exact, screened), close)
     queries = base.expand(1, 1, 8, 32) + 0.01 * torch.randn(1, 1, 8, 32, generator=generator)
     assert_same_top_k(exact.search(queries, 8), screened.search(queries, 8), queries)
-    assert screened.last_search == "exact"  # every entry survives the screen: the one-stage search ranks them
+    assert screened.last_search == "screen gave up"  # every entry survives the screen: one stage ranks them
     # 64 near ties among random keys (fewer than the survivors allowed): screened, and still exact.
     exact, screened = two_stage_pair(4096, batch=1, heads=1)
     keys = torch.randn(1, 1, 4096, 32, generator=generator)
@@ -554,7 +554,7 @@ def test_two_stage_keys_beyond_bfloat16_range_fall_back_without_nan():
     add_both((exact, screened), keys)
     queries = torch.randn(1, 1, 5, 4, generator=torch.Generator().manual_seed(16)) * 1e-30
     found = screened.search(queries, 4)
-    assert screened.last_search == "exact" and not found.scores.isnan().any()
+    assert screened.last_search == "screen gave up" and not found.scores.isnan().any()
     assert_same_top_k(exact.search(queries, 4), found, queries)
 
 
@@ -612,3 +612,29 @@ def test_scratch_results_equal_fresh_ones_and_zero_their_empty_entries(name):
     assert not again.mask[1].all() and again.mask[0].all()
     assert not again.keys[~again.mask].any() and not again.values[~again.mask].any()
     assert torch.equal(again.values, index.search(queries, 6).values)
+
+
+def test_auto_backs_off_from_a_screen_that_keeps_giving_up():
+    generator = torch.Generator().manual_seed(19)
+    base = torch.randn(16, generator=generator)
+    bunched = base + 1e-4 * torch.randn(1, 1, 8192, 16, generator=generator)  # equal in bfloat16: no screen can rank
+    index = create_index("torch", dim=16, capacity=8192)
+    if not index.two_stage:
+        pytest.skip("auto screens only where bfloat16 matmul is native")
+    index.add(bunched, bunched)
+    queries = base.expand(1, 1, 256, 16) + 0.01 * torch.randn(1, 1, 256, 16, generator=generator)
+    routes = []
+    for _ in range(12):
+        index.search(queries, 8)
+        routes.append(index.last_search)
+    # tried, then waits 1, 2, 4 searches before each retry
+    gave_up, exact = "screen gave up", "exact"
+    assert routes == [gave_up, exact, gave_up, exact, exact, gave_up, exact, exact, exact, exact, gave_up, exact]
+    index.reset()
+    spread = torch.randn(1, 1, 8192, 16, generator=generator)
+    index.add(spread, spread)
+    routes = []
+    for _ in range(9):
+        index.search(torch.randn(1, 1, 256, 16, generator=generator), 8)
+        routes.append(index.last_search)
+    assert routes[-1] == "two-stage" and routes[-2] == "two-stage"  # screens again once it certifies
