@@ -6,13 +6,22 @@ equal to the raw float32 keys plus the values.
 
 ``ivf``: one ``IndexIVFFlat`` per (sequence, head), trained with k-means on its first
 ``train_size`` entries (until then, entries wait in an exact buffer that is searched brute-force).
-Searches visit ``nprobe`` of the ``nlist`` lists. An IVF list cannot drop its oldest entry cheaply
-(``remove_ids`` scans every list), so eviction happens in blocks of ``evict_block`` entries: one
-O(live) scan per block, i.e. O(live / evict_block) per added entry, and a sequence then holds
-between ``capacity - evict_block`` and ``capacity`` entries. No id older than
-``total_added - capacity`` is ever returned. Keys live only inside faiss (a search reconstructs the
-ones it returns); values live in a ring buffer. faiss' GPU IVF cannot remove entries, so the IVF
-index stays on the CPU even for a CUDA device; its results are moved to the device.
+Searches visit ``nprobe`` of the ``nlist`` lists. With ``mips="euclidean"`` (the default) the lists hold the
+keys in the Euclidean transform of Bachrach et al. (2014, "Speeding up the Xbox recommender system using a
+Euclidean transformation for inner-product spaces"): each key gains a coordinate ``sqrt(M^2 - |k|^2)`` (``M``
+the largest norm among the training keys) and each query a 0, so that ``|q - k'|^2 = |q|^2 + M^2 - 2 q.k`` and
+the nearest keys in L2 are those of largest inner product. k-means and list probing then work as they do for
+nearest neighbours; on inner products directly they do not (lists whose centroid has a large product need not
+hold the keys that do). Keys that arrive later with a norm above ``M`` go to a small exact side buffer searched
+beside the lists. Returned scores are the float32 products of the returned keys.
+
+An IVF list cannot drop its oldest entry cheaply (``remove_ids`` scans every list), so eviction happens in
+blocks of ``evict_block`` entries: one O(live) scan per block, i.e. O(live / evict_block) per added entry, and a
+sequence then holds between ``capacity - evict_block`` and ``capacity`` entries. No id older than
+``total_added - capacity`` is ever returned. Keys live inside faiss and again, in float32, in a ring buffer beside
+the values: the lists propose ``k`` candidates per query and the ring's keys rank them (with the side buffer's) by
+their exact products, cheaper than faiss' reconstruction of the keys it returns. faiss' GPU IVF cannot remove
+entries, so the lists stay on the CPU even for a CUDA device; the rings live on the device.
 
 faiss is an optional dependency (the ``cpu`` or ``gpu`` extra); it is imported when an index is made.
 """
@@ -26,6 +35,8 @@ import torch
 
 from .base import MemoryIndex, SearchResult
 from .ring import RingBuffer, RingIndex
+
+MIPS = ("euclidean", "inner-product")
 
 
 def import_faiss():
@@ -89,13 +100,19 @@ class FaissIVFIndex(MemoryIndex):
         train_size: entries a sequence collects before its lists are trained; default
             min(capacity, 40 * nlist).
         evict_block: entries evicted at once when full; default capacity // 16.
+        mips: ``"euclidean"`` (lists over the Euclidean transform of the keys, see the module docstring) or
+            ``"inner-product"`` (faiss' inner-product lists over the keys as they are).
     """
 
     backend = "faiss-ivf"
 
-    def __init__(self, *, nlist=None, nprobe=None, train_size=None, evict_block=None, **kwargs) -> None:
+    def __init__(self, *, nlist=None, nprobe=None, train_size=None, evict_block=None, mips="euclidean",
+                 **kwargs) -> None:
         self._faiss = import_faiss()
         super().__init__(**kwargs)
+        if mips not in MIPS:
+            raise ValueError(f"mips must be one of {MIPS}, got {mips!r}")
+        self.mips = mips
         self.nlist = nlist if nlist is not None else max(1, min(self.capacity, round(math.sqrt(self.capacity))))
         self.train_size = train_size if train_size is not None else min(self.capacity, 40 * self.nlist)
         self.evict_block = evict_block if evict_block is not None else max(1, self.capacity // 16)
@@ -110,18 +127,45 @@ class FaissIVFIndex(MemoryIndex):
             raise ValueError(
                 f"train_size must lie in [nlist={self.nlist}, capacity={self.capacity}], got {self.train_size}"
             )
-        self._values = RingBuffer(
-            self.batch_size, self.num_heads, self.capacity, self.dim, dtype=self.dtype, device=self.device
-        )
+        shape = (self.batch_size, self.num_heads, self.capacity, self.dim)
+        self._values = RingBuffer(*shape, dtype=self.dtype, device=self.device)
+        # the keys again, in float32 beside the lists: a search ranks its candidates by their exact products from
+        # here (faiss' reconstruction of the returned keys costs as much again as the search itself)
+        self._keys = RingBuffer(*shape, dtype=torch.float32, device=self.device)
         self._ivf = [[self._new_ivf() for _ in range(self.num_heads)] for _ in range(self.batch_size)]
         self._pending = [self._no_pending() for _ in range(self.batch_size)]  # [heads, p, dim] untrained
         self._oldest = [0] * self.batch_size  # id of each sequence's oldest live entry
+        # euclidean: per (sequence, head) the norm M of the transform, and the ids of the keys above it
+        self._norm_cap = np.zeros((self.batch_size, self.num_heads), dtype=np.float32)
+        self._outside = [[self._nothing_outside() for _ in range(self.num_heads)] for _ in range(self.batch_size)]
 
     def _new_ivf(self):
         faiss = self._faiss
-        ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(self.dim), self.dim, self.nlist, faiss.METRIC_INNER_PRODUCT)
+        if self.mips == "euclidean":
+            ivf = faiss.IndexIVFFlat(faiss.IndexFlatL2(self.dim + 1), self.dim + 1, self.nlist, faiss.METRIC_L2)
+        else:
+            ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(self.dim), self.dim, self.nlist, faiss.METRIC_INNER_PRODUCT)
         ivf.nprobe = self.nprobe
         return ivf
+
+    @staticmethod
+    def _nothing_outside() -> np.ndarray:
+        return np.zeros(0, dtype=np.int64)
+
+    def _into_lists(self, row: int, head: int, keys: np.ndarray, ids: np.ndarray) -> None:
+        """Add keys [m, dim] with their ids to a trained (sequence, head): transformed into its lists, or (above
+        the transform's norm) into its side buffer."""
+        ivf = self._ivf[row][head]
+        if self.mips == "inner-product":
+            ivf.add_with_ids(np.ascontiguousarray(keys), ids)
+            return
+        cap = self._norm_cap[row, head]
+        squared = np.einsum("nd,nd->n", keys, keys)
+        inside = squared <= cap * cap
+        lifted = np.sqrt(np.maximum(cap * cap - squared[inside], 0))[:, None]
+        ivf.add_with_ids(np.ascontiguousarray(np.concatenate([keys[inside], lifted], axis=1)), ids[inside])
+        if not inside.all():
+            self._outside[row][head] = np.concatenate([self._outside[row][head], ids[~inside]])
 
     def _no_pending(self) -> np.ndarray:
         return np.zeros((self.num_heads, 0, self.dim), dtype=np.float32)
@@ -133,10 +177,12 @@ class FaissIVFIndex(MemoryIndex):
     @property
     def nbytes(self) -> int:
         ids = 8  # faiss keeps an int64 id beside every vector
-        stored = sum(ivf.ntotal for row in self._ivf for ivf in row) * (4 * self.dim + ids)
-        lists = sum(ivf.nlist * self.dim * 4 for row in self._ivf for ivf in row if ivf.is_trained)
+        width = self.dim + (self.mips == "euclidean")  # the transform's extra coordinate
+        stored = sum(ivf.ntotal for row in self._ivf for ivf in row) * (4 * width + ids)
+        lists = sum(ivf.nlist * width * 4 for row in self._ivf for ivf in row if ivf.is_trained)
         pending = sum(p.nbytes for p in self._pending)
-        return self._values.nbytes + stored + lists + pending
+        outside = sum(ids.nbytes for row in self._outside for ids in row)
+        return self._values.nbytes + self._keys.nbytes + stored + lists + pending + outside
 
     def _add(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         n = keys.shape[2]
@@ -145,13 +191,14 @@ class FaissIVFIndex(MemoryIndex):
         for row, total in enumerate(self._total):
             first = total + n - keep  # id of the first kept entry
             self._values.write(row, first, values[row, :, n - keep :].to(self.dtype))
+            self._keys.write(row, first, keys[row, :, n - keep :].float())
             if not self._ivf[row][0].is_trained:
                 self._collect(row, first, keys_np[row])
             else:
                 self._evict(row, first + keep)
                 ids = np.arange(first, first + keep, dtype=np.int64)
-                for head, ivf in enumerate(self._ivf[row]):
-                    ivf.add_with_ids(keys_np[row, head], ids)
+                for head in range(self.num_heads):
+                    self._into_lists(row, head, keys_np[row, head], ids)
 
     def _collect(self, row: int, first: int, keys: np.ndarray) -> None:
         """Buffer keys [heads, m, dim] of an untrained sequence; train once ``train_size`` are there."""
@@ -164,8 +211,15 @@ class FaissIVFIndex(MemoryIndex):
             return
         ids = np.arange(self._oldest[row], end, dtype=np.int64)
         for head, ivf in enumerate(self._ivf[row]):
-            ivf.train(np.ascontiguousarray(pending[head, : self.train_size]))
-            ivf.add_with_ids(np.ascontiguousarray(pending[head]), ids)
+            sample = np.ascontiguousarray(pending[head, : self.train_size])
+            if self.mips == "euclidean":
+                self._norm_cap[row, head] = np.sqrt(np.einsum("nd,nd->n", pending[head], pending[head]).max())
+                squared = np.einsum("nd,nd->n", sample, sample)
+                sample = np.concatenate([sample, np.sqrt(np.maximum(self._norm_cap[row, head] ** 2 - squared, 0))
+                                         [:, None]], axis=1)
+            if not ivf.is_trained:  # a reset sequence keeps its lists (and its transform)
+                ivf.train(sample)
+            self._into_lists(row, head, pending[head], ids)
         self._pending[row] = self._no_pending()
 
     def _evict(self, row: int, end: int) -> None:
@@ -177,40 +231,65 @@ class FaissIVFIndex(MemoryIndex):
         cut = max(needed, min(oldest + self.evict_block, total))  # past ``total`` when an add overflows alone
         for ivf in self._ivf[row]:
             ivf.remove_ids(self._faiss.IDSelectorRange(oldest, min(cut, total)))
+        for head, ids in enumerate(self._outside[row]):
+            self._outside[row][head] = ids[ids >= cut]
         self._oldest[row] = cut
 
     def _search(self, queries: torch.Tensor, k: int, scratch: bool) -> SearchResult:
         batch, heads, q, dim = queries.shape
-        scores = np.full((batch, heads, q, k), -np.inf, dtype=np.float32)
-        ids = np.full((batch, heads, q, k), -1, dtype=np.int64)
-        keys = np.zeros((batch, heads, q, k, dim), dtype=np.float32)
+        # candidate ids per query (-1: none): the lists' k nearest and the side buffer's k best, or the untrained
+        # buffer's k best; ranked below by their exact float32 products
+        candidates = np.full((batch, heads, q, 2 * k), -1, dtype=np.int64)
         queries_np = queries.cpu().numpy()
         for row in range(batch):
             pending = self._pending[row]
             for head, ivf in enumerate(self._ivf[row]):
                 if ivf.is_trained:
-                    if ivf.ntotal:
-                        d, i, r = ivf.search_and_reconstruct(queries_np[row, head], k)
-                        scores[row, head], ids[row, head], keys[row, head] = d, i, r
+                    found = self._candidates(row, head, queries_np[row, head], queries[row, head], k)
                 elif pending.shape[1]:
                     metric = self._faiss.METRIC_INNER_PRODUCT
-                    d, i = self._faiss.knn(queries_np[row, head], pending[head], k, metric=metric)
-                    scores[row, head] = d
-                    keys[row, head] = pending[head][np.maximum(i, 0)]
-                    ids[row, head] = np.where(i >= 0, i + self._oldest[row], -1)
-        mask = torch.from_numpy(ids >= 0).to(self.device)
-        ids_t = torch.from_numpy(ids).to(self.device)
-        slots = torch.where(mask, ids_t.remainder(self.capacity), -1)
+                    _, i = self._faiss.knn(queries_np[row, head], pending[head], k, metric=metric)
+                    found = np.where(i >= 0, i + self._oldest[row], -1)
+                else:
+                    continue
+                candidates[row, head, :, : found.shape[1]] = found
+        ids = torch.from_numpy(candidates).to(self.device)
+        slots = torch.where(ids >= 0, ids.remainder(self.capacity), -1)
+        keys = self._keys.gather(slots, self._workspace.get("candidates", (*slots.shape, dim), torch.float32,
+                                                            self.device))
+        scores = torch.einsum("bhqcd,bhqd->bhqc", keys, queries).masked_fill(ids < 0, -math.inf)
+        scores, best = scores.topk(k, dim=-1)
+        ids, slots = ids.gather(-1, best), slots.gather(-1, best)
+        mask = ids >= 0
         return SearchResult(
-            scores=torch.from_numpy(scores).to(self.device).masked_fill(~mask, -math.inf),
-            keys=torch.from_numpy(keys).to(self.device, self.dtype).masked_fill(~mask.unsqueeze(-1), 0),
+            scores=scores.masked_fill(~mask, -math.inf),
+            keys=self._keys.gather(slots, self._result_buffer("keys", (*slots.shape, dim), torch.float32, scratch)
+                                   ).to(self.dtype),
             values=self._values.gather(slots, self._result_buffer("values", (*slots.shape, dim), self.dtype, scratch)),
             mask=mask,
-            ids=ids_t,
+            ids=ids,
         )
+
+    def _candidates(self, row: int, head: int, queries_np: np.ndarray, queries: torch.Tensor, k: int) -> np.ndarray:
+        """Ids [q, <= 2k] (-1: none) worth ranking for a trained (sequence, head): its lists' k nearest to the
+        queries [q, dim], and the k of largest product among the keys kept beside the lists."""
+        ivf, found = self._ivf[row][head], [np.zeros((len(queries_np), 0), dtype=np.int64)]
+        if ivf.ntotal:
+            if self.mips == "euclidean":
+                queries_np = np.concatenate([queries_np, np.zeros((len(queries_np), 1), np.float32)], axis=1)
+            found.append(ivf.search(np.ascontiguousarray(queries_np), k)[1])
+        outside = self._outside[row][head]
+        if len(outside):  # keys beyond the transform's norm: searched exactly
+            held = torch.from_numpy(outside).to(self.device)
+            keys = self._keys.data[row, head].index_select(0, held.remainder(self.capacity))
+            best = (queries @ keys.T).topk(min(k, len(outside)), dim=-1).indices
+            found.append(held[best].cpu().numpy())
+        return np.concatenate(found, axis=1)
 
     def _reset(self, rows: list[int]) -> None:
         for row in rows:
+            self._outside[row] = [self._nothing_outside() for _ in range(self.num_heads)]
+            self._keys.clear(row)
             for ivf in self._ivf[row]:
                 ivf.reset()  # drops the entries, keeps the trained lists
             self._pending[row] = self._no_pending()
@@ -218,25 +297,32 @@ class FaissIVFIndex(MemoryIndex):
             self._oldest[row] = 0
 
     def _config(self) -> dict:
-        extra = {"nlist": self.nlist, "train_size": self.train_size, "evict_block": self.evict_block}
+        extra = {"nlist": self.nlist, "train_size": self.train_size, "evict_block": self.evict_block,
+                 "mips": self.mips}
         return {**super()._config(), **extra}
 
     def _state(self) -> dict:
         faiss = self._faiss
-        state = {"values": self._values.data.clone(), "oldest": torch.tensor(self._oldest, dtype=torch.long)}
+        state = {"values": self._values.data.clone(), "keys": self._keys.data.clone(),
+                 "oldest": torch.tensor(self._oldest, dtype=torch.long),
+                 "norm_cap": torch.from_numpy(self._norm_cap.copy())}
         for row in range(self.batch_size):
             state[f"pending.{row}"] = torch.from_numpy(self._pending[row].copy())
             for head, ivf in enumerate(self._ivf[row]):
                 state[f"ivf.{row}.{head}"] = torch.from_numpy(faiss.serialize_index(ivf))
+                state[f"outside.{row}.{head}"] = torch.from_numpy(self._outside[row][head].copy())
         return state
 
     def _load_state(self, state: dict) -> None:
         faiss = self._faiss
         self._values.data = state["values"].to(self.device, self.dtype).clone()
+        self._keys.data = state["keys"].to(self.device, torch.float32).clone()
         self._oldest = [int(o) for o in state["oldest"]]
+        self._norm_cap = state["norm_cap"].numpy().astype(np.float32, copy=True)
         for row in range(self.batch_size):
             self._pending[row] = state[f"pending.{row}"].numpy().astype(np.float32, copy=True)
             for head in range(self.num_heads):
                 ivf = faiss.deserialize_index(state[f"ivf.{row}.{head}"].numpy())
                 ivf.nprobe = self.nprobe
                 self._ivf[row][head] = ivf
+                self._outside[row][head] = state[f"outside.{row}.{head}"].numpy().astype(np.int64, copy=True)
