@@ -42,7 +42,7 @@ def create_index(
         dim, capacity, batch_size, num_heads, device, dtype: see ``MemoryIndex``.
         backend_kwargs: for ``"torch"``: ``search`` (``"auto"``, ``"exact"``, ``"two-stage"``, see
             ``TorchIndex``); for ``"faiss"``: ``kind`` (``"flat"`` or ``"ivf"``) and, for IVF,
-            ``nlist``, ``nprobe``, ``train_size``, ``evict_block`` (see ``FaissIVFIndex``).
+            ``nlist``, ``nprobe``, ``train_size``, ``evict_block``, ``mips`` (see ``FaissIVFIndex``).
     """
     common = {"dim": dim, "capacity": capacity, "batch_size": batch_size, "num_heads": num_heads,
               "device": device, "dtype": dtype}

@@ -39,6 +39,15 @@ from .ring import RingBuffer, RingIndex
 MIPS = ("euclidean", "inner-product")
 
 
+def lift(keys: np.ndarray, norm: float) -> tuple[np.ndarray, np.ndarray]:
+    """The Euclidean transform: keys [m, dim] -> which have a norm of at most ``norm`` ([m] bool), and those keys
+    with the coordinate ``sqrt(norm^2 - |k|^2)`` appended ([inside, dim + 1], contiguous float32)."""
+    squared = np.einsum("nd,nd->n", keys, keys)
+    inside = squared <= norm * norm
+    extra = np.sqrt(np.maximum(norm * norm - squared[inside], 0))[:, None]
+    return inside, np.ascontiguousarray(np.concatenate([keys[inside], extra], axis=1), dtype=np.float32)
+
+
 def import_faiss():
     """faiss, or an ImportError that names the extra to install."""
     try:
@@ -159,11 +168,8 @@ class FaissIVFIndex(MemoryIndex):
         if self.mips == "inner-product":
             ivf.add_with_ids(np.ascontiguousarray(keys), ids)
             return
-        cap = self._norm_cap[row, head]
-        squared = np.einsum("nd,nd->n", keys, keys)
-        inside = squared <= cap * cap
-        lifted = np.sqrt(np.maximum(cap * cap - squared[inside], 0))[:, None]
-        ivf.add_with_ids(np.ascontiguousarray(np.concatenate([keys[inside], lifted], axis=1)), ids[inside])
+        inside, lifted = lift(keys, self._norm_cap[row, head])
+        ivf.add_with_ids(lifted, ids[inside])
         if not inside.all():
             self._outside[row][head] = np.concatenate([self._outside[row][head], ids[~inside]])
 
@@ -212,13 +218,10 @@ class FaissIVFIndex(MemoryIndex):
         ids = np.arange(self._oldest[row], end, dtype=np.int64)
         for head, ivf in enumerate(self._ivf[row]):
             sample = np.ascontiguousarray(pending[head, : self.train_size])
-            if self.mips == "euclidean":
+            if self.mips == "euclidean":  # M: the largest norm of the keys entering now
                 self._norm_cap[row, head] = np.sqrt(np.einsum("nd,nd->n", pending[head], pending[head]).max())
-                squared = np.einsum("nd,nd->n", sample, sample)
-                sample = np.concatenate([sample, np.sqrt(np.maximum(self._norm_cap[row, head] ** 2 - squared, 0))
-                                         [:, None]], axis=1)
-            if not ivf.is_trained:  # a reset sequence keeps its lists (and its transform)
-                ivf.train(sample)
+                sample = lift(sample, self._norm_cap[row, head])[1]
+            ivf.train(sample)
             self._into_lists(row, head, pending[head], ids)
         self._pending[row] = self._no_pending()
 
