@@ -9,11 +9,12 @@ equal to the raw float32 keys plus the values.
 Searches visit ``nprobe`` of the ``nlist`` lists. With ``mips="euclidean"`` (the default) the lists hold the
 keys in the Euclidean transform of Bachrach et al. (2014, "Speeding up the Xbox recommender system using a
 Euclidean transformation for inner-product spaces"): each key gains a coordinate ``sqrt(M^2 - |k|^2)`` (``M``
-the largest norm among the training keys) and each query a 0, so that ``|q - k'|^2 = |q|^2 + M^2 - 2 q.k`` and
-the nearest keys in L2 are those of largest inner product. k-means and list probing then work as they do for
-nearest neighbours; on inner products directly they do not (lists whose centroid has a large product need not
-hold the keys that do). Keys that arrive later with a norm above ``M`` go to a small exact side buffer searched
-beside the lists. Returned scores are the float32 products of the returned keys.
+the largest norm among the training keys; zeros pad the width to a multiple of 8) and each query a 0, so that
+``|q - k'|^2 = |q|^2 + M^2 - 2 q.k`` and the nearest keys in L2 are those of largest inner product. k-means and
+list probing then work as they do for nearest neighbours; on inner products directly they do not (lists whose
+centroid has a large product need not hold the keys that do). Keys that arrive later with a norm above ``M`` go
+to a small exact side buffer searched beside the lists. Returned scores are the float32 products of the
+returned keys.
 
 An IVF list cannot drop its oldest entry cheaply (``remove_ids`` scans every list), so eviction happens in
 blocks of ``evict_block`` entries: one O(live) scan per block, i.e. O(live / evict_block) per added entry, and a
@@ -39,13 +40,16 @@ from .ring import RingBuffer, RingIndex
 MIPS = ("euclidean", "inner-product")
 
 
-def lift(keys: np.ndarray, norm: float) -> tuple[np.ndarray, np.ndarray]:
+def lift(keys: np.ndarray, norm: float, width: int) -> tuple[np.ndarray, np.ndarray]:
     """The Euclidean transform: keys [m, dim] -> which have a norm of at most ``norm`` ([m] bool), and those keys
-    with the coordinate ``sqrt(norm^2 - |k|^2)`` appended ([inside, dim + 1], contiguous float32)."""
+    with the coordinate ``sqrt(norm^2 - |k|^2)`` appended, then zeros up to ``width`` ([inside, width] float32:
+    faiss' distance kernels are several times slower on widths that are not a multiple of 8)."""
     squared = np.einsum("nd,nd->n", keys, keys)
     inside = squared <= norm * norm
-    extra = np.sqrt(np.maximum(norm * norm - squared[inside], 0))[:, None]
-    return inside, np.ascontiguousarray(np.concatenate([keys[inside], extra], axis=1), dtype=np.float32)
+    lifted = np.zeros((int(inside.sum()), width), dtype=np.float32)
+    lifted[:, : keys.shape[1]] = keys[inside]
+    lifted[:, keys.shape[1]] = np.sqrt(np.maximum(norm * norm - squared[inside], 0))
+    return inside, lifted
 
 
 def import_faiss():
@@ -122,6 +126,8 @@ class FaissIVFIndex(MemoryIndex):
         if mips not in MIPS:
             raise ValueError(f"mips must be one of {MIPS}, got {mips!r}")
         self.mips = mips
+        # the vectors in the lists: the keys, plus the transform's coordinate padded to a multiple of 8
+        self.width = self.dim if mips == "inner-product" else math.ceil((self.dim + 1) / 8) * 8
         self.nlist = nlist if nlist is not None else max(1, min(self.capacity, round(math.sqrt(self.capacity))))
         self.train_size = train_size if train_size is not None else min(self.capacity, 40 * self.nlist)
         self.evict_block = evict_block if evict_block is not None else max(1, self.capacity // 16)
@@ -151,7 +157,7 @@ class FaissIVFIndex(MemoryIndex):
     def _new_ivf(self):
         faiss = self._faiss
         if self.mips == "euclidean":
-            ivf = faiss.IndexIVFFlat(faiss.IndexFlatL2(self.dim + 1), self.dim + 1, self.nlist, faiss.METRIC_L2)
+            ivf = faiss.IndexIVFFlat(faiss.IndexFlatL2(self.width), self.width, self.nlist, faiss.METRIC_L2)
         else:
             ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(self.dim), self.dim, self.nlist, faiss.METRIC_INNER_PRODUCT)
         ivf.nprobe = self.nprobe
@@ -168,7 +174,7 @@ class FaissIVFIndex(MemoryIndex):
         if self.mips == "inner-product":
             ivf.add_with_ids(np.ascontiguousarray(keys), ids)
             return
-        inside, lifted = lift(keys, self._norm_cap[row, head])
+        inside, lifted = lift(keys, self._norm_cap[row, head], self.width)
         ivf.add_with_ids(lifted, ids[inside])
         if not inside.all():
             self._outside[row][head] = np.concatenate([self._outside[row][head], ids[~inside]])
@@ -183,9 +189,8 @@ class FaissIVFIndex(MemoryIndex):
     @property
     def nbytes(self) -> int:
         ids = 8  # faiss keeps an int64 id beside every vector
-        width = self.dim + (self.mips == "euclidean")  # the transform's extra coordinate
-        stored = sum(ivf.ntotal for row in self._ivf for ivf in row) * (4 * width + ids)
-        lists = sum(ivf.nlist * width * 4 for row in self._ivf for ivf in row if ivf.is_trained)
+        stored = sum(ivf.ntotal for row in self._ivf for ivf in row) * (4 * self.width + ids)
+        lists = sum(ivf.nlist * self.width * 4 for row in self._ivf for ivf in row if ivf.is_trained)
         pending = sum(p.nbytes for p in self._pending)
         outside = sum(ids.nbytes for row in self._outside for ids in row)
         return self._values.nbytes + self._keys.nbytes + stored + lists + pending + outside
@@ -220,7 +225,7 @@ class FaissIVFIndex(MemoryIndex):
             sample = np.ascontiguousarray(pending[head, : self.train_size])
             if self.mips == "euclidean":  # M: the largest norm of the keys entering now
                 self._norm_cap[row, head] = np.sqrt(np.einsum("nd,nd->n", pending[head], pending[head]).max())
-                sample = lift(sample, self._norm_cap[row, head])[1]
+                sample = lift(sample, self._norm_cap[row, head], self.width)[1]
             ivf.train(sample)
             self._into_lists(row, head, pending[head], ids)
         self._pending[row] = self._no_pending()
@@ -278,9 +283,9 @@ class FaissIVFIndex(MemoryIndex):
         queries [q, dim], and the k of largest product among the keys kept beside the lists."""
         ivf, found = self._ivf[row][head], [np.zeros((len(queries_np), 0), dtype=np.int64)]
         if ivf.ntotal:
-            if self.mips == "euclidean":
-                queries_np = np.concatenate([queries_np, np.zeros((len(queries_np), 1), np.float32)], axis=1)
-            found.append(ivf.search(np.ascontiguousarray(queries_np), k)[1])
+            lifted = np.zeros((len(queries_np), self.width), dtype=np.float32)  # queries gain zeros
+            lifted[:, : self.dim] = queries_np
+            found.append(ivf.search(lifted, k)[1])
         outside = self._outside[row][head]
         if len(outside):  # keys beyond the transform's norm: searched exactly
             held = torch.from_numpy(outside).to(self.device)
