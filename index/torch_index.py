@@ -179,8 +179,8 @@ class TorchIndex(RingIndex):
         queries_t = queries.reshape(batch * heads, q, dim).transpose(1, 2)  # [bh, dim, q]
         block = max(1, min(q, self.search_block_queries, self.search_block_bytes // (4 * batch * heads * slots)))
         # kept between searches: allocating hundreds of MB every search costs page faults that exceed the search
-        buffer = self._workspace.get("scores", (batch * heads * slots * block,), torch.float32, queries.device,
-                                     limit=self.search_block_bytes // 4)
+        buffer = self._workspace.get("one-stage scores", (batch * heads * slots * block,), torch.float32,
+                                     queries.device, limit=self.search_block_bytes // 4)
         out_scores = torch.empty(batch * heads, q, k, device=queries.device)
         out_slots = torch.empty(batch * heads, q, k, dtype=torch.long, device=queries.device)
         grouped = slots // GROUP > 4 * k  # below that, grouping saves nothing

@@ -96,7 +96,7 @@ def two_stage_topk(screen: torch.Tensor, keys: torch.Tensor, bounds: torch.Tenso
     a = slack * (rounded.norm(dim=-1) * residual + (rounded - queries).norm(dim=-1) * norm
                  + 3 * gamma(dim) * queries.norm(dim=-1) * norm)  # [rows, q]
     v = slack * UNIT_ROUNDOFF / (1 - UNIT_ROUNDOFF)
-    scores = workspace.get("scores", (rows * block * q,), torch.bfloat16, device)
+    scores = workspace.get("screened scores", (rows * block * q,), torch.bfloat16, device)
     starts = range(0, slots, block)
     all_live = int(sizes.min())  # slots below it are live in every row
 
@@ -163,11 +163,11 @@ def two_stage_topk(screen: torch.Tensor, keys: torch.Tensor, bounds: torch.Tenso
     owner = row * q + query  # [T]
     total = owner.numel()
     stored = torch.index_select(keys.reshape(-1, dim), 0, row * allocated + slot,
-                                out=workspace.get("keys", (total, dim), keys.dtype, device))
+                                out=workspace.get("survivors' keys", (total, dim), keys.dtype, device))
     if stored.dtype != torch.float32:
-        stored = workspace.get("keys32", (total, dim), torch.float32, device).copy_(stored)
+        stored = workspace.get("survivors' keys in float32", (total, dim), torch.float32, device).copy_(stored)
     asked = torch.index_select(queries.reshape(-1, dim), 0, owner,
-                               out=workspace.get("queries", (total, dim), torch.float32, device))
+                               out=workspace.get("survivors' queries", (total, dim), torch.float32, device))
     exact = torch.bmm(stored.unsqueeze(1), asked.unsqueeze(2)).view(total)  # each survivor's float32 product
     order = torch.argsort(owner * 2**32 + descending_key(exact))  # by query, best first within each
     counts = torch.bincount(owner, minlength=rows * q)

@@ -691,3 +691,17 @@ def test_auto_backs_off_from_a_screen_that_keeps_giving_up():
         index.search(torch.randn(1, 1, 256, 16, generator=generator), 8)
         routes.append(index.last_search)
     assert routes[-1] == "two-stage" and routes[-2] == "two-stage"  # screens again once it certifies
+
+
+def test_searches_reuse_their_scratch_as_routes_alternate():
+    generator = torch.Generator().manual_seed(23)
+    index = create_index("torch", dim=64, capacity=8192, num_heads=2)  # auto
+    keys = torch.randn(1, 2, 8192, 64, generator=generator)
+    index.add(keys, keys)
+    many, few = (torch.randn(1, 2, n, 64, generator=generator) for n in (512, 32))  # screened / one stage
+    held = []
+    for _ in range(3):
+        for queries in (many, few):
+            index.search(queries, 16, scratch=True)
+        held.append({name: buffer.data_ptr() for name, buffer in index._workspace._buffers.items()})
+    assert held[0] == held[1] == held[2]  # no buffer made anew once both routes ran
