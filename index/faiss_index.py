@@ -263,18 +263,19 @@ class FaissIVFIndex(MemoryIndex):
                 candidates[row, head, :, : found.shape[1]] = found
         ids = torch.from_numpy(candidates).to(self.device)
         slots = torch.where(ids >= 0, ids.remainder(self.capacity), -1)
-        keys = self._keys.gather(slots, self._workspace.get("candidates", (*slots.shape, dim), torch.float32,
-                                                            self.device))
-        scores = torch.einsum("bhqcd,bhqd->bhqc", keys, queries).masked_fill(ids < 0, -math.inf)
-        scores, best = scores.topk(k, dim=-1)
+        ranked = self._keys.gather(slots, self._workspace.get("candidates", (*slots.shape, dim), torch.float32,
+                                                              self.device))  # zero where no candidate
+        scores = torch.einsum("bhqcd,bhqd->bhqc", ranked, queries).masked_fill(ids < 0, -math.inf)
+        scores, best = scores.topk(k, dim=-1)  # -inf where a query has fewer than k candidates
         ids, slots = ids.gather(-1, best), slots.gather(-1, best)
-        mask = ids >= 0
+        shape = (*best.shape, dim)
+        keys = torch.gather(ranked, 3, best.unsqueeze(-1).expand(shape),
+                            out=self._result_buffer("keys", shape, torch.float32, scratch))
         return SearchResult(
-            scores=scores.masked_fill(~mask, -math.inf),
-            keys=self._keys.gather(slots, self._result_buffer("keys", (*slots.shape, dim), torch.float32, scratch)
-                                   ).to(self.dtype),
-            values=self._values.gather(slots, self._result_buffer("values", (*slots.shape, dim), self.dtype, scratch)),
-            mask=mask,
+            scores=scores,
+            keys=keys.to(self.dtype),
+            values=self._values.gather(slots, self._result_buffer("values", shape, self.dtype, scratch)),
+            mask=ids >= 0,
             ids=ids,
         )
 

@@ -33,7 +33,3 @@ class Workspace:
                 grown = min(grown, limit)
             buffer = self._buffers[name] = torch.empty(max(numel, grown), dtype=dtype, device=device)
         return buffer[:numel].view(shape)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(buffer.numel() * buffer.element_size() for buffer in self._buffers.values())
