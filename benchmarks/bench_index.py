@@ -230,7 +230,7 @@ def model_keys(text_path: str, capacity: int, queries: int) -> tuple[torch.Tenso
 
 def bench_two_stage(kinds: dict, repeat: int, device: str = "cpu") -> None:
     """Two-stage exact search against one stage, on keys of several kinds: speed, answers, route (on CUDA also
-    faiss-gpu's flat search, and the screen needs float32 accumulation: see ``index/two_stage.py``)."""
+    faiss-gpu's flat search, and the screen needs float32 accumulation: see ``memlm/index/two_stage.py``)."""
     cuda = device.startswith("cuda")
     if cuda:
         torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False

@@ -1,4 +1,4 @@
-"""LongNet's dilated attention (kernels/dilated_attention.py) and its differentiable fused block (flash_block.py):
+"""LongNet's dilated attention (memlm/kernels/dilated_attention.py) and its differentiable fused block (flash_block.py):
 against a naive float64 loop of the definition, dense attention, one process vs 2 and 4 gloo ranks, in a model."""
 
 from __future__ import annotations

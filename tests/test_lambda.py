@@ -1,4 +1,4 @@
-"""LM-Infinite's Λ attention (kernels/lambda_attention.py) against a naive float64 masked softmax."""
+"""LM-Infinite's Λ attention (memlm/kernels/lambda_attention.py) against a naive float64 masked softmax."""
 
 from __future__ import annotations
 

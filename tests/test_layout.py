@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = {"memlm": ROOT / "memlm", "memlm.index": ROOT / "index", "memlm.kernels": ROOT / "kernels"}
+PACKAGE = ROOT / "memlm"
 #: the dependency order of docs/DESIGN.md: a module may import its own rank or lower ones
 RANKS = {
     "memlm.kernels": 0, "memlm.index": 0, "memlm.config": 0, "memlm.version": 0,
@@ -22,13 +22,9 @@ RANKS = {
 
 def modules() -> dict[str, Path]:
     found = {}
-    for package, folder in PACKAGES.items():
-        for path in folder.rglob("*.py"):
-            parts = path.relative_to(folder).with_suffix("").parts
-            if package == "memlm" and parts[0] in ("index", "kernels"):
-                continue
-            name = ".".join((package, *parts)).removesuffix(".__init__")
-            found[name] = path
+    for path in PACKAGE.rglob("*.py"):
+        name = ".".join(("memlm", *path.relative_to(PACKAGE).with_suffix("").parts)).removesuffix(".__init__")
+        found[name] = path
     return found
 
 

@@ -1,4 +1,4 @@
-"""Ring Attention (kernels/ring_attention.py) and use_attention(model, "ring"): every rank's shard, gathered and
+"""Ring Attention (memlm/kernels/ring_attention.py) and use_attention(model, "ring"): every rank's shard, gathered and
 unsharded, against full attention on one process (scaled_dot_product_attention, attention_block, a tiny Llama) on
 2, 3 and 4 gloo ranks; the layouts' round trip; the refusals."""
 

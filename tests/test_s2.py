@@ -1,4 +1,4 @@
-"""LongLoRA's shifted sparse attention (kernels/shifted_sparse_attention.py) against a naive float64 loop."""
+"""LongLoRA's shifted sparse attention (memlm/kernels/shifted_sparse_attention.py) against a naive float64 loop."""
 
 from __future__ import annotations
 
