@@ -474,12 +474,18 @@ def test_missing_faiss_names_the_extra_to_install(monkeypatch):
 # ------------------------------------------------------------------------------------- two-stage search
 
 
-def two_stage_pair(capacity: int, batch: int = 2, heads: int = 2, dim: int = 32, dtype=torch.float32):
-    """An exact index and a two-stage one (screening every search) over the same entries."""
+#: the two screens of two_stage.py: screen.cpp compiled (on this CPU) and the torch one (what CUDA runs)
+SCREENS = ["compiled", "torch"]
+
+
+def two_stage_pair(capacity: int, batch: int = 2, heads: int = 2, dim: int = 32, dtype=torch.float32,
+                   screen: str = "compiled"):
+    """An exact index and a two-stage one (screening every search, with ``screen``) over the same entries."""
     common = {"dim": dim, "capacity": capacity, "batch_size": batch, "num_heads": heads, "dtype": dtype}
     exact = create_index("torch", search="exact", **common)
     screened = create_index("torch", search="two-stage", **common)
     screened.two_stage_min_entries = 0
+    screened.two_stage_native = screen == "compiled"
     return exact, screened
 
 
@@ -528,20 +534,21 @@ def model_keys(n: int) -> torch.Tensor:
     return keys.view(1, n, -1, attention.head_dim).transpose(1, 2).contiguous()
 
 
+@pytest.mark.parametrize("screen", SCREENS)
 @pytest.mark.parametrize("kind", ["random", "clustered", "model"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_two_stage_search_returns_the_exact_top_k(kind, dtype):
+def test_two_stage_search_returns_the_exact_top_k(kind, dtype, screen):
     generator = torch.Generator().manual_seed(11)
     if kind == "model":
         keys = model_keys(3072)
         heads, dim = keys.shape[1], keys.shape[3]
-        exact, screened = two_stage_pair(2048, batch=1, heads=heads, dim=dim, dtype=dtype)
+        exact, screened = two_stage_pair(2048, batch=1, heads=heads, dim=dim, dtype=dtype, screen=screen)
         # A small trained model's keys bunch within the screen's margin (more than k * limit survive): the index
         # would hand such searches to one stage; here the screen must rank them, and exactly.
         screened.two_stage_candidate_limit = 10**6
         queries = keys[:, :, torch.randperm(3072, generator=generator)[:96]] * 1.3
     else:
-        exact, screened = two_stage_pair(2048, dtype=dtype)
+        exact, screened = two_stage_pair(2048, dtype=dtype, screen=screen)
         if kind == "random":
             keys = torch.randn(2, 2, 3000, 32, generator=generator)
         else:
@@ -557,11 +564,12 @@ def test_two_stage_search_returns_the_exact_top_k(kind, dtype):
         assert not found.scores.isnan().any()
 
 
-def test_two_stage_stays_exact_through_eviction_resets_and_state_round_trips():
-    exact, screened = two_stage_pair(1500)
+@pytest.mark.parametrize("screen", SCREENS)
+def test_two_stage_stays_exact_through_eviction_resets_and_state_round_trips(screen):
+    exact, screened = two_stage_pair(1500, screen=screen)
     # small blocks (of 112 slots: some groups coarsened, some not, a short last block) and query chunks of 16
     screened.two_stage_queries = 16
-    screened.two_stage_block_bytes = 112 * 2 * 4 * 16
+    screened.two_stage_block_bytes = 112 * 2 * 16
     generator = torch.Generator().manual_seed(13)
     queries = torch.randn(2, 2, 40, 32, generator=generator)
     for step, n in enumerate([700, 900, 1400, 333, 2000, 64]):
@@ -573,6 +581,7 @@ def test_two_stage_stays_exact_through_eviction_resets_and_state_round_trips():
     assert screened.last_search == "two-stage"
     restored = create_index("torch", search="two-stage", dim=32, capacity=1500, batch_size=2, num_heads=2)
     restored.two_stage_min_entries = 0
+    restored.two_stage_native = screened.two_stage_native
     restored.load_state_dict(screened.state_dict())
     assert restored.nbytes == screened.nbytes
     assert_same_top_k(exact.search(queries, 6), restored.search(queries, 6), queries)
@@ -581,18 +590,19 @@ def test_two_stage_stays_exact_through_eviction_resets_and_state_round_trips():
     assert_same_top_k(exact.search(queries, 6), restored.search(queries, 6), queries)
 
 
-def test_two_stage_near_ties_are_ranked_exactly_or_handed_to_the_exact_search():
+@pytest.mark.parametrize("screen", SCREENS)
+def test_two_stage_near_ties_are_ranked_exactly_or_handed_to_the_exact_search(screen):
     generator = torch.Generator().manual_seed(14)
     base = torch.randn(32, generator=generator)
     # Keys equal in bfloat16 but not in float32: the screen cannot tell them apart, the re-score must.
     close = base + 1e-4 * torch.randn(1, 1, 4096, 32, generator=generator)
-    exact, screened = two_stage_pair(4096, batch=1, heads=1)
+    exact, screened = two_stage_pair(4096, batch=1, heads=1, screen=screen)
     add_both((exact, screened), close)
     queries = base.expand(1, 1, 8, 32) + 0.01 * torch.randn(1, 1, 8, 32, generator=generator)
     assert_same_top_k(exact.search(queries, 8), screened.search(queries, 8), queries)
     assert screened.last_search == "screen gave up"  # every entry survives the screen: one stage ranks them
     # 64 near ties among random keys (fewer than the survivors allowed): screened, and still exact.
-    exact, screened = two_stage_pair(4096, batch=1, heads=1)
+    exact, screened = two_stage_pair(4096, batch=1, heads=1, screen=screen)
     keys = torch.randn(1, 1, 4096, 32, generator=generator)
     keys[:, :, ::64] = base + 1e-3 * torch.randn(1, 1, 64, 32, generator=generator)
     add_both((exact, screened), keys)
@@ -600,8 +610,9 @@ def test_two_stage_near_ties_are_ranked_exactly_or_handed_to_the_exact_search():
     assert screened.last_search == "two-stage"
 
 
-def test_two_stage_keys_beyond_bfloat16_range_fall_back_without_nan():
-    exact, screened = two_stage_pair(2048, batch=1, heads=1, dim=4)
+@pytest.mark.parametrize("screen", SCREENS)
+def test_two_stage_keys_beyond_bfloat16_range_fall_back_without_nan(screen):
+    exact, screened = two_stage_pair(2048, batch=1, heads=1, dim=4, screen=screen)
     keys = torch.randn(1, 1, 2048, 4, generator=torch.Generator().manual_seed(15)) * 1e-3
     keys[0, 0, 100, 0] = 3.395e38  # finite in float32, infinite in bfloat16
     add_both((exact, screened), keys)
@@ -609,6 +620,59 @@ def test_two_stage_keys_beyond_bfloat16_range_fall_back_without_nan():
     found = screened.search(queries, 4)
     assert screened.last_search == "screen gave up" and not found.scores.isnan().any()
     assert_same_top_k(exact.search(queries, 4), found, queries)
+
+
+@pytest.mark.parametrize("screen", SCREENS)
+def test_two_stage_is_exact_where_scores_and_thresholds_are_negative(screen):
+    # Keys share a direction; half the queries point along it, half away: the second half's scores, group maxima and
+    # thresholds are all negative (the torch screen's integer maxima then undershoot: it must take the true ones).
+    generator = torch.Generator().manual_seed(17)
+    exact, screened = two_stage_pair(4096, batch=1, heads=2, screen=screen)
+    direction = torch.randn(32, generator=generator)
+    add_both((exact, screened), 4 * direction + 0.5 * torch.randn(1, 2, 5000, 32, generator=generator))
+    sign = torch.cat((torch.ones(20), -torch.ones(20))).view(1, 1, 40, 1)
+    queries = sign * direction + 0.1 * torch.randn(1, 2, 40, 32, generator=generator)
+    found = screened.search(queries, 8)
+    assert screened.last_search == "two-stage"
+    assert (found.scores[:, :, 20:] < 0).all() and (found.scores[:, :, :20] > 0).all()
+    assert_same_top_k(exact.search(queries, 8), found, queries)
+
+
+def test_the_compiled_screen_splits_a_row_among_threads_and_agrees_with_the_torch_screen():
+    # One head, more queries than a task takes and not a multiple of the split (100 queries: tasks of 50)
+    generator = torch.Generator().manual_seed(18)
+    exact, compiled = two_stage_pair(5000, batch=1, heads=1, dtype=torch.float16, screen="compiled")
+    _, plain = two_stage_pair(5000, batch=1, heads=1, dtype=torch.float16, screen="torch")
+    add_both((exact, compiled, plain), torch.randn(1, 1, 6000, 32, generator=generator))
+    queries = torch.randn(1, 1, 100, 32, generator=generator)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        expected = exact.search(queries, 16)
+        for index in (compiled, plain):
+            assert_same_top_k(expected, index.search(queries, 16), queries)
+            assert index.last_search == "two-stage"
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_screen_that_cannot_be_built_warns_and_the_torch_screen_runs(monkeypatch):
+    import torch.utils.cpp_extension as cpp_extension
+
+    from memlm.index import two_stage
+
+    def no_compiler(**kwargs):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    with pytest.warns(UserWarning, match="could not be built.*no C\\+\\+ compiler"):
+        assert two_stage.native_screen.__wrapped__() is None
+    monkeypatch.setattr(two_stage, "native_screen", lambda: None)
+    exact, screened = two_stage_pair(2048, batch=1, heads=1, screen="compiled")
+    add_both((exact, screened), torch.randn(1, 1, 2048, 32, generator=torch.Generator().manual_seed(19)))
+    queries = torch.randn(1, 1, 24, 32, generator=torch.Generator().manual_seed(20))
+    assert_same_top_k(exact.search(queries, 4), screened.search(queries, 4), queries)
+    assert screened.last_search == "two-stage"
 
 
 def test_search_mode_is_checked_and_auto_is_the_default():

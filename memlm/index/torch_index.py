@@ -20,7 +20,7 @@ Works on any device torch supports, in float32, float16 and bfloat16 storage; sc
 (``two_stage.py``: same answer, with a margin argument for why); ``"auto"`` (the default) takes it where
 bfloat16 matmul runs in hardware (CUDA with bfloat16, CPUs with AVX512-BF16 or AMX) and the search is large
 enough for the screen to pay: at least ``two_stage_min_entries`` entries, heads of at least ``auto_min_dim``, and
-queries x dim of at least ``auto_min_work`` per head (below them its two passes cost more than one float32 stage,
+queries x dim of at least ``auto_min_work`` per head (below them the screen costs more than one float32 stage,
 as measured by ``benchmarks/bench_index.py --crossover``). The screen costs ``2 * dim + 8`` bytes per entry (a
 bfloat16 copy of the key, its norm and rounding residual; ``8`` when keys are stored in bfloat16 already).
 """
@@ -61,12 +61,14 @@ class TorchIndex(RingIndex):
     #: queries scored per block (BLAS is fastest with a few dozen), and the score buffer's upper bound
     search_block_queries = 64
     search_block_bytes = 256 * 2**20
-    #: two-stage: the smallest memory screened (below it one stage is as fast), slots per screened block, queries
-    #: per screened chunk, and the mean survivors per query (in units of k) beyond which it gives up (near ties)
+    #: two-stage: the smallest memory screened (below it one stage is as fast), the bytes of a row's screened
+    #: block (the first one in screen.cpp), queries per screened chunk, the mean survivors per query (in units of
+    #: k) beyond which it gives up (near ties), and whether CPUs run the compiled screen (screen.cpp)
     two_stage_min_entries = 8192
-    two_stage_block_bytes = 32 * 2**20
+    two_stage_block_bytes = 16 * 2**20
     two_stage_queries = 512
     two_stage_candidate_limit = 16
+    two_stage_native = True
     auto_min_dim = 16
     auto_min_work = 4096  # queries x dim per head: 64 queries of 64 dims, 256 of 16
     #: auto: after a screen gave up, the next 1, 2, 4, ... (at most this many) searches it would take run one stage
@@ -157,15 +159,14 @@ class TorchIndex(RingIndex):
         bounds = self._bounds.data.view(rows, allocated, 2).amax(dim=1)  # [rows, 2]: dead slots hold zeros
         live = torch.tensor(sizes, device=self.device).repeat_interleave(heads)
         chunk = min(q, self.two_stage_queries)
-        block = self.two_stage_block_bytes // (2 * rows * chunk) // GROUP * GROUP
-        block = max(GROUP, min(block, 2048))
+        block = max(GROUP, self.two_stage_block_bytes // (2 * chunk) // GROUP * GROUP)
         flat = queries.reshape(rows, q, dim)
         scan = math.ceil(max(sizes) / GROUP) * GROUP
         chunks = []
         for start in range(0, q, chunk):
             found = two_stage_topk(screen, keys, bounds, flat[:, start : start + chunk], live, k, slots=scan,
                                    block=block, candidate_limit=self.two_stage_candidate_limit * k,
-                                   workspace=self._workspace)
+                                   workspace=self._workspace, native=self.two_stage_native)
             if found is None:
                 return None
             chunks.append(found)

@@ -3,21 +3,29 @@
 The exact search (``torch_index.py``) is bound by float32 matmul and by reading its score matrix back. Modern
 hardware multiplies bfloat16 several times faster (AMX / AVX512-BF16 on CPUs, tensor cores on GPUs), so:
 
-1. **Screen** (``screen``: the keys in bfloat16, kept beside the stored keys). Keys are scored against the
-   bfloat16 queries in blocks of ``block`` slots; a block's scores stay in one small reused buffer (it fits in
-   cache: no score matrix over the whole memory ever exists). Each block is reduced at once to the maxima of
-   strided groups of ``GROUP`` slots (an elementwise max of slices, the one reduction as fast as the matmul).
-2. **Threshold**: the ``k``-th largest group maximum ``theta`` of each query. The ``k`` groups above it hold
-   ``k`` distinct entries whose screened score is at least ``theta``.
-3. **Collect**: a second pass over the blocks keeps every entry whose screened score ``L`` is at least
-   ``theta - 2e``, where ``e`` bounds ``|L - R|`` for the float32 re-score ``R`` of any entry (below).
+1. **Screen** (``screen``: the keys in bfloat16, kept beside the stored keys), one pass over the memory. Each
+   row's keys are scored against its bfloat16 queries in blocks of ``block`` slots into one reused buffer (no
+   score matrix over the whole memory ever exists), and each block is reduced at once to the maxima of groups of
+   ``GROUP`` slots.
+2. **Threshold**, running: ``theta``, the ``k``-th largest group maximum of each query over the blocks seen so
+   far. The ``k`` groups above it hold ``k`` distinct entries whose screened score is at least ``theta``, so
+   ``theta`` only rises from block to block and each value is valid for the whole search.
+3. **Collect**: in each block, while its scores are at hand, every entry whose screened score ``L`` is at least
+   ``threshold(theta) = theta - 2e`` (roughly; ``e`` bounds ``|L - R|`` for the float32 re-score ``R``, below)
+   survives; only the members of groups whose maximum clears it are read. The last, tightest threshold filters
+   the survivors of earlier blocks again.
 4. **Re-score** the survivors in float32 from the stored keys; their top-k by ``R`` is the answer.
+
+One pass, not two (an earlier version found ``theta`` over every block first and scored the memory again to
+collect): the second matmul cost more than the extra survivors of early blocks' lower thresholds (~3k per query
+instead of ~k on random keys).
 
 Why it is exact (the margin argument). With ``|L - R| <= e`` for every entry, the ``k`` entries with
 ``L >= theta`` have ``R >= theta - e``, so the ``k``-th largest ``R`` overall is at least ``theta - e``. An entry
-of the true top-k has ``R`` at least that, so its ``L >= R - e >= theta - 2e``: it survives step 3. The
-survivors hold the whole float32 top-k, which step 4 ranks by the same float32 products the one-stage search
-computes (up to float32 rounding of the sum order). The bound used is sharper than one ``e`` for all entries:
+of the true top-k has ``R`` at least that, so its ``L >= R - e >= theta - 2e``: it survives step 3, in its own
+block, since every ``theta`` of the pass certifies ``k`` entries. The survivors hold the whole float32 top-k,
+which step 4 ranks by the same float32 products the one-stage search computes (up to float32 rounding of the sum
+order). The bound used is sharper than one ``e`` for all entries:
 
 The bound. Write ``q^``, ``k^`` for the bfloat16 roundings (unit roundoff ``u = 2**-8``). The product moves by
 ``|q^.k^ - q.k| <= |q^| |k^ - k| + |q^ - q| |k|``; accumulating ``d`` products in float32 and the float32
@@ -31,20 +39,32 @@ so does the whole true top-k, and each of its entries has ``L + a + v|L| >= P``,
 This holds for float32 accumulation: oneDNN / AMX on CPUs, cuBLAS with
 ``torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False`` (``TorchIndex`` checks it).
 
+Two screens compute steps 1-3. ``torch_screen`` is plain torch (any device; what CUDA runs). It takes group maxima
+as an integer max over the bfloat16 bits (3x faster than a bfloat16 max on CPUs): the result is one of the group's
+members, so never above its maximum, and exactly the maximum where that is positive (positive floats order as
+their bits do, negative ones in reverse); where a threshold is not positive the block's true maxima are taken.
+``screen.cpp`` is the same pass fused for CPUs (each block swept once while in cache, theta kept in a heap per
+query, no per-block torch calls), built on first use by torch's extension builder; where it cannot be built (no
+C++ compiler) the torch screen runs. Both return the same survivors' superset of the answer; step 4 is shared.
+
 When it gives up. The search returns ``None`` (the caller runs the one-stage search) when a bound or
-threshold is not finite (keys or queries beyond bfloat16's range) or when more than ``candidate_limit``
-entries per query survive on average (near ties wider than ``2e``: many keys of almost equal score).
+threshold is not finite (keys or queries beyond bfloat16's range), when a row holds fewer than ``k * GROUP``
+entries (one stage is cheap there), or when more than ``candidate_limit`` entries per query survive on average
+(near ties wider than ``2e``: many keys of almost equal score).
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
+from pathlib import Path
 
 import torch
 
 from .workspace import Workspace
 
-GROUP = 16  # slots per strided group (the screen's reduction, and the one-stage grouped top-k of torch_index.py)
+GROUP = 16  # slots per group (the screens' reduction, and the one-stage grouped top-k of torch_index.py)
 UNIT_ROUNDOFF = 2.0**-8  # bfloat16: 8 significant bits
 
 
@@ -68,9 +88,105 @@ def descending_key(scores: torch.Tensor) -> torch.Tensor:
     return 2**32 - 1 - ordered
 
 
+def margin(queries: torch.Tensor, low: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
+    """The bound ``a`` [rows, q] on ``|ŝ - R|`` (module docstring) for float32 queries [rows, q, dim], their
+    bfloat16 rounding and the rows' key bounds [rows, 2]."""
+    rounded = low.float()
+    norm, residual = (bounds[:, i : i + 1] for i in range(2))  # [rows, 1] K, D
+    slack = 1 + 1e-3
+    return slack * (rounded.norm(dim=-1) * residual + (rounded - queries).norm(dim=-1) * norm
+                    + 3 * gamma(queries.shape[-1]) * queries.norm(dim=-1) * norm)
+
+
+#: screen.cpp: the scores of a block after the first stay within this (a core's L2 cache on current CPUs)
+NATIVE_CACHE_BYTES = 512 * 2**10
+#: ``v`` of the module docstring, with the same slack
+ROUNDING = (1 + 1e-3) * UNIT_ROUNDOFF / (1 - UNIT_ROUNDOFF)
+
+
+def threshold_of(theta: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """The screened score an entry needs to be in the top-k, given ``k`` entries screened at least ``theta``."""
+    reach = theta - a - ROUNDING * theta.abs() - a  # P - a
+    return torch.where(reach >= 0, reach / (1 + ROUNDING), reach / (1 - ROUNDING))
+
+
+@functools.cache
+def native_screen():
+    """``screen.cpp`` compiled (once per machine: torch keeps the build), or None where it cannot be built."""
+    capability = torch.backends.cpu.get_cpu_capability()  # the vector width the build may assume
+    flags = {"AVX512": ["-mavx512f", "-mavx512bw"], "AVX2": ["-mavx2", "-mfma"]}.get(capability, [])
+    threads = ["-fopenmp"] if torch.backends.openmp.is_available() else []  # at::parallel_for is OpenMP inline
+    try:
+        from torch.utils.cpp_extension import load
+
+        return load(name=f"memlm_screen_{capability.lower()}", sources=[str(Path(__file__).with_name("screen.cpp"))],
+                    extra_cflags=["-O3", *flags, *threads], extra_ldflags=threads)
+    except Exception as error:  # a missing compiler or ninja, a failed build: the torch screen is as exact
+        warnings.warn(f"memlm: the compiled two-stage screen could not be built, using the torch one ({error})",
+                      stacklevel=2)
+        return None
+
+
+def running_top(maxima: torch.Tensor, best: torch.Tensor | None, k: int) -> torch.Tensor:
+    """The ``k`` largest [k, q] of a block's group maxima [groups, q] and the ``best`` of earlier blocks, after
+    coarsening the block's to at least ``4k`` groups (any partition into disjoint groups gives a valid theta;
+    coarser ones cost less to rank)."""
+    groups, q = maxima.shape
+    factor = next((f for f in (8, 4, 2) if groups % f == 0 and groups // f >= 4 * k), 1)
+    coarse = maxima.view(factor, groups // factor, q).amax(dim=0) if factor > 1 else maxima
+    return (coarse if best is None else torch.cat((best, coarse))).topk(k, dim=0).values
+
+
+def torch_screen(screen: torch.Tensor, low_t: torch.Tensor, a: torch.Tensor, sizes: torch.Tensor, k: int, *,
+                 slots: int, block: int, candidate_limit: int, workspace: Workspace):
+    """Steps 1-3 in torch: the survivors as (row * allocated + slot, row * q + query) int64 [T] each, or None
+    where the screen gives up. Arguments as ``two_stage_topk``'s, ``low_t`` [rows, dim, q] the bfloat16 queries
+    transposed, ``a`` [rows, q] their ``margin``."""
+    rows, allocated, _ = screen.shape
+    q = low_t.shape[2]
+    device = low_t.device
+    scores = workspace.get("screened scores", (min(block, slots) * q,), torch.bfloat16, device)
+    limit = candidate_limit * q  # survivors allowed per row
+    found = []
+    for row in range(rows):
+        size, best, survivors = int(sizes[row]), None, []
+        for start in range(0, min(slots, size), block):
+            n = min(block, slots - start)
+            out = torch.mm(screen[row, start : start + n], low_t[row], out=scores[: n * q].view(n, q))
+            if start + n > size:
+                out[size - start :] = -math.inf  # dead slots
+            # group j holds the block's slots j, j + width, ...: a max over them is one vectorised pass
+            width = n // GROUP
+            maxima = torch.amax(out.view(torch.int16).view(GROUP, width, q), dim=0,
+                                out=workspace.get("maxima", (width, q), torch.int16, device)).view(torch.bfloat16)
+            top = running_top(maxima, best, k)
+            threshold = threshold_of(top[-1].float(), a[row])  # [q]
+            if not bool((threshold > 0).all()):  # the integer maxima may undershoot: take the true ones
+                maxima = torch.amax(out.view(GROUP, width, q), dim=0)
+                top = running_top(maxima, best, k)
+                threshold = threshold_of(top[-1].float(), a[row])
+            if not bool(torch.isfinite(threshold).all()):
+                return None  # a screened score overflowed
+            best = top
+            flagged = torch.nonzero((maxima >= threshold).view(-1)).squeeze(1)  # group * q + query, ascending
+            # Only the GROUP members of flagged groups are compared (member-major: each member's reads run
+            # forward through the block). A survivor is carried as its offset in the block, slot * q + query.
+            members = flagged + (torch.arange(GROUP, device=device) * (width * q)).unsqueeze(1)  # [GROUP, T]
+            screened = out.take(members)
+            alive = screened >= threshold[flagged % q]
+            offsets = members[alive]
+            survivors.append((start + offsets // q, offsets % q, screened[alive]))
+            if sum(part[0].numel() for part in survivors) > limit:
+                return None  # near ties: let the one-stage search rank them
+        slot, query, screened = (torch.cat(parts) for parts in zip(*survivors, strict=True))
+        keep = screened >= threshold[query]  # the last threshold is the tightest
+        found.append((row * allocated + slot[keep], row * q + query[keep]))
+    return tuple(torch.cat(parts) for parts in zip(*found, strict=True))
+
+
 def two_stage_topk(screen: torch.Tensor, keys: torch.Tensor, bounds: torch.Tensor, queries: torch.Tensor,
                    sizes: torch.Tensor, k: int, *, slots: int, block: int, candidate_limit: int,
-                   workspace: Workspace) -> tuple[torch.Tensor, torch.Tensor] | None:
+                   workspace: Workspace, native: bool = True) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The exact top-k by float32 inner product, or None where it cannot be certified cheaply.
 
     screen:   [rows, allocated, dim] bfloat16 copy of the keys.
@@ -79,90 +195,44 @@ def two_stage_topk(screen: torch.Tensor, keys: torch.Tensor, bounds: torch.Tenso
     queries:  [rows, q, dim] float32.
     sizes:    [rows] live slots per row (slots ``0 .. size-1``).
     slots:    slots to scan (a multiple of ``GROUP``, at least every size).
-    block:    slots scored per block (a multiple of ``GROUP``).
+    block:    slots scored per block (a multiple of ``GROUP``; at least ``k * GROUP`` are).
     candidate_limit: the mean survivors per query beyond which the search gives up.
     workspace: where the score block, the group maxima and the survivors' keys and queries live between calls.
-    Returns scores [rows, q, k] float32 and slots [rows, q, k] long, best first. None also where fewer than
-    ``k`` groups of some row hold a live entry (a nearly empty row: the one-stage search is cheap there).
+    native:   screen with ``screen.cpp`` where the tensors are on the CPU and it could be built.
+    Returns scores [rows, q, k] float32 and slots [rows, q, k] long, best first.
     """
     rows, allocated, dim = screen.shape
     q = queries.shape[1]
     device = queries.device
+    if int(sizes.min()) < k * GROUP:
+        return None
+    block = max(block, k * GROUP)  # the first block alone holds k groups with a live entry: theta is finite
     low = queries.to(torch.bfloat16)
     low_t = low.transpose(1, 2).contiguous()  # [rows, dim, q]: keys @ queries^T streams the keys once per block
-    rounded = low.float()
-    norm, residual = (bounds[:, i : i + 1] for i in range(2))  # [rows, 1] K, D
-    slack = 1 + 1e-3
-    a = slack * (rounded.norm(dim=-1) * residual + (rounded - queries).norm(dim=-1) * norm
-                 + 3 * gamma(dim) * queries.norm(dim=-1) * norm)  # [rows, q]
-    v = slack * UNIT_ROUNDOFF / (1 - UNIT_ROUNDOFF)
-    scores = workspace.get("screened scores", (rows * block * q,), torch.bfloat16, device)
-    starts = range(0, slots, block)
-    all_live = int(sizes.min())  # slots below it are live in every row
-
-    def scored(start: int) -> torch.Tensor:
-        """Screened scores [rows, n, q] of slots start .. start+n-1; dead slots -inf."""
-        n = min(block, slots - start)
-        out = torch.bmm(screen[:, start : start + n], low_t, out=scores[: rows * n * q].view(rows, n, q))
-        if start + n > all_live:
-            dead = (start + torch.arange(n, device=device)).unsqueeze(0) >= sizes.unsqueeze(1)  # [rows, n]
-            out.masked_fill_(dead.unsqueeze(-1), -math.inf)
-        return out
-
-    # Pass 1: group maxima of every block (kept for pass 2: 1/GROUP of the scores, group j of a block holds its
-    # slots j, j + n/GROUP, ...), then each query's k-th largest one. The maxima are reduced once more before
-    # ranking: any partition into disjoint groups gives a valid threshold, and coarser groups cost less to rank.
-    maxima_buffer = workspace.get("maxima", (rows * (slots // GROUP) * q,), torch.bfloat16, device)
-    maxima, used = [], 0
-    for start in starts:
-        out = scored(start)
-        width = out.shape[1] // GROUP
-        groups = maxima_buffer[used : used + rows * width * q].view(rows, width, q)
-        maxima.append(torch.amax(out.view(rows, GROUP, width, q), dim=1, out=groups))
-        used += groups.numel()
-    # the coarsest grouping that still leaves 4k groups (enough for the k-th largest to stay a tight threshold)
-    factor = next((f for f in (16, 8, 4, 2) if slots // (GROUP * f) >= 4 * k), 1)
-    coarse = torch.cat([m.view(rows, factor, -1, q).amax(dim=1) if m.shape[1] % factor == 0 else m for m in maxima],
-                       dim=1)
-    if coarse.shape[1] < k:
+    a = margin(queries, low, bounds)
+    if not bool(torch.isfinite(a).all()):
+        return None  # keys or queries beyond bfloat16's range
+    compiled = native_screen() if native and device.type == "cpu" else None
+    if compiled is not None:
+        lead = min(block, slots)
+        scratch = torch.get_num_threads() * max(lead * q, NATIVE_CACHE_BYTES // 2)  # scores, per thread a block
+        scores, slots, gave_up = compiled.screened_topk(
+            screen.contiguous(), keys.contiguous(), low_t, queries.contiguous(), a, sizes.long(), ROUNDING, k, slots,
+            lead, NATIVE_CACHE_BYTES, candidate_limit,
+            workspace.get("screened scores", (scratch,), torch.bfloat16, device),
+            workspace.get("compiled screen's maxima", (scratch // GROUP,), torch.float32, device))
+        return None if gave_up else (scores, slots)
+    found = torch_screen(screen, low_t, a, sizes, k, slots=slots, block=block, candidate_limit=candidate_limit,
+                         workspace=workspace)
+    if found is None:
         return None
-    theta = coarse.topk(k, dim=1).values[:, -1].float()  # [rows, q]
-    reach = theta - a - v * theta.abs() - a  # P - a
-    threshold = torch.where(reach >= 0, reach / (1 + v), reach / (1 - v)).unsqueeze(1)  # [rows, 1, q], float32
-    if not bool(torch.isfinite(threshold).all()):
-        return None  # a nearly empty row, or a bound or a screened score overflowed
-    flags = [groups >= threshold for groups in maxima]  # [rows, width, q]: groups that may hold a survivor
-    if sum(int(f.sum()) for f in flags) > candidate_limit * rows * q:
-        return None  # near ties: each flagged group holds a survivor at least; give up before the second pass
-
-    # Pass 2: the survivors. Groups whose maximum clears the threshold are found on the kept maxima; only their
-    # GROUP members are compared (a gather of GROUP x T scores from the block, member-major so that each member's
-    # reads run forward through the block, not a pass over it). A survivor is carried as its flat offset in the
-    # block's scores, (row * n + slot) * q + query, decoded once at the end.
-    flat_threshold = threshold.reshape(-1)  # [rows * q]
-    survivors, found = [], 0
-    for start, flag in zip(starts, flags, strict=True):
-        out = scored(start)
-        n = out.shape[1]
-        width = n // GROUP
-        flagged = torch.nonzero(flag.view(-1)).squeeze(1)  # (row * width + group) * q + query, ascending
-        row, query = flagged // (width * q), flagged % q
-        first = flagged + row * (n - width) * q  # member 0 of the group: (row * n + group) * q + query
-        members = first + (torch.arange(GROUP, device=device) * (width * q)).unsqueeze(1)  # [GROUP, T]
-        alive = out.take(members) >= flat_threshold[row * q + query]
-        offsets = members[alive]
-        survivors.append((start, n, offsets))
-        found += offsets.numel()
-        if found > candidate_limit * rows * q:
-            return None  # near ties: let the one-stage search rank them
-    row, slot, query = (torch.cat(parts) for parts in zip(*[
-        (offsets // (n * q), start + offsets // q % n, offsets % q) for start, n, offsets in survivors], strict=True))
+    flat_slot, owner = found
+    slot = flat_slot % allocated
 
     # Re-score the survivors in float32 and keep each query's k best (every query has at least k survivors: the
     # k entries above theta). Sorted, not padded: one query's near ties cost no memory for others.
-    owner = row * q + query  # [T]
     total = owner.numel()
-    stored = torch.index_select(keys.reshape(-1, dim), 0, row * allocated + slot,
+    stored = torch.index_select(keys.reshape(-1, dim), 0, flat_slot,
                                 out=workspace.get("survivors' keys", (total, dim), keys.dtype, device))
     if stored.dtype != torch.float32:
         stored = workspace.get("survivors' keys in float32", (total, dim), torch.float32, device).copy_(stored)
