@@ -239,10 +239,12 @@ def bench_two_stage(kinds: dict, repeat: int, device: str = "cpu") -> None:
         keys, query = keys.to(device), query.to(device)
         heads, capacity, dim = keys.shape[1], keys.shape[2], keys.shape[3]
         indexes = {}
-        for search in ("exact", "two-stage", *(["faiss flat"] if cuda else [])):
-            backend = {"backend": "faiss", "kind": "flat"} if search == "faiss flat" else {"search": search}
+        for search in ("exact", "two-stage", *(["faiss flat"] if cuda else ["torch screen"])):
+            backend = {"backend": "faiss", "kind": "flat"} if search == "faiss flat" else {
+                "search": "exact" if search == "exact" else "two-stage"}
             index = indexes[search] = create_index(dim=dim, capacity=capacity, num_heads=heads, device=device,
                                                    **backend)
+            index.two_stage_native = search != "torch screen"  # screen.cpp where it runs, and the torch screen
             index.add(keys, keys)
         exact = indexes["exact"].search(query, K)
         found = indexes["two-stage"].search(query, K)
@@ -256,11 +258,13 @@ def bench_two_stage(kinds: dict, repeat: int, device: str = "cpu") -> None:
                      f"{times['exact'] * 1e3:.1f}", f"{times['two-stage'] * 1e3:.1f}",
                      f"{times['before'] / times['two-stage']:.2f}", f"{times['exact'] / times['two-stage']:.2f}",
                      f"{recall(exact, found):.3f}", f"{same_scores(exact, found):.3f}", route]
-                    + ([f"{times['faiss flat'] * 1e3:.1f}"] if cuda else []))
-    table(f"Two-stage exact search (bfloat16 screen, float32 re-score) against one stage, k {K}, on {device}",
+                    + ([f"{times['faiss flat'] * 1e3:.1f}"] if cuda else [f"{times['torch screen'] * 1e3:.1f}"]))
+    screen = "torch screen" if cuda else "screen.cpp"
+    table(f"Two-stage exact search (bfloat16 screen, float32 re-score; {screen}) against one stage, k {K}, on {device}",
           ["keys", "heads x entries x dim", "queries per head", "one stage, fresh results ms (before)",
            "one stage ms", "two-stage ms", "speed-up vs before", "speed-up vs one stage", "recall@32 (ids)",
-           "queries with exact scores", "route taken"] + (["faiss-gpu flat ms"] if cuda else []), rows)
+           "queries with exact scores", "route taken"]
+          + (["faiss-gpu flat ms"] if cuda else ["two-stage with the torch screen ms"]), rows)
 
 
 def bench_crossover(sizes: list[int], repeat: int) -> None:
