@@ -268,27 +268,30 @@ def bench_two_stage(kinds: dict, repeat: int, device: str = "cpu") -> None:
 
 
 def bench_crossover(sizes: list[int], repeat: int) -> None:
-    """Where the two-stage search starts to pay: one stage against two-stage (its size gate lifted) by memory size,
-    head size and queries per search, taking turns; and the route ``auto`` takes there (``TorchIndex``'s gates)."""
+    """Where the two-stage search starts to pay: one stage against two-stage (screen.cpp, and the torch screen) by
+    memory size, head size and queries per search, taking turns; and the route ``auto`` takes there."""
     rows = []
     for dim in (16, 64):
-        for queries in (64, 512):
+        for queries in (4, 8, 64, 512):
             for n in sizes:
                 keys, query = random_entries(8, n, dim, 7), random_entries(8, queries, dim, 8)
-                indexes = {search: create_index(dim=dim, capacity=n, num_heads=8, search=search)
-                           for search in ("exact", "two-stage", "auto")}
-                indexes["two-stage"].two_stage_min_entries = 0
+                indexes = {search: create_index(dim=dim, capacity=n, num_heads=8,
+                                                search="two-stage" if search == "torch screen" else search)
+                           for search in ("exact", "two-stage", "torch screen", "auto")}
+                indexes["torch screen"].two_stage_native = False
                 for index in indexes.values():
                     index.add(keys, keys)
                 indexes["auto"].search(query, K, scratch=True)
                 calls = {search: lambda index=indexes[search], query=query: index.search(query, K, scratch=True)
-                         for search in ("exact", "two-stage")}
+                         for search in ("exact", "two-stage", "torch screen")}
                 times = alternating(calls, repeat)
                 rows.append([dim, queries, f"{n:,}", f"{times['exact'] * 1e3:.1f}", f"{times['two-stage'] * 1e3:.1f}",
-                             f"{times['exact'] / times['two-stage']:.2f}", indexes["auto"].last_search])
+                             f"{times['exact'] / times['two-stage']:.2f}", f"{times['torch screen'] * 1e3:.1f}",
+                             f"{times['exact'] / times['torch screen']:.2f}", indexes["auto"].last_search])
     table(f"One stage against two-stage by size: 8 heads, k {K}, random keys, on this CPU "
           f"({torch.get_num_threads()} threads)",
-          ["head dim", "queries per head", "entries", "one stage ms", "two-stage ms", "speed-up", "auto takes"], rows)
+          ["head dim", "queries per head", "entries", "one stage ms", "two-stage ms (screen.cpp)", "speed-up",
+           "two-stage ms (torch screen)", "speed-up", "auto takes"], rows)
 
 
 def bench_matmul_peak(capacity: int, heads: int, dim: int, queries: int, repeat: int) -> None:

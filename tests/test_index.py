@@ -484,7 +484,6 @@ def two_stage_pair(capacity: int, batch: int = 2, heads: int = 2, dim: int = 32,
     common = {"dim": dim, "capacity": capacity, "batch_size": batch, "num_heads": heads, "dtype": dtype}
     exact = create_index("torch", search="exact", **common)
     screened = create_index("torch", search="two-stage", **common)
-    screened.two_stage_min_entries = 0
     screened.two_stage_native = screen == "compiled"
     return exact, screened
 
@@ -580,7 +579,6 @@ def test_two_stage_stays_exact_through_eviction_resets_and_state_round_trips(scr
         assert_same_top_k(exact.search(queries, 6), screened.search(queries, 6), queries)
     assert screened.last_search == "two-stage"
     restored = create_index("torch", search="two-stage", dim=32, capacity=1500, batch_size=2, num_heads=2)
-    restored.two_stage_min_entries = 0
     restored.two_stage_native = screened.two_stage_native
     restored.load_state_dict(screened.state_dict())
     assert restored.nbytes == screened.nbytes
@@ -685,30 +683,39 @@ def test_search_mode_is_checked_and_auto_is_the_default():
     assert not exact.two_stage and exact.nbytes == 0  # nothing allocated before the first add
 
 
-def test_auto_screens_only_searches_large_enough_to_pay():
+@pytest.mark.parametrize("screen", SCREENS)
+def test_auto_screens_only_searches_large_enough_to_pay(screen):
     from memlm.index.torch_index import fast_bfloat16
 
     screened = "two-stage" if fast_bfloat16(torch.device("cpu")) else "exact"
     keys = torch.randn(1, 1, 8192, 64, generator=torch.Generator().manual_seed(17))
-    index = create_index("torch", dim=64, capacity=8192)
-    index.add(keys[:, :, :8191], keys[:, :, :8191])
-    index.search(torch.randn(1, 1, 512, 64), 8)
-    assert index.last_search == "exact"  # too small a memory for the screen to pay
-    index.add(keys[:, :, -1:], keys[:, :, -1:])
-    index.search(torch.randn(1, 1, 63, 64), 8)
-    assert index.last_search == "exact"  # too little work per head for the screen's two passes to pay
-    index.search(torch.randn(1, 1, 64, 64), 8)
-    assert index.last_search == screened
-    short = create_index("torch", dim=16, capacity=8192)  # shorter heads need more queries to pay
-    short.add(keys[..., :16], keys[..., :16])
-    short.search(torch.randn(1, 1, 255, 16), 8)
-    assert short.last_search == "exact"
-    short.search(torch.randn(1, 1, 256, 16), 8)
-    assert short.last_search == screened
-    tiny = create_index("torch", dim=8, capacity=8192)
-    tiny.add(keys[..., :8], keys[..., :8])
-    tiny.search(torch.randn(1, 1, 4096, 8), 8)
-    assert not tiny.two_stage and tiny.last_search == "exact"  # heads below 16 dims keep no screen
+
+    def auto(dim: int, entries: int) -> TorchIndex:
+        index = create_index("torch", dim=dim, capacity=8192)
+        index.two_stage_native = screen == "compiled"
+        index.add(keys[:, :, :entries, :dim], keys[:, :, :entries, :dim])
+        return index
+
+    def route(index: TorchIndex, queries: int) -> str:
+        index.search(torch.randn(1, 1, queries, index.dim), 8)
+        return index.last_search
+
+    if screen == "compiled" and not auto(64, 1).compiled_screen:
+        pytest.skip("screen.cpp could not be built here")
+    if screen == "compiled":  # from 4,096 entries and 8 queries per head, whatever the head size
+        assert route(auto(64, 4095), 512) == "exact"
+        index = auto(64, 4096)
+        assert route(index, 7) == "exact" and route(index, 8) == screened
+        index = auto(16, 4096)
+        assert route(index, 7) == "exact" and route(index, 8) == screened
+    else:  # from 8,192 entries and queries x dim of 8,192 per head
+        assert route(auto(64, 8191), 512) == "exact"
+        index = auto(64, 8192)
+        assert route(index, 127) == "exact" and route(index, 128) == screened
+        index = auto(16, 8192)  # shorter heads need more queries to pay
+        assert route(index, 511) == "exact" and route(index, 512) == screened
+    tiny = auto(8, 8192)
+    assert route(tiny, 4096) == "exact" and not tiny.two_stage  # heads below 16 dims keep no screen
 
 
 @pytest.mark.parametrize("name", list(BACKENDS))

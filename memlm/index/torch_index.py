@@ -19,9 +19,8 @@ Works on any device torch supports, in float32, float16 and bfloat16 storage; sc
 ``search="two-stage"`` screens the keys in bfloat16 first and re-scores only the entries that can still win
 (``two_stage.py``: same answer, with a margin argument for why); ``"auto"`` (the default) takes it where
 bfloat16 matmul runs in hardware (CUDA with bfloat16, CPUs with AVX512-BF16 or AMX) and the search is large
-enough for the screen to pay: at least ``two_stage_min_entries`` entries, heads of at least ``auto_min_dim``, and
-queries x dim of at least ``auto_min_work`` per head (below them the screen costs more than one float32 stage,
-as measured by ``benchmarks/bench_index.py --crossover``). The screen costs ``2 * dim + 8`` bytes per entry (a
+enough for the screen to pay (the gates below, as measured by ``benchmarks/bench_index.py --crossover``; on CPUs
+the compiled screen pays from 4,096 entries and 8 queries per head). The screen costs ``2 * dim + 8`` bytes per entry (a
 bfloat16 copy of the key, its norm and rounding residual; ``8`` when keys are stored in bfloat16 already).
 """
 
@@ -32,7 +31,7 @@ import math
 import torch
 
 from .ring import RingBuffer, RingIndex
-from .two_stage import GROUP, key_bounds, two_stage_topk
+from .two_stage import GROUP, key_bounds, native_screen, two_stage_topk
 
 SEARCHES = ("auto", "exact", "two-stage")
 
@@ -61,16 +60,21 @@ class TorchIndex(RingIndex):
     #: queries scored per block (BLAS is fastest with a few dozen), and the score buffer's upper bound
     search_block_queries = 64
     search_block_bytes = 256 * 2**20
-    #: two-stage: the smallest memory screened (below it one stage is as fast), the bytes of a row's screened
-    #: block (the first one in screen.cpp), queries per screened chunk, the mean survivors per query (in units of
-    #: k) beyond which it gives up (near ties), and whether CPUs run the compiled screen (screen.cpp)
-    two_stage_min_entries = 8192
+    #: two-stage: the bytes of a row's screened block (the first one in screen.cpp), queries per screened chunk,
+    #: the mean survivors per query (in units of k) beyond which it gives up (near ties), and whether CPUs run the
+    #: compiled screen (screen.cpp)
     two_stage_block_bytes = 16 * 2**20
     two_stage_queries = 512
     two_stage_candidate_limit = 16
     two_stage_native = True
+    #: auto: where the screen pays (``benchmarks/bench_index.py --crossover``): heads of at least auto_min_dim,
+    #: and with screen.cpp memories of two_stage_min_entries and auto_min_queries queries per head; the torch
+    #: screen (CUDA, or no C++ compiler) needs torch_screen_min_entries and queries x dim of torch_screen_min_work
     auto_min_dim = 16
-    auto_min_work = 4096  # queries x dim per head: 64 queries of 64 dims, 256 of 16
+    two_stage_min_entries = 4096
+    auto_min_queries = 8
+    torch_screen_min_entries = 8192
+    torch_screen_min_work = 8192  # 128 queries of 64 dims, 512 of 16
     #: auto: after a screen gave up, the next 1, 2, 4, ... (at most this many) searches it would take run one stage
     auto_backoff = 64
 
@@ -93,6 +97,12 @@ class TorchIndex(RingIndex):
             if self._keys.data.dtype != torch.bfloat16:
                 self._screen = RingBuffer(*shape, self.dim, dtype=torch.bfloat16, **common)
             self._bounds = RingBuffer(*shape, 2, dtype=torch.float32, **common)
+
+    @property
+    def compiled_screen(self) -> bool:
+        """Whether the two-stage search runs screen.cpp (a CPU index, ``two_stage_native``, and it could be built;
+        the first call builds it)."""
+        return self.two_stage_native and self.device.type == "cpu" and native_screen() is not None
 
     @property
     def nbytes(self) -> int:
@@ -139,10 +149,14 @@ class TorchIndex(RingIndex):
 
     def _screens(self, k: int, sizes: list[int], queries: int) -> bool:
         """Whether this search takes the two-stage route (see ``two_stage.py`` for when it would give up)."""
-        if not self.two_stage or min(sizes) < max(self.two_stage_min_entries, 4 * k * GROUP):
+        if not self.two_stage or min(sizes) < 4 * k * GROUP:
             return False
         if self.search_mode == "auto":
-            if queries * self.dim < self.auto_min_work:
+            if self.compiled_screen:
+                pays = min(sizes) >= self.two_stage_min_entries and queries >= self.auto_min_queries
+            else:
+                pays = min(sizes) >= self.torch_screen_min_entries and queries * self.dim >= self.torch_screen_min_work
+            if not pays:
                 return False
             if self._skipped_screens:
                 self._skipped_screens -= 1
