@@ -72,7 +72,7 @@ struct Survivor {
 }  // namespace
 
 // One task: row `row`, queries `first .. last - 1`, on one thread. Writes their k best (float32 score, slot) into
-// scores and found; false where the screen gives up (a threshold not finite, or more than candidate_limit
+// scores_out and slots_out; false where the screen gives up (a threshold not finite, or more than candidate_limit
 // survivors per query).
 template <typename Key>
 bool search_task(const at::Tensor& screen, const at::Tensor& keys, const at::Tensor& low_t,
@@ -166,8 +166,9 @@ bool search_task(const at::Tensor& screen, const at::Tensor& keys, const at::Ten
     for (int64_t i = start_of[j]; i < start_of[j + 1]; ++i) {
       ranked.emplace_back(dot(stored + bucketed[i] * dim, query, dim), bucketed[i]);
     }
-    std::partial_sort(ranked.begin(), ranked.begin() + k, ranked.end(),
-                      [](const auto& x, const auto& y) { return x.first > y.first || (x.first == y.first && x.second < y.second); });
+    std::partial_sort(ranked.begin(), ranked.begin() + k, ranked.end(), [](const auto& x, const auto& y) {
+      return x.first > y.first || (x.first == y.first && x.second < y.second);  // ties: the lower slot first
+    });
     for (int64_t i = 0; i < k; ++i) {
       best_scores[(first + j) * k + i] = ranked[i].first;
       best_slots[(first + j) * k + i] = ranked[i].second;
@@ -179,9 +180,10 @@ bool search_task(const at::Tensor& screen, const at::Tensor& keys, const at::Ten
 // screen [rows, allocated, dim] bf16, keys [rows, allocated, dim] (float32, float16 or bfloat16), low_t [rows,
 // dim, q] bf16, queries [rows, q, dim] f32, margin [rows, q] f32 (the bound a), sizes [rows] int64. The first
 // block of each row has lead_block slots (its theta then starts tight), the others as many as fit a task's
-// scores in cache_bytes (a core's cache); scores_scratch (bfloat16) and maxima_scratch (float32) hold at least
-// threads x max(lead_block, block) x q and a 16th of that, reused from search to search. Returns each query's k best float32 scores [rows, q, k] and slots
-// [rows, q, k] int64, best first, and whether the screen gave up (then the first two are undefined).
+// scores in cache_bytes (a core's cache). scores_scratch (bfloat16) and maxima_scratch (float32) hold, per
+// thread, max(lead_block, block) x q scores and a 16th of that in maxima, reused from search to search.
+// Returns each query's k best float32 scores [rows, q, k] and slots [rows, q, k] int64, best first, and whether
+// the screen gave up (then the first two are undefined).
 std::tuple<at::Tensor, at::Tensor, bool> screened_topk(const at::Tensor& screen, const at::Tensor& keys,
                                                        const at::Tensor& low_t, const at::Tensor& queries,
                                                        const at::Tensor& margin, const at::Tensor& sizes, double v,

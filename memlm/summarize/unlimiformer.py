@@ -21,6 +21,7 @@ right modules but, in transformers 5, its own attention code, so it is refused r
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -155,11 +156,14 @@ class Unlimiformer:
         batch = encoded.first_window.shape[0]
         token = torch.full((batch, 1), generation.decoder_start_token_id, dtype=torch.long, device=self.device)
         cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        # transformers 5.25 renamed the models' past_key_values to cache (the old name warns, and goes in 5.40)
+        renamed = "cache" in inspect.signature(self.model.forward).parameters
+        past = {"cache" if renamed else "past_key_values": cache}
         new, finished = [], torch.zeros(batch, dtype=torch.bool, device=self.device)
         with self._retrieval(encoded) as state:
             for _ in tqdm(range(max_new_tokens), desc="memlm generate", unit="tok", disable=not progress):
                 logits = self.model(encoder_outputs=BaseModelOutput(last_hidden_state=encoded.first_window),
-                                    decoder_input_ids=token, past_key_values=cache, use_cache=True,
+                                    decoder_input_ids=token, use_cache=True, **past,
                                     unlimiformer=state).logits[:, -1].float()
                 if do_sample:
                     token = torch.multinomial((logits / temperature).softmax(-1), 1)
