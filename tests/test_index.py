@@ -654,6 +654,22 @@ def test_the_compiled_screen_splits_a_row_among_threads_and_agrees_with_the_torc
         torch.set_num_threads(threads)
 
 
+def test_the_compiled_screen_keeps_its_scratch_bound_and_stays_exact_in_the_least_of_it():
+    generator = torch.Generator().manual_seed(21)
+    keys = torch.randn(2, 2, 3500, 32, generator=generator)
+    queries = torch.randn(2, 2, 40, 32, generator=generator)
+    for native_bytes, k in ((2**20, 8), (0, 8), (0, 31)):  # 0: blocks of k groups, the least that works
+        exact, screened = two_stage_pair(3000, screen="compiled")
+        if not screened.compiled_screen:
+            pytest.skip("screen.cpp could not be built here")
+        screened.two_stage_native_bytes = native_bytes
+        add_both((exact, screened), keys)
+        assert_same_top_k(exact.search(queries, k), screened.search(queries, k), queries)
+        assert screened.last_search == "two-stage"
+        held = screened._workspace._buffers["screened scores"].numel()
+        assert held == max(native_bytes // 2, torch.get_num_threads() * k * 16 * 40)
+
+
 def test_a_screen_that_cannot_be_built_warns_and_the_torch_screen_runs(monkeypatch):
     import torch.utils.cpp_extension as cpp_extension
 

@@ -179,9 +179,9 @@ bool search_task(const at::Tensor& screen, const at::Tensor& keys, const at::Ten
 
 // screen [rows, allocated, dim] bf16, keys [rows, allocated, dim] (float32, float16 or bfloat16), low_t [rows,
 // dim, q] bf16, queries [rows, q, dim] f32, margin [rows, q] f32 (the bound a), sizes [rows] int64. The first
-// block of each row has lead_block slots (its theta then starts tight), the others as many as fit a task's
-// scores in cache_bytes (a core's cache). scores_scratch (bfloat16) and maxima_scratch (float32) hold, per
-// thread, max(lead_block, block) x q scores and a 16th of that in maxima, reused from search to search.
+// block of each row has up to lead_block slots (its theta then starts tight), the others as many as fit a task's
+// scores in cache_bytes (a core's cache); scores_scratch (bfloat16) is shared out among the threads and bounds
+// both, maxima_scratch (float32) holds a 16th of it; both are reused from search to search.
 // Returns each query's k best float32 scores [rows, q, k] and slots [rows, q, k] int64, best first, and whether
 // the screen gave up (then the first two are undefined).
 std::tuple<at::Tensor, at::Tensor, bool> screened_topk(const at::Tensor& screen, const at::Tensor& keys,
@@ -200,11 +200,14 @@ std::tuple<at::Tensor, at::Tensor, bool> screened_topk(const at::Tensor& screen,
   // tasks: every row, its queries split where there are fewer rows than threads (at least 16 queries a task)
   const int64_t split = std::max<int64_t>(1, std::min<int64_t>((at::get_num_threads() + rows - 1) / rows, q / 16));
   const int64_t width = (q + split - 1) / split, tasks = rows * split;
-  const int64_t block = std::max<int64_t>(kGroup, cache_bytes / (2 * width) / kGroup * kGroup);
-  const int64_t threads = at::get_num_threads(), per_thread = std::max(lead_block, block) * width;
-  TORCH_CHECK(scores_scratch.scalar_type() == at::kBFloat16 && scores_scratch.numel() >= threads * per_thread &&
-                  maxima_scratch.scalar_type() == at::kFloat && maxima_scratch.numel() >= threads * per_thread / kGroup,
-              "scratch of threads x max(lead_block, block) x q scores (bfloat16) and a 16th of it maxima (float32)");
+  // each thread's blocks live in its share of the scratch: the first block as large as that share allows
+  const int64_t threads = at::get_num_threads(), per_thread = scores_scratch.numel() / threads;
+  const int64_t room = per_thread / width / kGroup * kGroup;  // slots a block can hold
+  const int64_t lead = std::min(lead_block, room);
+  const int64_t block = std::min(room, std::max<int64_t>(kGroup, cache_bytes / (2 * width) / kGroup * kGroup));
+  TORCH_CHECK(scores_scratch.scalar_type() == at::kBFloat16 && maxima_scratch.scalar_type() == at::kFloat &&
+                  room >= k * kGroup && maxima_scratch.numel() >= threads * (per_thread / kGroup),
+              "scratch of at least threads x k x 16 x q bfloat16 scores, and a 16th of it in float32 maxima");
   const auto size_at = sizes.accessor<int64_t, 1>();
   at::Tensor scores = torch::empty({rows, q, k}, torch::kFloat), found = torch::empty({rows, q, k}, torch::kLong);
   std::vector<char> kept(tasks, 1);
@@ -214,7 +217,7 @@ std::tuple<at::Tensor, at::Tensor, bool> screened_topk(const at::Tensor& screen,
         const int64_t row = task / split, first = task % split * width, last = std::min(q, first + width);
         if (first < last) {
           kept[task] = search_task<scalar_t>(screen, keys, low_t, queries, margin, row, size_at[row], first, last,
-                                             static_cast<float>(v), k, slots, lead_block, block, candidate_limit,
+                                             static_cast<float>(v), k, slots, lead, block, candidate_limit,
                                              scores_scratch.narrow(0, at::get_thread_num() * per_thread, per_thread),
                                              maxima_scratch.narrow(0, at::get_thread_num() * per_thread / kGroup,
                                                                    per_thread / kGroup),

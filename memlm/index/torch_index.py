@@ -60,10 +60,11 @@ class TorchIndex(RingIndex):
     #: queries scored per block (BLAS is fastest with a few dozen), and the score buffer's upper bound
     search_block_queries = 64
     search_block_bytes = 256 * 2**20
-    #: two-stage: the bytes of a row's screened block (the first one in screen.cpp), queries per screened chunk,
-    #: the mean survivors per query (in units of k) beyond which it gives up (near ties), and whether CPUs run the
-    #: compiled screen (screen.cpp)
+    #: two-stage: the bytes of a row's screened block (at most, the first one in screen.cpp), of the compiled
+    #: screen's blocks of all threads together, queries per screened chunk, the mean survivors per query (in units
+    #: of k) beyond which it gives up (near ties), and whether CPUs run the compiled screen (screen.cpp)
     two_stage_block_bytes = 16 * 2**20
+    two_stage_native_bytes = 32 * 2**20
     two_stage_queries = 512
     two_stage_candidate_limit = 16
     two_stage_native = True
@@ -180,7 +181,8 @@ class TorchIndex(RingIndex):
         for start in range(0, q, chunk):
             found = two_stage_topk(screen, keys, bounds, flat[:, start : start + chunk], live, k, slots=scan,
                                    block=block, candidate_limit=self.two_stage_candidate_limit * k,
-                                   workspace=self._workspace, native=self.two_stage_native)
+                                   workspace=self._workspace, native=self.two_stage_native,
+                                   native_bytes=self.two_stage_native_bytes)
             if found is None:
                 return None
             chunks.append(found)

@@ -186,7 +186,8 @@ def torch_screen(screen: torch.Tensor, low_t: torch.Tensor, a: torch.Tensor, siz
 
 def two_stage_topk(screen: torch.Tensor, keys: torch.Tensor, bounds: torch.Tensor, queries: torch.Tensor,
                    sizes: torch.Tensor, k: int, *, slots: int, block: int, candidate_limit: int,
-                   workspace: Workspace, native: bool = True) -> tuple[torch.Tensor, torch.Tensor] | None:
+                   workspace: Workspace, native: bool = True,
+                   native_bytes: int = 32 * 2**20) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The exact top-k by float32 inner product, or None where it cannot be certified cheaply.
 
     screen:   [rows, allocated, dim] bfloat16 copy of the keys.
@@ -199,6 +200,8 @@ def two_stage_topk(screen: torch.Tensor, keys: torch.Tensor, bounds: torch.Tenso
     candidate_limit: the mean survivors per query beyond which the search gives up.
     workspace: where the score block, the group maxima and the survivors' keys and queries live between calls.
     native:   screen with ``screen.cpp`` where the tensors are on the CPU and it could be built.
+    native_bytes: the compiled screen's score blocks, all threads together (its first blocks are at most
+              ``block`` slots, and smaller where the threads' shares of this are).
     Returns scores [rows, q, k] float32 and slots [rows, q, k] long, best first.
     """
     rows, allocated, dim = screen.shape
@@ -214,11 +217,12 @@ def two_stage_topk(screen: torch.Tensor, keys: torch.Tensor, bounds: torch.Tenso
         return None  # keys or queries beyond bfloat16's range
     compiled = native_screen() if native and device.type == "cpu" else None
     if compiled is not None:
-        lead = min(block, slots)
-        scratch = torch.get_num_threads() * max(lead * q, NATIVE_CACHE_BYTES // 2)  # scores, per thread a block
+        # all threads' blocks within native_bytes (each thread's first block gets its share of it), but never
+        # less than a first block of k groups each
+        scratch = max(native_bytes // 2, torch.get_num_threads() * k * GROUP * q)
         scores, slots, gave_up = compiled.screened_topk(
             screen.contiguous(), keys.contiguous(), low_t, queries.contiguous(), a, sizes.long(), ROUNDING, k, slots,
-            lead, NATIVE_CACHE_BYTES, candidate_limit,
+            min(block, slots), NATIVE_CACHE_BYTES, candidate_limit,
             workspace.get("screened scores", (scratch,), torch.bfloat16, device),
             workspace.get("compiled screen's maxima", (scratch // GROUP,), torch.float32, device))
         return None if gave_up else (scores, slots)
