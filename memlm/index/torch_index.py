@@ -20,8 +20,8 @@ Works on any device torch supports, in float32, float16 and bfloat16 storage; sc
 (``two_stage.py``: same answer, with a margin argument for why); ``"auto"`` (the default) takes it where
 bfloat16 matmul runs in hardware (CUDA with bfloat16, CPUs with AVX512-BF16 or AMX) and the search is large
 enough for the screen to pay (the gates below, as measured by ``benchmarks/bench_index.py --crossover``; on CPUs
-the compiled screen pays from 4,096 entries and 8 queries per head). The screen costs ``2 * dim + 8`` bytes per entry (a
-bfloat16 copy of the key, its norm and rounding residual; ``8`` when keys are stored in bfloat16 already).
+the compiled screen pays from 4,096 entries and 8 queries per head). The screen costs ``2 * dim + 8`` bytes per
+entry (a bfloat16 copy of the key, its norm and rounding residual; ``8`` when keys are stored in bfloat16 already).
 """
 
 from __future__ import annotations
