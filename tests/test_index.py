@@ -785,10 +785,13 @@ def test_searches_reuse_their_scratch_as_routes_alternate():
     index = create_index("torch", dim=64, capacity=8192, num_heads=2)  # auto
     keys = torch.randn(1, 2, 8192, 64, generator=generator)
     index.add(keys, keys)
-    many, few = (torch.randn(1, 2, n, 64, generator=generator) for n in (512, 32))  # screened / one stage
+    many, few = (torch.randn(1, 2, n, 64, generator=generator) for n in (512, 4))  # screened / one stage
     held = []
     for _ in range(3):
+        routes = []
         for queries in (many, few):
             index.search(queries, 16, scratch=True)
+            routes.append(index.last_search)
+        assert routes == (["two-stage", "exact"] if index.two_stage else ["exact", "exact"])
         held.append({name: buffer.data_ptr() for name, buffer in index._workspace._buffers.items()})
     assert held[0] == held[1] == held[2]  # no buffer made anew once both routes ran

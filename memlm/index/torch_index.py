@@ -31,7 +31,7 @@ import math
 import torch
 
 from .ring import RingBuffer, RingIndex
-from .two_stage import GROUP, key_bounds, native_screen, two_stage_topk
+from .two_stage import GROUP, compiled_screen, key_bounds, two_stage_topk
 
 SEARCHES = ("auto", "exact", "two-stage")
 
@@ -103,7 +103,7 @@ class TorchIndex(RingIndex):
     def compiled_screen(self) -> bool:
         """Whether the two-stage search runs screen.cpp (a CPU index, ``two_stage_native``, and it could be built;
         the first call builds it)."""
-        return self.two_stage_native and self.device.type == "cpu" and native_screen() is not None
+        return self.two_stage_native and compiled_screen(self.device) is not None
 
     @property
     def nbytes(self) -> int:

@@ -127,6 +127,11 @@ def native_screen():
         return None
 
 
+def compiled_screen(device: torch.device):
+    """``native_screen()`` where ``device`` is a CPU (the compiled screen's only device), else None."""
+    return native_screen() if device.type == "cpu" else None
+
+
 def running_top(maxima: torch.Tensor, best: torch.Tensor | None, k: int) -> torch.Tensor:
     """The ``k`` largest [k, q] of a block's group maxima [groups, q] and the ``best`` of earlier blocks, after
     coarsening the block's to at least ``4k`` groups (any partition into disjoint groups gives a valid theta;
@@ -149,7 +154,7 @@ def torch_screen(screen: torch.Tensor, low_t: torch.Tensor, a: torch.Tensor, siz
     limit = candidate_limit * q  # survivors allowed per row
     found = []
     for row in range(rows):
-        size, best, survivors = int(sizes[row]), None, []
+        size, best, survivors, count = int(sizes[row]), None, [], 0
         for start in range(0, min(slots, size), block):
             n = min(block, slots - start)
             out = torch.mm(screen[row, start : start + n], low_t[row], out=scores[: n * q].view(n, q))
@@ -176,7 +181,8 @@ def torch_screen(screen: torch.Tensor, low_t: torch.Tensor, a: torch.Tensor, siz
             alive = screened >= threshold[flagged % q]
             offsets = members[alive]
             survivors.append((start + offsets // q, offsets % q, screened[alive]))
-            if sum(part[0].numel() for part in survivors) > limit:
+            count += offsets.numel()
+            if count > limit:
                 return None  # near ties: let the one-stage search rank them
         slot, query, screened = (torch.cat(parts) for parts in zip(*survivors, strict=True))
         keep = screened >= threshold[query]  # the last threshold is the tightest
@@ -215,7 +221,7 @@ def two_stage_topk(screen: torch.Tensor, keys: torch.Tensor, bounds: torch.Tenso
     a = margin(queries, low, bounds)
     if not bool(torch.isfinite(a).all()):
         return None  # keys or queries beyond bfloat16's range
-    compiled = native_screen() if native and device.type == "cpu" else None
+    compiled = compiled_screen(device) if native else None
     if compiled is not None:
         # all threads' blocks within native_bytes (each thread's first block gets its share of it), but never
         # less than a first block of k groups each
