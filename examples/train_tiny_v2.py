@@ -144,7 +144,7 @@ def main() -> None:
         for length in args.eval_lengths:
             samples = [make_sample(task, tokenizer, evaluation, length, None, 10**6 + t, **options)
                        for t in range(args.eval_trials)]  # seeds training never uses
-            accuracy = sum(score(s, answer(mem_model, s)[0]) for s in samples) / len(samples)
+            accuracy = sum(score(s, answer(mem_model, [s])[0][0]) for s in samples) / len(samples)
             metrics["evaluation"][f"{task}_{length}"] = accuracy
             print(f"{task} at {length} tokens: {accuracy:.0%}", flush=True)
     print(json.dumps(metrics, indent=2))

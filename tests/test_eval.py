@@ -153,11 +153,42 @@ def test_controls_stream_another_haystack_or_empty_the_memory(tiny_llama, tokeni
     feed, reset = Session.feed, KNNMemory.reset
     monkeypatch.setattr(Session, "feed", lambda self, text, **k: fed.append(text) or feed(self, text, **k))
     monkeypatch.setattr(KNNMemory, "reset", lambda self: emptied.append(bool(self.indexes)) or reset(self))
-    runner.answer(mem_model, sample, "other", other)
+    runner.answer(mem_model, [sample], "other", [other])
     assert fed == [other.context]
     fed.clear()
-    runner.answer(mem_model, sample, "reset")
+    runner.answer(mem_model, [sample], "reset")
     assert fed == [sample.context] and True in emptied  # the memory held entries when it was emptied
+
+
+def test_a_batched_cell_answers_as_one_session_per_sample(tiny_llama, tokenizer, haystack):
+    """Rows of one session (haystacks of different lengths, an XL cache that evicts, top_k < memory) give every
+    sample the answer it gets alone, in every control that batches."""
+    mem_model = attach(tiny_llama, MemoryConfig(segment_length=32, xl_length=32, memory_layers=(0, 1), top_k=4),
+                       tokenizer=tokenizer)
+    samples = [make_sample("passkey", tokenizer, haystack, n, 0.3, seed=s) for s, n in enumerate((300, 380, 333))]
+    assert len({len(tokenizer(s.context)["input_ids"]) for s in samples}) == 3
+    others = samples[1:] + samples[:1]
+    for control in (None, "other"):
+        mode = runner.Mode("m", control=control)
+        alone = runner.run_cell(mem_model, samples, mode, others if control else None, batch_size=1)
+        batched = runner.run_cell(mem_model, samples, mode, others if control else None, batch_size=2)
+        assert [r["output"] for r in batched] == [r["output"] for r in alone]
+        assert [r["batch"] for r in batched] == [2, 2, 1]
+    with pytest.raises(ValueError, match="one sample per session"):
+        runner.answer(mem_model, samples[:2], "reset")
+
+
+def test_a_mode_skips_cells_beyond_its_max_length(tiny_llama, tokenizer, haystack, tmp_path):
+    mem_model = attach(tiny_llama, MemoryConfig(segment_length=64, xl_length=0, memory_layers=()), tokenizer=tokenizer)
+    path = tmp_path / "modes.yaml"
+    path.write_text("full:\n  segment_length: 512\n  max_length: 400\n")
+    (mode,) = runner.parse_modes(str(path))
+    assert mode.max_length == 400 and mode.overrides == {"segment_length": 512}
+    summaries = runner.evaluate({"full": mem_model}, tokenizer, tasks=["passkey"], lengths=[300, 600], depths=[0.5],
+                                trials=1, modes=[mode], haystack=haystack)
+    assert [s["length"] for s in summaries] == [300]
+    with pytest.raises(ValueError, match="max_length must be a positive integer"):
+        runner.Mode("full", max_length=0)
 
 
 def test_perplexity_by_distance_equals_the_plain_models_loss(tiny_llama):

@@ -38,10 +38,14 @@ class Mode:
     overrides: dict = field(default_factory=dict)
     control: str | None = None  # None, "reset" or "other"
     extend: dict | None = None
+    #: the longest haystack this mode is run on (full attention: the model's window); longer cells are skipped
+    max_length: int | None = None
 
     def __post_init__(self) -> None:
         if self.control not in (None, "reset", "other"):
             raise ValueError(f"mode {self.name!r}: control must be 'reset' or 'other', got {self.control!r}")
+        if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length < 1):
+            raise ValueError(f"mode {self.name!r}: max_length must be a positive integer, got {self.max_length!r}")
 
 
 MODES = {
@@ -56,7 +60,7 @@ MODES = {
 
 def parse_modes(spec: str) -> list[Mode]:
     """``memory,xl-only,off`` (names of ``MODES``) or a YAML file: ``{name: {overrides..., control: ..., extend:
-    {method: ..., factor: ...}}}``."""
+    {method: ..., factor: ...}, max_length: ...}}``."""
     if spec.endswith((".yaml", ".yml")):
         import yaml
 
@@ -67,8 +71,9 @@ def parse_modes(spec: str) -> list[Mode]:
         modes = []
         for name, values in entries.items():
             values = dict(values or {})
-            control, extend = values.pop("control", None), values.pop("extend", None)
-            modes.append(Mode(str(name), values, control, extend))
+            control, extend, longest = values.pop("control", None), values.pop("extend", None), values.pop(
+                "max_length", None)
+            modes.append(Mode(str(name), values, control, extend, longest))
         return modes
     names = [name.strip() for name in spec.split(",") if name.strip()]
     unknown = [name for name in names if name not in MODES]
@@ -86,42 +91,66 @@ def cell_seed(task: str, length: int, depth: float | None, trial: int) -> int:
 # ------------------------------------------------------------------------------------- answering
 
 
-def answer(mem_model, sample: Sample, control: str | None = None, other: Sample | None = None) -> tuple[str, int]:
-    """Stream the sample's context (or, for ``other``, another sample's) through a session, then generate after
-    its question, greedily. Returns the answer text and the tokens streamed."""
-    with torch.no_grad(), mem_model.session() as session:
-        session.feed((other or sample).context if control == "other" else sample.context)
+def answer(mem_model, samples: list[Sample], control: str | None = None,
+           others: list[Sample] | None = None) -> tuple[list[str], int]:
+    """Stream the samples' contexts (or, for ``other``, the ``others``' contexts) through one session, a row per
+    sample, then generate after each question, greedily. Returns the answer texts and the tokens streamed per row.
+
+    Rows of one session are independent streams (``runtime/rows.py``): a row's answer is the one it gets alone.
+    ``reset`` empties the memory between haystack and question, which a session does for all its rows: one row.
+    """
+    if control == "reset" and len(samples) != 1:
+        raise ValueError(f"control 'reset' answers one sample per session, got {len(samples)}")
+    if len({s.max_new_tokens for s in samples}) != 1:
+        raise ValueError("the samples of one batch must ask for the same max_new_tokens")
+    contexts = [s.context for s in (others if control == "other" else samples)]
+    with torch.no_grad(), mem_model.session(batch_size=len(samples)) as session:
+        session.feed(contexts if len(samples) > 1 else contexts[0])
         if control == "reset" and session.state.memory is not None:
             session.state.clear_memory()
-        text = session.generate(" " + sample.question, max_new_tokens=sample.max_new_tokens)
-        return text, session.stream_length
+        questions = [" " + s.question for s in samples]
+        texts = session.generate(questions if len(samples) > 1 else questions[0],
+                                 max_new_tokens=samples[0].max_new_tokens)
+        tokens = session.tokens_seen
+    texts = [texts] if isinstance(texts, str) else texts
+    return texts, max(tokens) if isinstance(tokens, list) else tokens
 
 
-def run_cell(mem_model, samples: list[Sample], mode: Mode, others: list[Sample] | None = None) -> list[dict]:
-    """One record per sample: the output, its score and what it cost."""
+def run_cell(mem_model, samples: list[Sample], mode: Mode, others: list[Sample] | None = None,
+             batch_size: int = 1) -> list[dict]:
+    """One record per sample: the output, its score and what it cost (a batch's time shared by its rows).
+    Up to ``batch_size`` samples run as the rows of one session."""
+    if mode.control == "reset":
+        batch_size = 1
     records = []
-    for i, sample in enumerate(samples):
+    for first in range(0, len(samples), batch_size):
+        batch = samples[first : first + batch_size]
         start = time.perf_counter()
-        other = others[i] if others else None
-        output, tokens = answer(mem_model, sample, mode.control, other)
-        records.append({"task": sample.task, "mode": mode.name, "seed": sample.seed, "depth": sample.depth,
-                        "tokens": tokens, "score": score(sample, output), "output": output,
-                        "references": sample.references, "seconds": round(time.perf_counter() - start, 3)})
+        outputs, tokens = answer(mem_model, batch, mode.control, others[first : first + batch_size] if others else None)
+        seconds = (time.perf_counter() - start) / len(batch)
+        for sample, output in zip(batch, outputs, strict=True):
+            records.append({"task": sample.task, "mode": mode.name, "seed": sample.seed, "depth": sample.depth,
+                            "tokens": tokens, "score": score(sample, output), "output": output,
+                            "references": sample.references, "seconds": round(seconds, 3), "batch": len(batch)})
     return records
 
 
 def evaluate(models: dict[str, object] | Callable[[Mode], object], tokenizer, *, tasks: Iterable[str],
              lengths: Iterable[int], depths: Iterable[float | None], trials: int, modes: list[Mode],
              haystack: Haystack | None = None, output: str | Path | None = None, progress: bool = False,
-             task_options: dict | None = None) -> list[dict]:
+             task_options: dict | None = None, batch_size: int = 1) -> list[dict]:
     """Every (task, length, depth) cell, ``trials`` samples each, answered in every mode; returns the cell
     summaries ``{task, mode, length, depth, trials, accuracy, records}``. ``models``: mode name -> memory model,
     or a function making one for a ``Mode``. With ``output``, each summary is written to
-    ``output/task/mode/L{length}_d{depth}.json`` as it finishes and existing files are read instead of rerun."""
+    ``output/task/mode/L{length}_d{depth}.json`` as it finishes and existing files are read instead of rerun.
+    ``batch_size``: samples of a cell answered as the rows of one session (faster on a real model; same answers).
+    A mode's cells longer than its ``max_length`` are skipped."""
     haystack = haystack or Haystack()
     tasks, lengths, depths = list(tasks), list(lengths), list(depths)
     if trials < 1:
         raise ValueError(f"trials must be >= 1, got {trials}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     for length in lengths:
         if not isinstance(length, int) or length < 64:
             raise ValueError(f"lengths must be integers >= 64 tokens, got {length!r}")
@@ -140,6 +169,9 @@ def evaluate(models: dict[str, object] | Callable[[Mode], object], tokenizer, *,
     for task, length, depth in cells:
         samples = None
         for mode in modes:
+            if mode.max_length is not None and length > mode.max_length:
+                bar.update(1)
+                continue
             path = None if output is None else Path(output) / task / mode.name / f"L{length}_d{depth}.json"
             if path is not None and path.is_file():
                 summaries.append(json.loads(path.read_text()))
@@ -153,7 +185,8 @@ def evaluate(models: dict[str, object] | Callable[[Mode], object], tokenizer, *,
                 others = samples[1:] + samples[:1] if trials > 1 else [
                     make_sample(task, tokenizer, haystack, length, depth, cell_seed(task, length, depth, -1),
                                 **options)]
-            records = run_cell(model_for(mode), samples, mode, others if mode.control == "other" else None)
+            records = run_cell(model_for(mode), samples, mode, others if mode.control == "other" else None,
+                               batch_size)
             summary = {"task": task, "mode": mode.name, "length": length, "depth": depth, "trials": trials,
                        "haystack": haystack.name, "accuracy": statistics.fmean(r["score"] for r in records),
                        "records": records}
