@@ -12,6 +12,7 @@ Memorizing-Transformer kNN memory (``memlm.index``) and fused memory attention (
 
 from memlm.config import MemoryConfig
 from memlm.memory.crossbatch import CrossBatch
+from memlm.models import load_pretrained
 from memlm.positions.scaling import extend_context
 from memlm.runtime.implementations import ring_shard_inputs, use_attention
 from memlm.runtime.model import MemoryModel, attach
@@ -22,4 +23,5 @@ from memlm.tiny import load_default
 from memlm.version import __version__
 
 __all__ = ["CrossBatch", "FeedResult", "MemoryConfig", "MemoryModel", "MemoryStore", "Session", "SinkCache",
-           "__version__", "attach", "extend_context", "load_default", "ring_shard_inputs", "use_attention"]
+           "__version__", "attach", "extend_context", "load_default", "load_pretrained", "ring_shard_inputs",
+           "use_attention"]

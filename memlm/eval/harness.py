@@ -25,17 +25,19 @@ from memlm.runtime.text import special_prefix
 
 @register_model("memlm")
 class MemlmLM(LM):
-    """Args: ``pretrained``: ``"default"`` (memlm-tiny) or a memlm model directory; or ``mem_model`` (a
-    ``MemoryModel`` with its tokenizer attached); ``max_gen_toks``: the default generation budget; other
-    keyword arguments override the MemoryConfig (``memory_layers=()``, ``top_k=16``, ...)."""
+    """Args: ``pretrained``: ``"default"`` (memlm-tiny), ``"smollm2"`` (SmolLM2-135M-Instruct, ``memlm.models``) or
+    a memlm model directory; or ``mem_model`` (a ``MemoryModel`` with its tokenizer attached); ``dtype``:
+    ``"float32"`` or ``"bfloat16"``; ``max_gen_toks``: the default generation budget; other keyword arguments
+    override the MemoryConfig (``memory_layers=()``, ``top_k=16``, ...)."""
 
-    def __init__(self, pretrained: str = "default", mem_model=None, max_gen_toks: int = 256, **overrides) -> None:
+    def __init__(self, pretrained: str = "default", mem_model=None, max_gen_toks: int = 256, dtype: str = "float32",
+                 **overrides) -> None:
         super().__init__()
         if mem_model is None:
-            from memlm.tiny import load_default
+            from memlm.models import load_model
 
             overrides = {name: _parse(value) for name, value in overrides.items()}
-            mem_model, _ = load_default(None if pretrained == "default" else pretrained, **overrides)
+            mem_model, _ = load_model(pretrained, dtype=dtype, **overrides)
         elif overrides:
             raise ValueError(f"MemoryConfig overrides {sorted(overrides)} need pretrained=..., not a mem_model")
         if mem_model.tokenizer is None:
