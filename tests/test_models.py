@@ -211,3 +211,27 @@ def test_a_damaged_copy_of_the_gguf_is_refused(tmp_path):
         file.truncate(SMOLLM2.size // 2)
     with pytest.raises(ModelUnavailableError, match="truncated or altered"):
         gguf_cache.check_file(copy, SMOLLM2.size, SMOLLM2.sha256, SMOLLM2.install)
+
+
+@pytest.mark.parametrize("recipe", ["smollm2_longlora.yaml", "smollm2_focused.yaml"])
+def test_the_fine_tuning_recipes_of_the_real_model_are_valid(recipe, monkeypatch, fake_conversion, tmp_path):
+    """The recipes the README gives for the methods that need fine-tuning parse, and their model section
+    (``pretrained: smollm2-135m``) loads the converted folder (a tiny stand-in here)."""
+    from pathlib import Path
+
+    from memlm.config import MemoryConfig
+    from memlm.train import recipe as recipes
+    from memlm.train.trainer import TrainConfig
+
+    folder = tmp_path / "converted"
+    gguf_cache.convert(None, folder)  # the stand-in's files
+    monkeypatch.setattr(recipes, "pretrained_folder", lambda name: folder if name == "smollm2-135m" else None)
+    values = recipes.load_recipe(Path(__file__).resolve().parents[1] / "examples" / recipe)
+    TrainConfig.from_dict(values["train"])
+    MemoryConfig.from_dict(values["memory"])
+    model, tokenizer = recipes.build_model(values["model"], torch.device("cpu"))
+    assert tokenizer is not None and values["model"] == {"pretrained": "smollm2-135m"}  # the recipe is not changed
+    if values.get("extend"):
+        recipes.extend_from_spec(model, values["extend"])
+    with pytest.raises(ValueError, match="exactly one of 'path'.*'pretrained'"):
+        recipes.build_model({"pretrained": "smollm2-135m", "path": "x"}, torch.device("cpu"))

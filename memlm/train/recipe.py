@@ -31,6 +31,7 @@ import transformers
 import yaml
 
 from memlm.config import MemoryConfig
+from memlm.models import pretrained_folder
 from memlm.positions.scaling import extend_from_spec
 from memlm.runtime.implementations import use_attention
 from memlm.runtime.model import attach
@@ -59,9 +60,13 @@ def load_recipe(path: str | Path) -> dict:
 
 def build_model(spec: dict, device: torch.device):
     """(model, tokenizer or None) from the recipe's model section."""
-    if not isinstance(spec, dict) or ("path" in spec) == ("llama" in spec):
-        raise ValueError(f"model must give exactly one of 'path' (a local model directory) or 'llama' (config "
-                         f"fields of a fresh random Llama), got {spec!r}")
+    if not isinstance(spec, dict) or sum(name in spec for name in ("path", "llama", "pretrained")) != 1:
+        raise ValueError(f"model must give exactly one of 'path' (a local model directory), 'pretrained' (a model of "
+                         f"memlm.models, e.g. smollm2-135m) or 'llama' (config fields of a fresh random Llama), got "
+                         f"{spec!r}")
+    if "pretrained" in spec:  # the converted folder in the cache (converted on first use)
+        spec = dict(spec)
+        spec["path"] = str(pretrained_folder(spec.pop("pretrained")))
     tokenizer_path = spec.get("tokenizer", spec.get("path"))
     tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_path) if tokenizer_path else None
     if "path" in spec:
