@@ -38,8 +38,8 @@ import transformers
 
 from memlm import attach
 from memlm.config import MemoryConfig
-from memlm.eval.runner import answer
-from memlm.eval.tasks import Haystack, make_sample, score
+from memlm.eval.runner import Mode, run_cell
+from memlm.eval.tasks import Haystack, make_sample
 from memlm.tiny import train_tokenizer
 from memlm.train import TrainConfig, Trainer, checkpoint_path
 from memlm.train.data import FILLER, TextDocuments
@@ -144,7 +144,8 @@ def main() -> None:
         for length in args.eval_lengths:
             samples = [make_sample(task, tokenizer, evaluation, length, None, 10**6 + t, **options)
                        for t in range(args.eval_trials)]  # seeds training never uses
-            accuracy = sum(score(s, answer(mem_model, [s])[0][0]) for s in samples) / len(samples)
+            records = run_cell(mem_model, samples, [Mode("memory")])["memory"]
+            accuracy = sum(r["score"] for r in records) / len(records)
             metrics["evaluation"][f"{task}_{length}"] = accuracy
             print(f"{task} at {length} tokens: {accuracy:.0%}", flush=True)
     print(json.dumps(metrics, indent=2))

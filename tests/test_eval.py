@@ -143,39 +143,64 @@ def test_runner_answers_the_same_samples_in_every_mode_one_file_per_cell(tiny_ll
 
 
 def test_controls_stream_another_haystack_or_empty_the_memory(tiny_llama, tokenizer, haystack, monkeypatch):
+    """One feed per haystack serves the three modes: ``other`` asks sample i after sample i+1's haystack, ``reset``
+    asks after the memory was emptied; each answers as a session of its own would."""
     from memlm.memory.knn import KNNMemory
     from memlm.runtime.session import Session
 
     mem_model = attach(tiny_llama, MemoryConfig(segment_length=64, xl_length=64, memory_layers=(1,), top_k=8),
                        tokenizer=tokenizer)
-    sample, other = (make_sample("passkey", tokenizer, haystack, 400, 0.2, seed=s) for s in (1, 2))
+    samples = [make_sample("passkey", tokenizer, haystack, 400, 0.2, seed=s) for s in (1, 2, 3)]
+    modes = runner.parse_modes("memory,memory-reset,memory-other")
     fed, emptied = [], []
     feed, reset = Session.feed, KNNMemory.reset
     monkeypatch.setattr(Session, "feed", lambda self, text, **k: fed.append(text) or feed(self, text, **k))
     monkeypatch.setattr(KNNMemory, "reset", lambda self: emptied.append(bool(self.indexes)) or reset(self))
-    runner.answer(mem_model, [sample], "other", [other])
-    assert fed == [other.context]
-    fed.clear()
-    runner.answer(mem_model, [sample], "reset")
-    assert fed == [sample.context] and True in emptied  # the memory held entries when it was emptied
+    records = runner.run_cell(mem_model, samples, modes, batch_size=2)
+    assert fed == [[samples[0].context, samples[1].context], samples[2].context]  # each haystack once
+    assert True in emptied  # the memory held entries when it was emptied
+    assert [r["seed"] for r in records["memory-other"]] == [1, 2, 3]
+    monkeypatch.setattr(Session, "feed", feed)
+
+    def alone(context, question, reset_memory=False):
+        with torch.no_grad(), mem_model.session() as session:
+            session.feed(context)
+            if reset_memory:
+                session.state.clear_memory()
+            return session.generate(" " + question, max_new_tokens=samples[0].max_new_tokens)
+
+    for i, sample in enumerate(samples):
+        assert records["memory"][i]["output"] == alone(sample.context, sample.question)
+        assert records["memory-reset"][i]["output"] == alone(sample.context, sample.question, reset_memory=True)
+        following = samples[(i + 1) % 3]
+        assert records["memory-other"][i]["output"] == alone(following.context, sample.question)
+    spare = make_sample("passkey", tokenizer, haystack, 400, 0.2, seed=9)
+    one = runner.run_cell(mem_model, samples[:1], modes[2:], spare=spare)["memory-other"]
+    assert one[0]["output"] == alone(spare.context, samples[0].question)
+    with pytest.raises(ValueError, match="needs a spare sample"):
+        runner.run_cell(mem_model, samples[:1], modes[2:])
 
 
 def test_a_batched_cell_answers_as_one_session_per_sample(tiny_llama, tokenizer, haystack):
     """Rows of one session (haystacks of different lengths, an XL cache that evicts, top_k < memory) give every
-    sample the answer it gets alone, in every control that batches."""
+    sample the answer it gets alone, in every control."""
     mem_model = attach(tiny_llama, MemoryConfig(segment_length=32, xl_length=32, memory_layers=(0, 1), top_k=4),
                        tokenizer=tokenizer)
     samples = [make_sample("passkey", tokenizer, haystack, n, 0.3, seed=s) for s, n in enumerate((300, 380, 333))]
     assert len({len(tokenizer(s.context)["input_ids"]) for s in samples}) == 3
-    others = samples[1:] + samples[:1]
-    for control in (None, "other"):
-        mode = runner.Mode("m", control=control)
-        alone = runner.run_cell(mem_model, samples, mode, others if control else None, batch_size=1)
-        batched = runner.run_cell(mem_model, samples, mode, others if control else None, batch_size=2)
-        assert [r["output"] for r in batched] == [r["output"] for r in alone]
-        assert [r["batch"] for r in batched] == [2, 2, 1]
-    with pytest.raises(ValueError, match="one sample per session"):
-        runner.answer(mem_model, samples[:2], "reset")
+    modes = runner.parse_modes("memory,memory-reset,memory-other")
+    alone = runner.run_cell(mem_model, samples, modes, batch_size=1)
+    batched = runner.run_cell(mem_model, samples, modes, batch_size=2)
+    for mode in modes:
+        assert [r["output"] for r in batched[mode.name]] == [r["output"] for r in alone[mode.name]]
+        assert [r["batch"] for r in batched[mode.name]] == ([2, 2, 1] if mode.control != "other" else [2, 1, 2])
+    # answers of different budgets in one batch: each row's cut to its own max_new_tokens and its own end token
+    samples = [make_sample("niah_single", tokenizer, haystack, 300, 0.5, seed=s, values=kind)
+               for s, kind in enumerate(("numbers", "uuids", "words"))]
+    assert len({s.max_new_tokens for s in samples}) == 3
+    alone = runner.run_cell(mem_model, samples, modes[:1], batch_size=1)["memory"]
+    batched = runner.run_cell(mem_model, samples, modes[:1], batch_size=3)["memory"]
+    assert [r["output"] for r in batched] == [r["output"] for r in alone]
 
 
 def test_a_mode_skips_cells_beyond_its_max_length(tiny_llama, tokenizer, haystack, tmp_path):

@@ -233,5 +233,5 @@ def test_the_fine_tuning_recipes_of_the_real_model_are_valid(recipe, monkeypatch
     assert tokenizer is not None and values["model"] == {"pretrained": "smollm2-135m"}  # the recipe is not changed
     if values.get("extend"):
         recipes.extend_from_spec(model, values["extend"])
-    with pytest.raises(ValueError, match="exactly one of 'path'.*'pretrained'"):
+    with pytest.raises(ValueError, match=r"exactly one of 'path'.*'pretrained'"):
         recipes.build_model({"pretrained": "smollm2-135m", "path": "x"}, torch.device("cpu"))

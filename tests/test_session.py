@@ -283,3 +283,42 @@ def test_the_id_history_is_bounded_and_save_document_says_when_it_was(tiny_llama
         assert full.save_document(store, "doc").tokens == 355
     with pytest.raises(ValueError, match="history_tokens"):
         mem_model.session(history_tokens=0)
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_a_branch_gives_the_stream_back_so_one_haystack_serves_every_question(tiny_qwen2, tokenizer, rows):
+    """Each question asked in a branch gets the answer (and logits) of a fresh session fed the haystack and that
+    question; after the branches the stream continues as if they never ran. An XL cache that evicts into a memory
+    larger than top_k, text held back mid-word, rows of different lengths (rows=2: one stream per row)."""
+    config = MemoryConfig(segment_length=16, xl_length=16, memory_layers=(0, 1), top_k=4, fusion="joint")
+    mem_model = attach(tiny_qwen2, config, tokenizer=tokenizer)
+    text = make_text(30, seed=3)
+    haystacks = [text[:500], text[40:520]][:rows]
+    questions = [" Where is the river", " Which window is silver"]
+
+    def fresh(question):
+        with torch.no_grad(), mem_model.session(batch_size=rows) as session:
+            session.feed(haystacks if rows > 1 else haystacks[0])
+            out = session.generate([question] * rows if rows > 1 else question, max_new_tokens=5, eos_token_id=[])
+            return out, session._last_logits.clone()
+
+    expected = [fresh(q) for q in questions]
+    with torch.no_grad(), mem_model.session(batch_size=rows) as session:
+        session.feed(haystacks if rows > 1 else haystacks[0])
+        tokens = session.tokens_seen
+        for question, (answer, logits) in zip(questions, expected, strict=True):
+            with session.branch():
+                out = session.generate([question] * rows if rows > 1 else question, max_new_tokens=5,
+                                       eos_token_id=[])
+                assert out == answer
+                torch.testing.assert_close(session._last_logits, logits, rtol=1e-5, atol=1e-5)
+        assert session.tokens_seen == tokens
+        continued = session.generate([questions[0]] * rows if rows > 1 else questions[0], max_new_tokens=5,
+                                     eos_token_id=[])
+    assert continued == expected[0][0]
+
+
+def test_a_branch_is_refused_where_the_stream_cannot_be_copied(tiny_llama):
+    mem_model = attach(tiny_llama, MemoryConfig(segment_length=16, xl_length=16, memory_layers=(0,), index="faiss"))
+    with mem_model.session() as session, pytest.raises(ValueError, match="index='faiss' cannot be copied"):
+        session.branch().__enter__()

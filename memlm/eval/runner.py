@@ -91,47 +91,62 @@ def cell_seed(task: str, length: int, depth: float | None, trial: int) -> int:
 # ------------------------------------------------------------------------------------- answering
 
 
-def answer(mem_model, samples: list[Sample], control: str | None = None,
-           others: list[Sample] | None = None) -> tuple[list[str], int]:
-    """Stream the samples' contexts (or, for ``other``, the ``others``' contexts) through one session, a row per
-    sample, then generate after each question, greedily. Returns the answer texts and the tokens streamed per row.
+def run_cell(mem_model, samples: list[Sample], modes: list[Mode], batch_size: int = 1,
+             spare: Sample | None = None) -> dict[str, list[dict]]:
+    """Records of every mode of ``modes`` on one cell's samples: mode name -> one record per sample (its output,
+    score and cost), in sample order. The modes share ``mem_model`` and differ only in their control.
 
-    Rows of one session are independent streams (``runtime/rows.py``): a row's answer is the one it gets alone.
-    ``reset`` empties the memory between haystack and question, which a session does for all its rows: one row.
+    Each haystack is fed once, as a row of a session of up to ``batch_size`` rows (rows are independent streams,
+    ``runtime/rows.py``: a row's answer is the one it gets alone), and every mode's question is asked of it in a
+    ``Session.branch``: the sample's own question (no control), the same after the memory is emptied (``reset``),
+    and the previous sample's question (``other``: sample i is asked after sample i+1's haystack). With one
+    sample, ``other`` streams ``spare``'s haystack. A record's seconds: its row's share of the feed and of its
+    mode's generation, what the mode would cost alone.
     """
-    if control == "reset" and len(samples) != 1:
-        raise ValueError(f"control 'reset' answers one sample per session, got {len(samples)}")
-    if len({s.max_new_tokens for s in samples}) != 1:
-        raise ValueError("the samples of one batch must ask for the same max_new_tokens")
-    contexts = [s.context for s in (others if control == "other" else samples)]
-    with torch.no_grad(), mem_model.session(batch_size=len(samples)) as session:
-        session.feed(contexts if len(samples) > 1 else contexts[0])
-        if control == "reset" and session.state.memory is not None:
-            session.state.clear_memory()
-        questions = [" " + s.question for s in samples]
-        texts = session.generate(questions if len(samples) > 1 else questions[0],
-                                 max_new_tokens=samples[0].max_new_tokens)
-        tokens = session.tokens_seen
-    texts = [texts] if isinstance(texts, str) else texts
-    return texts, max(tokens) if isinstance(tokens, list) else tokens
-
-
-def run_cell(mem_model, samples: list[Sample], mode: Mode, others: list[Sample] | None = None,
-             batch_size: int = 1) -> list[dict]:
-    """One record per sample: the output, its score and what it cost (a batch's time shared by its rows).
-    Up to ``batch_size`` samples run as the rows of one session."""
-    if mode.control == "reset":
-        batch_size = 1
-    records = []
-    for first in range(0, len(samples), batch_size):
-        batch = samples[first : first + batch_size]
-        start = time.perf_counter()
-        outputs, tokens = answer(mem_model, batch, mode.control, others[first : first + batch_size] if others else None)
-        seconds = (time.perf_counter() - start) / len(batch)
-        for sample, output in zip(batch, outputs, strict=True):
-            records.append({"task": sample.task, "mode": mode.name, "seed": sample.seed, "depth": sample.depth,
-                            "tokens": tokens, "score": score(sample, output), "output": output,
-                            "references": sample.references, "seconds": round(seconds, 3), "batch": len(batch)})
+    n = len(samples)
+    if len({id(m) for m in modes}) != len(modes) or len({m.name for m in modes}) != len(modes):
+        raise ValueError(f"modes must have distinct names, got {[m.name for m in modes]}")
+    haystacks = list(samples)
+    if n == 1 and any(m.control == "other" for m in modes):
+        if spare is None:
+            raise ValueError("control 'other' with one sample needs a spare sample whose haystack it streams")
+        haystacks.append(spare)
+    records: dict[str, list[dict | None]] = {m.name: [None] * n for m in modes}
+    eos = mem_model.model.generation_config.eos_token_id
+    eos = {eos} if isinstance(eos, int) else set(eos or ())
+    for first in range(0, len(haystacks), batch_size):
+        rows = list(range(first, min(first + batch_size, len(haystacks))))
+        with torch.no_grad(), mem_model.session(batch_size=len(rows)) as session:
+            start = time.perf_counter()
+            contexts = [haystacks[j].context for j in rows]
+            session.feed(contexts if len(rows) > 1 else contexts[0])
+            fed = time.perf_counter() - start
+            for mode in modes:
+                # the sample whose question each row's haystack answers (None: the row only fills the batch)
+                asked = [asked_on(j, n, mode.control) for j in rows]
+                start = time.perf_counter()
+                with session.branch():
+                    if mode.control == "reset" and session.state.memory is not None:
+                        session.state.clear_memory()
+                    asking = [samples[0 if i is None else i] for i in asked]
+                    questions = [" " + sample.question for sample in asking]
+                    steps = []  # the new ids [rows] of every step: each row's answer is cut to its own budget
+                    session.generate(questions if len(rows) > 1 else questions[0], streamer=steps.append,
+                                     max_new_tokens=max(sample.max_new_tokens for sample in asking))
+                    tokens = session.tokens_seen  # streamed: haystack, question and answer
+                new = torch.stack(steps, dim=1).tolist()
+                texts = [mem_model.tokenizer.decode(own_answer(new[r], sample.max_new_tokens, eos),
+                                                    skip_special_tokens=True) for r, sample in enumerate(asking)]
+                tokens = tokens if isinstance(tokens, list) else [tokens] * len(rows)
+                seconds = (fed + time.perf_counter() - start) / len(rows)
+                for i, output, row_tokens in zip(asked, texts, tokens, strict=True):
+                    if i is None or records[mode.name][i] is not None:
+                        continue
+                    sample = samples[i]
+                    records[mode.name][i] = {
+                        "task": sample.task, "mode": mode.name, "seed": sample.seed, "depth": sample.depth,
+                        "tokens": row_tokens, "score": score(sample, output), "output": output,
+                        "references": sample.references, "seconds": round(seconds, 3), "batch": len(rows)}
     return records
 
 
@@ -144,7 +159,8 @@ def evaluate(models: dict[str, object] | Callable[[Mode], object], tokenizer, *,
     or a function making one for a ``Mode``. With ``output``, each summary is written to
     ``output/task/mode/L{length}_d{depth}.json`` as it finishes and existing files are read instead of rerun.
     ``batch_size``: samples of a cell answered as the rows of one session (faster on a real model; same answers).
-    A mode's cells longer than its ``max_length`` are skipped."""
+    Modes that differ only in their control share one model and each haystack's prefill (``run_cell``). A mode's
+    cells longer than its ``max_length`` are skipped."""
     haystack = haystack or Haystack()
     tasks, lengths, depths = list(tasks), list(lengths), list(depths)
     if trials < 1:
@@ -157,47 +173,71 @@ def evaluate(models: dict[str, object] | Callable[[Mode], object], tokenizer, *,
     cache: dict[str, object] = {}
 
     def model_for(mode: Mode):
+        """One model per configuration: modes that differ only in their control share it (and its prefills)."""
         if not callable(models):
             return models[mode.name]
-        if mode.name not in cache:
-            cache[mode.name] = models(mode)
-        return cache[mode.name]
+        key = json.dumps([mode.overrides, mode.extend], sort_keys=True, default=str)
+        if key not in cache:
+            cache[key] = models(mode)
+        return cache[key]
 
     cells = [(t, length, d) for t in tasks for length in lengths for d in depths]
     bar = tqdm(total=len(cells) * len(modes), unit="cell", disable=not progress, desc="memlm eval")
     summaries = []
     for task, length, depth in cells:
-        samples = None
+        pending: dict[int, list[Mode]] = {}  # the modes to run, by the model they share
         for mode in modes:
             if mode.max_length is not None and length > mode.max_length:
                 bar.update(1)
                 continue
-            path = None if output is None else Path(output) / task / mode.name / f"L{length}_d{depth}.json"
+            path = cell_path(output, task, mode, length, depth)
             if path is not None and path.is_file():
                 summaries.append(json.loads(path.read_text()))
                 bar.update(1)
                 continue
-            if samples is None:
-                options = (task_options or {}).get(task, {})
-                samples = [make_sample(task, tokenizer, haystack, length, depth, cell_seed(task, length, depth, k),
-                                       **options) for k in range(trials)]
-                # "other": each trial streams the next trial's haystack (another key, the same length)
-                others = samples[1:] + samples[:1] if trials > 1 else [
-                    make_sample(task, tokenizer, haystack, length, depth, cell_seed(task, length, depth, -1),
-                                **options)]
-            records = run_cell(model_for(mode), samples, mode, others if mode.control == "other" else None,
-                               batch_size)
-            summary = {"task": task, "mode": mode.name, "length": length, "depth": depth, "trials": trials,
-                       "haystack": haystack.name, "accuracy": statistics.fmean(r["score"] for r in records),
-                       "records": records}
-            if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.with_suffix(".tmp").write_text(json.dumps(summary, indent=1))
-                path.with_suffix(".tmp").replace(path)  # a cell is written whole or not at all
-            summaries.append(summary)
-            bar.update(1)
+            pending.setdefault(id(model_for(mode)), []).append(mode)
+        if not pending:
+            continue
+        options = (task_options or {}).get(task, {})
+        samples = [make_sample(task, tokenizer, haystack, length, depth, cell_seed(task, length, depth, k), **options)
+                   for k in range(trials)]
+        # "other" with one trial streams a spare haystack (another key, the same length)
+        spare = make_sample(task, tokenizer, haystack, length, depth, cell_seed(task, length, depth, -1), **options)
+        for group in pending.values():
+            results = run_cell(model_for(group[0]), samples, group, batch_size, spare)
+            for mode in group:
+                records = results[mode.name]
+                summary = {"task": task, "mode": mode.name, "length": length, "depth": depth, "trials": trials,
+                           "haystack": haystack.name, "accuracy": statistics.fmean(r["score"] for r in records),
+                           "records": records}
+                path = cell_path(output, task, mode, length, depth)
+                if path is not None:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.with_suffix(".tmp").write_text(json.dumps(summary, indent=1))
+                    path.with_suffix(".tmp").replace(path)  # a cell is written whole or not at all
+                summaries.append(summary)
+                bar.update(1)
     bar.close()
     return summaries
+
+
+def own_answer(ids: list[int], budget: int, eos: set[int]) -> list[int]:
+    """A row's new ids as a generation of its own would end: at most ``budget``, up to its first end token (a batch
+    pads a finished row until every row is done)."""
+    ids = ids[:budget]
+    ends = [t for t, token in enumerate(ids) if token in eos]
+    return ids[: ends[0] + 1] if ends else ids
+
+
+def asked_on(haystack: int, n: int, control: str | None) -> int | None:
+    """Which of a cell's ``n`` samples asks its question on haystack ``haystack`` (``n``: the spare), or None."""
+    if control == "other":  # the previous sample: its key is not in this haystack
+        return (haystack - 1) % n if n > 1 else 0 if haystack == n else None
+    return haystack if haystack < n else None
+
+
+def cell_path(output: str | Path | None, task: str, mode: Mode, length: int, depth: float | None) -> Path | None:
+    return None if output is None else Path(output) / task / mode.name / f"L{length}_d{depth}.json"
 
 
 # ------------------------------------------------------------------------------------ perplexity

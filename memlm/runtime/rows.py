@@ -72,6 +72,15 @@ class RowStreams:
         for row in self.rows:
             row.detach_graph()
 
+    @property
+    def memory(self):
+        """The first row's memory reader (every row has one of the same kind, or none)."""
+        return self.rows[0].memory
+
+    def clear_memory(self) -> None:
+        for row in self.rows:
+            row.clear_memory()
+
     # ----------------------------------------------------------------------------- forward
 
     def begin(self, real: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ when the body raised. Two sessions of one model are independent.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import copy
 import inspect
 from collections.abc import Iterable
@@ -28,6 +29,8 @@ from .stream import StreamState
 from .text import TextStream
 
 IGNORE_INDEX = -100
+#: the attributes that hold one document's state (what ``_forget`` resets and ``branch`` restores)
+DOCUMENT_STATE = ("state", "rmt", "_last_logits", "history", "text_streams", "pending", "chat", "sources")
 #: token ids a session keeps by default (generation's logits processors see them; save_document needs them all):
 #: 8 MiB per row at most, however long the stream
 HISTORY_TOKENS = 2**20
@@ -119,6 +122,40 @@ class Session:
         self.pending: torch.Tensor | None = None  # [batch, 1] the last generated token, fed with the next input
         self.chat: Conversation | None = None  # the chat so far, when generate was given messages
         self.sources: list = []  # the stored documents this session's memory was loaded from (store.Source)
+
+    @contextlib.contextmanager
+    def branch(self):
+        """A context manager: the stream as it is now comes back when the block ends, whatever the block fed or
+        generated. A haystack fed once then serves every question asked of it:
+
+            session.feed(haystack)
+            for question in questions:
+                with session.branch():
+                    answers.append(session.generate(question, max_new_tokens=8))
+
+        Entering copies the document state (local context, memory entries, history, held-back text): memory
+        costs what the stream holds, time a copy of it. Not while training (the copy keeps no graph) and not with
+        a faiss index (its native index is not copied)."""
+        self._check_open()
+        if torch.is_grad_enabled() and self.crossbatch is not None:
+            raise RuntimeError("branch() copies the stream without its graph: use it under torch.no_grad()")
+        if self.mem_model.config.index != "torch":
+            raise ValueError(f"branch() copies the memory index; index={self.mem_model.config.index!r} cannot be "
+                             "copied: use index='torch'")
+        saved = self._document_state()
+        try:
+            yield self
+        finally:
+            for name, value in saved.items():
+                setattr(self, name, value)
+
+    def _document_state(self) -> dict:
+        """A copy of everything ``_forget`` resets, sharing the model, its tokenizer and the config (never copied)."""
+        model = self.mem_model.model
+        shared = [self.mem_model, model, self.mem_model.config, self.mem_model.tokenizer, self.crossbatch,
+                  *model.modules(), *model.parameters(), *model.buffers()]
+        memo = {id(obj): obj for obj in shared if obj is not None}
+        return copy.deepcopy({name: getattr(self, name) for name in DOCUMENT_STATE}, memo)
 
     def save_document(self, store, doc_id: str):
         """Store what this session has read as a complete document ``doc_id`` of ``store`` (a
