@@ -206,9 +206,11 @@ def test_a_batched_cell_answers_as_one_session_per_sample(tiny_llama, tokenizer,
 def test_a_mode_skips_cells_beyond_its_max_length(tiny_llama, tokenizer, haystack, tmp_path):
     mem_model = attach(tiny_llama, MemoryConfig(segment_length=64, xl_length=0, memory_layers=()), tokenizer=tokenizer)
     path = tmp_path / "modes.yaml"
-    path.write_text("full:\n  segment_length: 512\n  max_length: 400\n")
+    path.write_text("full:\n  segment_length: 512\n  max_length: 400\n  attention: {name: dilated}\n")
     (mode,) = runner.parse_modes(str(path))
     assert mode.max_length == 400 and mode.overrides == {"segment_length": 512}
+    assert mode.attention == {"name": "dilated"}
+    mode.attention = None
     summaries = runner.evaluate({"full": mem_model}, tokenizer, tasks=["passkey"], lengths=[300, 600], depths=[0.5],
                                 trials=1, modes=[mode], haystack=haystack)
     assert [s["length"] for s in summaries] == [300]

@@ -83,7 +83,8 @@ def eval_command(args: argparse.Namespace) -> int:
     def make(mode):  # each mode's model, loaded once (the retrieval tasks and perplexity share them)
         if mode.name not in loaded:
             try:
-                loaded[mode.name] = load_model(args.model, dtype=args.dtype, extend=mode.extend, **mode.overrides)[0]
+                loaded[mode.name] = load_model(args.model, dtype=args.dtype, extend=mode.extend,
+                                               attention=mode.attention, **mode.overrides)[0]
             except ModelUnavailableError as error:
                 raise SystemExit(f"memlm eval: {error}") from None
         return loaded[mode.name]

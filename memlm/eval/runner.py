@@ -33,7 +33,9 @@ from .tasks import Haystack, Sample, make_sample, score
 @dataclass
 class Mode:
     """A configuration to compare: ``overrides`` of the model's MemoryConfig, an optional RoPE ``extend``
-    (``{"method": "yarn", "factor": 8}``, ``memlm.extend_context``) and an optional ``control``."""
+    (``{"method": "yarn", "factor": 8}``, ``memlm.extend_context``), an optional full-sequence ``attention``
+    (``{"name": "dilated", ...}``, ``memlm.use_attention``: a segment is one forward) and an optional
+    ``control``."""
 
     name: str
     overrides: dict = field(default_factory=dict)
@@ -41,6 +43,7 @@ class Mode:
     extend: dict | None = None
     #: the longest haystack this mode is run on (full attention: the model's window); longer cells are skipped
     max_length: int | None = None
+    attention: dict | None = None
 
     def __post_init__(self) -> None:
         if self.control not in (None, "reset", "other"):
@@ -61,7 +64,7 @@ MODES = {
 
 def parse_modes(spec: str) -> list[Mode]:
     """``memory,xl-only,off`` (names of ``MODES``) or a YAML file: ``{name: {overrides..., control: ..., extend:
-    {method: ..., factor: ...}, max_length: ...}}``."""
+    {method: ..., factor: ...}, attention: {name: ..., ...}, max_length: ...}}``."""
     if spec.endswith((".yaml", ".yml")):
         import yaml
 
@@ -72,9 +75,8 @@ def parse_modes(spec: str) -> list[Mode]:
         modes = []
         for name, values in entries.items():
             values = dict(values or {})
-            control, extend, longest = values.pop("control", None), values.pop("extend", None), values.pop(
-                "max_length", None)
-            modes.append(Mode(str(name), values, control, extend, longest))
+            options = {key: values.pop(key, None) for key in ("control", "extend", "max_length", "attention")}
+            modes.append(Mode(str(name), values, **options))
         return modes
     names = [name.strip() for name in spec.split(",") if name.strip()]
     unknown = [name for name in names if name not in MODES]
@@ -178,7 +180,7 @@ def evaluate(models: dict[str, object] | Callable[[Mode], object], tokenizer, *,
         """One model per configuration: modes that differ only in their control share it (and its prefills)."""
         if not callable(models):
             return models[mode.name]
-        key = json.dumps([mode.overrides, mode.extend], sort_keys=True, default=str)
+        key = json.dumps([mode.overrides, mode.extend, mode.attention], sort_keys=True, default=str)
         if key not in cache:
             cache[key] = models(mode)
         return cache[key]

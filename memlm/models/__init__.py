@@ -16,6 +16,7 @@ import transformers
 
 from memlm.config import MemoryConfig
 from memlm.positions.scaling import extend_from_spec
+from memlm.runtime.implementations import use_attention
 from memlm.runtime.model import MemoryModel
 
 from .gguf_cache import ModelUnavailableError, cache_root, cached_folder, check_file, packaged_file
@@ -79,7 +80,7 @@ def pretrained_folder(name: str = "smollm2-135m", cache: str | Path | None = Non
 
 
 def load_pretrained(name: str = "smollm2-135m", *, device: str | torch.device = "cpu", dtype: str = "float32",
-                    extend: dict | None = None, cache: str | Path | None = None,
+                    extend: dict | None = None, attention: dict | None = None, cache: str | Path | None = None,
                     **memory_overrides) -> tuple[MemoryModel, transformers.PreTrainedTokenizerBase]:
     """``(mem_model, tokenizer)`` for a pretrained model shipped by a registry package, memlm attached.
 
@@ -87,6 +88,8 @@ def load_pretrained(name: str = "smollm2-135m", *, device: str | torch.device = 
     dtype: the weights' dtype, ``"float32"`` (as transformers' GGUF load gives) or ``"bfloat16"`` (~3.5x faster
         on CPUs with native bfloat16 matmul, e.g. AMX; slower than float32 on AVX2-only CPUs).
     extend: a RoPE extension applied before memlm attaches (``{"method": "yarn", "factor": 4}``).
+    attention: a full-sequence attention selected before memlm attaches (``{"name": "dilated", ...}``,
+        ``memlm.use_attention``): each segment is then one forward of it.
     cache: the cache folder (default ``$MEMLM_CACHE`` or the user's cache dir).
     memory_overrides: fields of the model's MemoryConfig to change, e.g. ``memory_layers=()`` (XL only).
     """
@@ -100,19 +103,26 @@ def load_pretrained(name: str = "smollm2-135m", *, device: str | torch.device = 
     model = model.to(device).eval()
     if extend:
         extend_from_spec(model, extend)
+    if attention:
+        options = dict(attention)
+        use_attention(model, options.pop("name", None), **options)
     return MemoryModel(model, config, tokenizer=tokenizer), tokenizer
 
 
 def load_model(name: str = "tiny", *, dtype: str = "float32", extend: dict | None = None,
+               attention: dict | None = None,
                **memory_overrides) -> tuple[MemoryModel, transformers.PreTrainedTokenizerBase]:
     """What the commands' ``--model`` names: ``"tiny"`` / ``"default"`` (memlm-tiny), a pretrained model's name
     (``"smollm2"``), or a memlm model directory (``load_default``)."""
     from memlm.tiny import load_default
 
     if name in PRETRAINED or name in ALIASES:
-        return load_pretrained(name, dtype=dtype, extend=extend, **memory_overrides)
+        return load_pretrained(name, dtype=dtype, extend=extend, attention=attention, **memory_overrides)
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if attention:
+        raise ValueError("a full-sequence attention is selected on pretrained models here; for memlm-tiny, "
+                         "use memlm.use_attention on the model before attaching")
     mem_model, tokenizer = load_default(None if name in ("tiny", "default") else name, extend=extend,
                                         **memory_overrides)
     mem_model.model.to(DTYPES[dtype])
