@@ -26,7 +26,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 MANIFEST = "memlm_gguf.json"
-#: files of a converted folder that the manifest sizes (the tokenizer's other files are small and optional)
+#: the file a converted folder cannot be without (the manifest sizes every file)
 WEIGHTS = "model.safetensors"
 
 
@@ -56,7 +56,12 @@ def packaged_file(package: str, filename: str, install: str) -> Path:
                 return path
             break
     raise ModelUnavailableError(f"{package} {distribution.version} is installed but its {filename} is missing; "
-                                f"reinstall it with: {install.replace('install', 'install --force-reinstall', 1)}")
+                                f"reinstall it with: {reinstall(install)}")
+
+
+def reinstall(install: str) -> str:
+    """The command that puts a damaged package back: ``install`` with ``--force-reinstall``."""
+    return install.replace("install", "install --force-reinstall", 1)
 
 
 def sha256(path: Path, chunk: int = 1 << 22) -> str:
@@ -70,14 +75,13 @@ def sha256(path: Path, chunk: int = 1 << 22) -> str:
 def check_file(path: Path, size: int | None, digest: str | None, install: str) -> str:
     """The SHA-256 of ``path``, after checking it has the expected size and hash (None: not checked)."""
     actual_size = path.stat().st_size
-    reinstall = install.replace("install", "install --force-reinstall", 1)
     if size is not None and actual_size != size:
         raise ModelUnavailableError(f"{path} has {actual_size:,} bytes, expected {size:,} (a truncated or altered "
-                                    f"file); reinstall it with: {reinstall}")
+                                    f"file); reinstall it with: {reinstall(install)}")
     actual = sha256(path)
     if digest is not None and actual != digest:
         raise ModelUnavailableError(f"{path} has SHA-256 {actual}, expected {digest} (an altered file); reinstall "
-                                    f"it with: {reinstall}")
+                                    f"it with: {reinstall(install)}")
     return actual
 
 
@@ -146,8 +150,7 @@ def convert(gguf: Path, output: Path) -> None:
         raise ModelUnavailableError(f"transformers could not read {gguf} ({type(error).__name__}: {error}); "
                                     "reinstall the package that ships it") from error
     config = loaded.config
-    config.quantization_config = None  # a plain float model: what save_pretrained writes
-    del config.quantization_config
+    del config.quantization_config  # a plain float model, which save_pretrained writes (a GGUF one it refuses)
     model = type(loaded)(config)
     missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
     if missing or unexpected:
