@@ -3,7 +3,8 @@
     python benchmarks/report_smollm2.py [--results benchmarks/results/smollm2] [--plot docs/smollm2_methods.png]
 
 Reads every cell file under ``--results`` (``<haystack>/<task>/<mode>/L<length>_d<depth>.json``, as the commands
-in the README write them) and ``<haystack>/perplexity.json``; prints markdown: accuracy per method and length
+in the README write them; ``memory_variants/`` holds the memory configurations compared) and
+``<haystack>/perplexity.json``; prints markdown: accuracy per method and length
 (with the trials behind each cell), tokens/s per method and length against full attention (the plain model)
 and against the XL-only stream, and War and Peace perplexity by token distance.
 """
@@ -18,6 +19,9 @@ from pathlib import Path
 
 from memlm.eval.runner import perplexity_table
 
+#: rows in the order the README reads them (modes not listed follow, alphabetically)
+ORDER = ("full", "xl-only", "memory", "sinks", "lm-infinite", "full-unscaled", "ntk-x2", "dynamic-ntk", "yarn-x2",
+         "dilated", "layers-0-14", "layers-15-29", "local-1024")
 TASKS = {("filler", "passkey"): "passkey, filler", ("war_and_peace", "passkey"): "passkey, War and Peace",
          ("filler", "niah_multikey"): "multikey (RULER), filler"}
 
@@ -28,7 +32,11 @@ def load(results: Path) -> list[dict]:
         cell = json.loads(path.read_text())
         cell["haystack_name"] = path.parts[-4]
         cells.append(cell)
-    return cells
+    tasks = list(TASKS)
+    rank = {mode: i for i, mode in enumerate(ORDER)}
+    return sorted(cells, key=lambda c: (tasks.index((c["haystack_name"], c["task"])) if (c["haystack_name"], c["task"])
+                                        in tasks else len(tasks), rank.get(c["mode"], len(rank)), c["mode"],
+                                        c["length"]))
 
 
 def accuracy_table(cells: list[dict]) -> str:
@@ -86,7 +94,7 @@ def plot(cells: list[dict], path: Path) -> None:
         axis.set_xscale("log", base=2)
         axis.set(title=TASKS.get(task, task[1]), xlabel="haystack tokens", ylabel="accuracy (%)", ylim=(-5, 105))
     axes[0][0].legend(fontsize=8)
-    figure.suptitle("SmolLM2-135M, training-free (dotted: its 8,192-token window)", fontsize=10)
+    figure.suptitle("SmolLM2-135M, training-free (dotted: its 8,192-token window)", fontsize=10, y=1.03)
     figure.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(figure)
 
@@ -97,10 +105,15 @@ def main() -> None:
     parser.add_argument("--plot", help="write the accuracy plot to this PNG")
     args = parser.parse_args()
     results = Path(args.results)
-    cells = load(results)
+    loaded = load(results)
+    cells = [c for c in loaded if c["haystack_name"] != "memory_variants"]
+    variants = [c for c in loaded if c["haystack_name"] == "memory_variants"]
     if not cells:
         raise SystemExit(f"no cell files under {results}: run the memlm eval commands of the README first")
     print("Accuracy (trials per cell in brackets):\n\n" + accuracy_table(cells))
+    if variants:
+        print("\nMemory variants, passkey with 4 distractor numbers (trials in brackets):\n\n"
+              + accuracy_table(variants) + "\n\n" + speed_table(variants))
     print("\nTokens/s (haystack streamed and question answered, all rows of a cell in one batch):\n\n"
           + speed_table(cells))
     for path in sorted(results.glob("*/perplexity.json")):
