@@ -107,10 +107,8 @@ def eval_command(args: argparse.Namespace) -> int:
         text = Path(args.haystack).read_text(encoding="utf-8") if args.haystack else " ".join(haystack.sentences * 64)
         ids = torch.tensor(tokenizer(text)["input_ids"][: max(lengths) + 1])
         results = {}
-        for mode in modes:  # one file per mode, written as it finishes; a rerun reads the finished ones
+        for mode in (m for m in modes if m.control is None):  # one file per mode, a rerun reads finished ones
             path = output / "perplexity" / f"{mode.name}.json"
-            if mode.control is not None:
-                continue
             if not path.is_file():
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(json.dumps(runner.perplexity(make(mode), ids[: mode.max_length]), indent=1))
