@@ -11,6 +11,10 @@ FUSIONS = ("gate", "joint")
 MEMORY_POSITIONS = ("first", "original")
 POSITION_MODES = ("rebase", "absolute")
 INDEX_BACKENDS = ("torch", "faiss")
+RETRIEVALS = ("tokens", "blocks")
+BLOCK_SCORINGS = ("minmax", "representatives")
+#: the fields of block retrieval: they mean nothing with retrieval="tokens" (and are left out of its fingerprint)
+BLOCK_FIELDS = ("block_size", "top_blocks", "block_scoring", "block_representatives")
 MEMORY_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -63,6 +67,20 @@ class MemoryConfig:
         "LM-Infinite's distance cap: a key farther than this from its query (a sink, a memory entry) scores as if "
         "exactly this far; None = off", None
     )
+    retrieval: str = option(
+        "'tokens': each query retrieves its top_k memory entries (kNN); 'blocks': each forward selects, per layer "
+        "and key/value head, the top_blocks blocks of block_size consecutive tokens and attends to them whole, in "
+        "document order, just before the local context (InfLLM, Xiao et al. 2024; Quest, Tang et al. 2024)",
+        "tokens",
+    )
+    block_size: int = option("tokens per memory block (retrieval='blocks'); divides segment_length", 128)
+    top_blocks: int = option("blocks each forward selects per memory layer and key/value head", 4)
+    block_scoring: str = option(
+        "how a block is scored against a query: 'minmax' (Quest: the per-channel bound sum_c max(q_c min_c, "
+        "q_c max_c) over the block's keys) or 'representatives' (InfLLM: the best of the block's "
+        "block_representatives most central keys)", "minmax",
+    )
+    block_representatives: int = option("keys that represent a block (block_scoring='representatives')", 4)
     rmt_tokens: int = option("Recurrent Memory Transformer read/write tokens per segment (0 = off)", 0)
     rmt_bptt_depth: int | None = option(
         "with gradients enabled, cut the graph through RMT memory every k segments; None = never cut", None
@@ -77,7 +95,8 @@ class MemoryConfig:
             self.memory_dtype = str(self.memory_dtype).removeprefix("torch.")
         self.index_kwargs = dict(self.index_kwargs or {})
         for name, low in (("segment_length", 1), ("xl_length", 0), ("top_k", 1), ("memory_capacity", 1),
-                          ("rmt_tokens", 0), ("sink_tokens", 0)):
+                          ("rmt_tokens", 0), ("sink_tokens", 0), ("block_size", 1), ("top_blocks", 1),
+                          ("block_representatives", 1)):
             check_integer(name, getattr(self, name), low)
         if not isinstance(self.memory_layers, tuple) or not all(
             isinstance(i, int) and not isinstance(i, bool) for i in self.memory_layers
@@ -88,7 +107,8 @@ class MemoryConfig:
         if self.top_k > self.memory_capacity:
             raise ValueError(f"top_k ({self.top_k}) cannot exceed memory_capacity ({self.memory_capacity})")
         for name, allowed in (("fusion", FUSIONS), ("memory_positions", MEMORY_POSITIONS),
-                              ("position_mode", POSITION_MODES), ("index", INDEX_BACKENDS)):
+                              ("position_mode", POSITION_MODES), ("index", INDEX_BACKENDS),
+                          ("retrieval", RETRIEVALS), ("block_scoring", BLOCK_SCORINGS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if not isinstance(self.gate_init, (int, float)) or isinstance(self.gate_init, bool) or not math.isfinite(
@@ -105,6 +125,29 @@ class MemoryConfig:
                              "tokens")
         if self.memory_dtype is not None and self.memory_dtype not in MEMORY_DTYPES:
             raise ValueError(f"memory_dtype must be None or one of {tuple(MEMORY_DTYPES)}, got {self.memory_dtype!r}")
+        if self.retrieval == "blocks":
+            self.check_blocks()
+
+    def check_blocks(self) -> None:
+        """The settings block retrieval needs (``memory/blocks.py``)."""
+        if self.segment_length % self.block_size:
+            raise ValueError(f"block_size ({self.block_size}) must divide segment_length ({self.segment_length}): a "
+                             "closing segment hands whole blocks to memory")
+        if self.memory_capacity % self.block_size:
+            raise ValueError(f"memory_capacity ({self.memory_capacity}) must be a multiple of block_size "
+                             f"({self.block_size}): memory evicts whole blocks")
+        if self.top_blocks * self.block_size > self.memory_capacity:
+            raise ValueError(f"top_blocks ({self.top_blocks}) x block_size ({self.block_size}) is more than memory "
+                             f"holds (memory_capacity={self.memory_capacity})")
+        if self.block_representatives > self.block_size:
+            raise ValueError(f"block_representatives ({self.block_representatives}) cannot exceed block_size "
+                             f"({self.block_size})")
+        refused = {"memory_positions": (self.memory_positions, "first"), "distance_cap": (self.distance_cap, None),
+                   "index": (self.index, "torch"), "index_kwargs": (self.index_kwargs, {})}
+        for name, (value, needed) in refused.items():
+            if value != needed:
+                raise ValueError(f"retrieval='blocks' places the blocks it selects itself and searches no index: "
+                                 f"{name} must be {needed!r}, got {value!r}")
 
     def resolve_layers(self, num_layers: int) -> tuple[int, ...]:
         """memory_layers as sorted non-negative indices of a model with ``num_layers`` layers."""
@@ -118,6 +161,11 @@ class MemoryConfig:
         if len(set(resolved)) != len(resolved):
             raise ValueError(f"memory_layers {self.memory_layers} name one layer twice in a {num_layers}-layer model")
         return tuple(resolved)
+
+    @property
+    def block_span(self) -> int:
+        """Positions the selected blocks occupy in front of the local context (0 without block retrieval)."""
+        return self.top_blocks * self.block_size if self.retrieval == "blocks" and self.memory_layers else 0
 
     def to_dict(self) -> dict:
         return {**asdict(self), "memory_layers": list(self.memory_layers)}

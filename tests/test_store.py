@@ -59,9 +59,13 @@ def test_ingestion_stores_the_tokenizers_tokens_and_the_sessions_memory(store, t
             assert stored_keys.dtype == torch.float16 and document.entries == keys.shape[1]
 
 
-@pytest.mark.parametrize(("crash_at", "rmt_tokens"), [(1, 0), (40, 2), (2500, 0), (9000, 2), (len(DATA) - 5, 0)])
-def test_resumed_ingestion_stores_what_an_uninterrupted_one_does(tmp_path, tokenizer, crash_at, rmt_tokens):
-    mem_model = memory_model(tokenizer, rmt_tokens=rmt_tokens)
+@pytest.mark.parametrize(("crash_at", "rmt_tokens", "retrieval"), [
+    (1, 0, "tokens"), (40, 2, "tokens"), (2500, 0, "tokens"), (9000, 2, "tokens"), (len(DATA) - 5, 0, "tokens"),
+    (2500, 0, "blocks"),  # block retrieval selects per forward: the writer's forwards are whole segments either way
+])
+def test_resumed_ingestion_stores_what_an_uninterrupted_one_does(tmp_path, tokenizer, crash_at, rmt_tokens, retrieval):
+    blocks = dict(block_size=16, top_blocks=2, fusion="joint") if retrieval == "blocks" else {}
+    mem_model = memory_model(tokenizer, rmt_tokens=rmt_tokens, retrieval=retrieval, **blocks)
     with MemoryStore(tmp_path / "a") as whole, MemoryStore(tmp_path / "b") as resumed:
         write(whole, mem_model, "doc", DATA, chunk=300)
         # A crash: the writer is dropped; what was not committed (buffered text, the open piece) is lost.

@@ -6,7 +6,7 @@ Generators (each a function of a seeded ``random.Random``; nothing is downloaded
   N is the pass key.`` ... ``What is the pass key? The pass key is``; optionally with distractor
   numbers (``The door code is M.``) in the haystack.
 * RULER (Hsieh et al. 2024): ``niah_single`` (number, word or UUID values), ``niah_multikey`` (distractor
-  needles of the same form), ``niah_multivalue``, ``niah_multiquery``, ``variable_tracking``
+  needles of the same form; ``niah_multikey_uuids`` with UUID values, RULER's multikey-3 kind), ``niah_multivalue``, ``niah_multiquery``, ``variable_tracking``
   (``VAR A = 12345``, ``VAR B = VAR A``, ...), ``cwe`` and ``fwe`` (common / frequent word extraction);
   scored as RULER scores: the fraction of reference strings found in the output.
 * ``lines`` (LongChat-Lines, used by Giraffe, Pal et al. 2023): ``line adj-noun: REGISTER_CONTENT is
@@ -370,6 +370,8 @@ TASKS: dict[str, Callable[..., Sample]] = {
     "passkey": passkey,
     "niah_single": niah,
     "niah_multikey": lambda *a, **k: niah(*a, variant="multikey", **k),
+    # RULER's multikey-3 kind: UUID values among needles of the same form, where block representatives fail
+    "niah_multikey_uuids": lambda *a, **k: niah(*a, variant="multikey", values="uuids", **k),
     "niah_multivalue": lambda *a, **k: niah(*a, variant="multivalue", **k),
     "niah_multiquery": lambda *a, **k: niah(*a, variant="multiquery", **k),
     "variable_tracking": variable_tracking,

@@ -38,6 +38,11 @@ class KNNMemory:
         # set to a list to record every search: ids, attention logits [b, hq, n, k] (scores x the model's scale)
         self.retrievals: list | None = None
 
+    @property
+    def layers(self) -> list[int]:
+        """The memory layers holding entries."""
+        return list(self.indexes)
+
     def add(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append the next tokens of the document: unrotated keys, values [batch, kv_heads, n, head_dim].
 

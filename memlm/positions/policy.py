@@ -11,6 +11,8 @@ model's own rotary frequencies (``rotary.py``). The rules (docs/DESIGN.md, "Posi
   ``sinks`` in rebase (StreamingLLM's positions within the cache), the document offset in absolute.
 * ``memory_positions="first"`` (LongLLaMA): a retrieved key sits at the first position of the local
   context. ``"original"``: at its true document distance from the query.
+* Block retrieval (``memory/block_memory.py``) reserves ``memory_span`` positions between the sinks and the local
+  context for the blocks it selects: in rebase the frame is then ``sinks + memory_span``.
 
 The kNN search ranks entries by exactly the score the attention then uses. For ``"first"`` the index
 holds unrotated keys and is searched with the query moved back by the frame (q at its offset in the
@@ -33,10 +35,12 @@ from .rotary import rotate
 class PositionPolicy:
     """Position ids and rotations of one stream (``position_mode`` and ``memory_positions`` of its config)."""
 
-    def __init__(self, position_mode: str, memory_positions: str, rotary: nn.Module | None) -> None:
+    def __init__(self, position_mode: str, memory_positions: str, rotary: nn.Module | None,
+                 memory_span: int = 0) -> None:
         self.position_mode = position_mode
         self.memory_positions = memory_positions
         self.rotary = rotary
+        self.memory_span = memory_span
 
     @property
     def inv_freq(self) -> torch.Tensor | None:
@@ -44,9 +48,9 @@ class PositionPolicy:
         return None if self.rotary is None else self.rotary.inv_freq
 
     def frame(self, local_start: int, sinks: int = 0) -> int:
-        """Position id of the local context's first token after its ``sinks``, whose document offset is
-        ``local_start``."""
-        return sinks if self.position_mode == "rebase" else local_start
+        """Position id of the local context's first token after its ``sinks`` (and the block memory's span), whose
+        document offset is ``local_start``."""
+        return sinks + self.memory_span if self.position_mode == "rebase" else local_start
 
     def local_positions(self, local_start: int, first: int, n: int, device: torch.device,
                         sinks: int = 0) -> torch.Tensor:

@@ -75,6 +75,9 @@ class MemoryModel:
         if self.rotary is None and config.distance_cap is not None:
             raise ValueError(f"distance_cap re-rotates keys and needs a rotary model; {name} has absolute position "
                              "embeddings")
+        if self.rotary is None and config.block_span:
+            raise ValueError(f"retrieval='blocks' rotates the blocks it reads to just before the local context and "
+                             f"needs a rotary model; {name} has absolute position embeddings (use retrieval='tokens')")
         if self.rotary is None:  # absolute position embeddings (GPT-2): see the module docstring
             self.max_positions = model.config.max_position_embeddings
             if config.position_mode == "rebase" and config.xl_length:

@@ -17,9 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from memlm.memory.knn import KNNMemory
-
-from .stream import StreamState
+from .stream import DOCUMENT_MEMORIES, StreamState
 
 
 class RowStreams:
@@ -42,10 +40,10 @@ class RowStreams:
     def _continue(self, lockstep: StreamState) -> None:
         """Take over each row of a lockstep state: local context, counters and memory entries."""
         tensors, counters = lockstep.state_dict()
-        memory = lockstep.memory if isinstance(lockstep.memory, KNNMemory) else None
+        memory = lockstep.memory if isinstance(lockstep.memory, DOCUMENT_MEMORIES) else None
         for r, row in enumerate(self.rows):
             row.load_state_dict({name: t[r : r + 1] for name, t in tensors.items()}, counters)
-            for layer in memory.indexes if memory is not None else ():
+            for layer in memory.layers if memory is not None else ():
                 keys, values, first = memory.entries(layer, r)
                 row.memory.memory_start = first  # the document position of the row's oldest live entry
                 row.add_memory(layer, keys[None], values[None])

@@ -1,8 +1,8 @@
 """The state of one document stream, composed of three parts (docs/DESIGN.md, "The runtime"):
 
 * the local context (``local.py``): XL cache + open segment, and the FIFO hand-over to memory;
-* the memory reader: the kNN index (``memory/knn.py``), the CrossBatch memory while training
-  (``memory/crossbatch.py``), or none;
+* the memory reader: the kNN index (``memory/knn.py``), block retrieval (``memory/block_memory.py``), the
+  CrossBatch memory while training (``memory/crossbatch.py``), or none;
 * the position policy (``positions/policy.py``): the position id of every local token and memory
   entry, and the rotations that put stored keys there.
 
@@ -20,12 +20,17 @@ from torch import nn
 
 from memlm.config import MEMORY_DTYPES, MemoryConfig
 from memlm.kernels import additive_mask, causal_mask, memory_attention
+from memlm.memory.block_memory import BlockMemory
 from memlm.memory.crossbatch import CrossBatch, CrossBatchMemory
 from memlm.memory.knn import KNNMemory
 from memlm.positions.policy import PositionPolicy
 
 from .attention import STREAMABLE, previous_function
 from .local import LocalContext
+
+#: the memory readers whose entries a document keeps (stores, row streams, branches): every token that left the
+#: local context, unrotated, with the same interface (add, entries, layers, memory_start, retrievals)
+DOCUMENT_MEMORIES = (KNNMemory, BlockMemory)
 
 
 class StreamState:
@@ -59,6 +64,8 @@ class StreamState:
         if config.distance_cap is not None and crossbatch is not None:  # (attach refuses it on non-rotary models)
             raise ValueError("distance_cap needs an inference session: no CrossBatch training, whose shared memory "
                              "has one position for every query")
+        if crossbatch is not None and config.retrieval == "blocks":
+            raise ValueError("retrieval='blocks' is training-free: CrossBatch training needs retrieval='tokens'")
         if crossbatch is not None:
             crossbatch.check_batch(batch_size)
             if config.memory_positions != "first" or not memory_layers:
@@ -74,10 +81,16 @@ class StreamState:
         self.previous_attention = previous_attention
         self.crossbatch = crossbatch
         self.local = LocalContext(config.segment_length, config.xl_length, config.sink_tokens)
-        self.positions = PositionPolicy(config.position_mode, config.memory_positions, rotary)
+        self.positions = PositionPolicy(config.position_mode, config.memory_positions, rotary, config.block_span)
         memory_dtype = MEMORY_DTYPES[config.memory_dtype] if config.memory_dtype else dtype
         if crossbatch is not None:  # training: a differentiable CrossBatch memory replaces the kNN index
             self.memory = CrossBatchMemory(crossbatch, batch_size, config.segment_length, self.positions)
+        elif memory_layers and config.retrieval == "blocks":
+            self.memory = BlockMemory(
+                capacity=config.memory_capacity, block_size=config.block_size, top_blocks=config.top_blocks,
+                scoring=config.block_scoring, representatives=config.block_representatives, dtype=memory_dtype,
+                positions=self.positions, devices={layer: devices[layer] for layer in memory_layers},
+            )
         elif memory_layers:
             self.memory = KNNMemory(
                 index=config.index, index_kwargs=config.index_kwargs, capacity=config.memory_capacity,
@@ -93,7 +106,7 @@ class StreamState:
         self.local.reset()
         if self.memory is not None:
             self.memory.reset()
-        if isinstance(self.memory, KNNMemory):  # the first sink_tokens tokens never enter memory
+        if isinstance(self.memory, DOCUMENT_MEMORIES):  # the first sink_tokens tokens never enter memory
             self.memory.memory_start = self.config.sink_tokens
         self.position_ids: torch.Tensor | None = None  # [read + n + write] of the forward in flight
         self.masks: dict[tuple, torch.Tensor] = {}  # the forward's local masks, made once for all layers
@@ -246,9 +259,9 @@ class StreamState:
     # ------------------------------------------------------------------------------- persistence
 
     @property
-    def knn(self) -> KNNMemory:
-        """The kNN memory (stored documents hold its entries)."""
-        if not isinstance(self.memory, KNNMemory):
+    def knn(self) -> KNNMemory | BlockMemory:
+        """The memory stored documents hold the entries of (kNN or block retrieval)."""
+        if not isinstance(self.memory, DOCUMENT_MEMORIES):
             raise ValueError("this stream has no kNN memory (no memory layers, or CrossBatch training)")
         return self.memory
 
@@ -260,11 +273,11 @@ class StreamState:
         """What continues this stream besides its memory entries: the local context's unrotated keys/values of
         every layer (``cache.{layer}.keys|values`` [batch, kv_heads, local, head_dim]) and the counters."""
         tensors, counters = self.local.state_dict()
-        counters["memory_start"] = self.memory.memory_start if isinstance(self.memory, KNNMemory) else 0
+        counters["memory_start"] = self.memory.memory_start if isinstance(self.memory, DOCUMENT_MEMORIES) else 0
         return tensors, counters
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], counters: dict[str, int]) -> None:
         """Restore what ``state_dict`` returned (memory entries are added separately with ``add_memory``)."""
         self.local.load_state_dict(tensors, counters, self.devices)
-        if isinstance(self.memory, KNNMemory):
+        if isinstance(self.memory, DOCUMENT_MEMORIES):
             self.memory.memory_start = int(counters.get("memory_start", 0))

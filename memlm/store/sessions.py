@@ -103,7 +103,7 @@ def save_session(store, session, doc_id: str) -> Document:
     state = session.state
     ids = session.history.stream()[0][0].cpu()
     memory, memory_start = {}, 0
-    for layer in state.knn.indexes if state.memory is not None else ():
+    for layer in state.knn.layers if state.memory is not None else ():
         keys, values, memory_start = state.knn.entries(layer)
         memory[layer] = (keys, values)
     segment = Segment(ids=ids, text=b"", memory=memory)

@@ -35,7 +35,7 @@ import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from memlm.config import check_integer
+from memlm.config import BLOCK_FIELDS, check_integer
 
 from .records import (
     SHADOW,
@@ -62,9 +62,24 @@ SEARCH_ONLY = ("index", "index_kwargs", "memory_capacity")
 
 
 def shaping_config(config) -> dict:
-    """The MemoryConfig fields that shape the stored keys, values and stream state (``fingerprint`` hashes them)."""
-    search_only = SEARCH_ONLY + (("top_k",) if len(config.memory_layers) == 1 else ())
-    return {name: value for name, value in config.to_dict().items() if name not in search_only}
+    """The MemoryConfig fields that shape the stored keys, values and stream state (``fingerprint`` hashes them).
+
+    With one memory layer, how it retrieves (top_k, token or block retrieval) shapes nothing stored: no layer below
+    it retrieves. The block fields are left out when retrieval is by tokens (where they mean nothing), so stores
+    made before block retrieval existed keep their fingerprint."""
+    retrieval_fields = ("top_k", "retrieval", *BLOCK_FIELDS)
+    search_only = SEARCH_ONLY + (retrieval_fields if len(config.memory_layers) == 1 else ())
+    return {name: value for name, value in config_fields(config).items() if name not in search_only}
+
+
+def config_fields(config) -> dict:
+    """``config.to_dict()`` as stores made before block retrieval saw it: without the retrieval fields when they hold
+    their defaults (token retrieval)."""
+    values = config.to_dict()
+    if values["retrieval"] == "tokens":
+        for name in ("retrieval", *BLOCK_FIELDS):
+            values.pop(name)
+    return values
 
 
 def fingerprint(mem_model, legacy: bool = False) -> dict:
@@ -87,7 +102,7 @@ def fingerprint(mem_model, legacy: bool = False) -> dict:
         weights.update(sample.numpy().tobytes())
     config = mem_model.config
     memory_dtype = config.memory_dtype or str(mem_model.dtype).removeprefix("torch.")  # the stored tensors' dtype
-    fields = config.to_dict() if legacy else shaping_config(config)
+    fields = config_fields(config) if legacy else shaping_config(config)
     memlm = hashlib.sha256(json.dumps({**fields, "memory_dtype": memory_dtype}, sort_keys=True).encode())
     for name, tensor in sorted(mem_model.memory_module.state_dict().items()):
         memlm.update(name.encode() + tensor.detach().float().cpu().numpy().tobytes())

@@ -1,0 +1,243 @@
+"""Block retrieval memory (InfLLM, Xiao et al. 2024; Quest, Tang et al. 2024): memory found and attended in blocks.
+
+Token-level kNN memory (``knn.py``) gives each query its own ``top_k`` tokens; a pretrained model that copies a
+number needs the number's tokens in order with their neighbours, which tokens chosen one by one rarely bring back
+together. Block memory keeps the same entries (every token that leaves the local context, unrotated, FIFO) and
+groups them into blocks of ``block_size`` consecutive tokens: entry ``e`` belongs to block ``e // block_size``
+(entries counted from ``memory_start``, so block boundaries survive a reload). Each forward (a chunk of queries: a
+segment, a prompt, one generated token) selects, per memory layer and key/value head, the ``top_blocks`` blocks of
+largest pooled score and attends to them whole:
+
+* **Scoring**, per query head and query, as if the block stood right before the local context (position
+  ``frame - 1``; the query is rotated by the distance, the stored keys stay unrotated):
+  ``"minmax"`` (Quest) the upper bound ``sum_c max(q_c min_c, q_c max_c)`` of ``q . k`` over the block's keys,
+  from their per-channel minimum and maximum; ``"representatives"`` (InfLLM) the largest ``q . k`` over the
+  block's ``block_representatives`` most central keys (largest inner product with the block's mean key: InfLLM
+  picks the keys its following queries attend to most, queries memory does not keep).
+* **Pooling**: each query head spreads one vote over the blocks, ``softmax(scale * score)``, and the votes of the
+  chunk's queries and of the query heads that share the key/value head are summed (a question of a few tokens
+  outvotes a whole segment of text only where it singles a block out).
+* **Placement**: the selected blocks, in document order, end right before the local context: their live entries
+  occupy the last positions of the ``top_blocks * block_size`` the position policy reserves there (its
+  ``memory_span``), so every query sees them at one fixed range of distances, inside the window the model was
+  trained on, however far back they were read. With every block selected and nothing evicted, that is the
+  model's own attention over the whole document.
+
+The selected keys/values come back in the *shared* layout of ``memory_attention`` ([batch, kv_heads, m, d], one
+set for every query of the forward), which merges them with the local context through the (out, lse) algebra.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from memlm.positions.policy import PositionPolicy
+
+
+class BlockLayer:
+    """One memory layer's entries and their block summaries, for ``batch`` rows in lockstep.
+
+    Entries live in buffers that double as they fill, up to ``capacity``, then wrap (a ring of whole blocks):
+    keys, values [batch, kv_heads, slots, head_dim] in the memory dtype; per block the per-channel minimum and
+    maximum and the representative keys, float32 [batch, kv_heads, blocks, (r,) head_dim].
+    """
+
+    def __init__(self, keys: torch.Tensor, capacity: int, block_size: int, representatives: int) -> None:
+        batch, kv_heads, _, head_dim = keys.shape
+        self.capacity, self.block_size, self.representatives = capacity, block_size, representatives
+        self.total = 0  # entries ever added
+        self.first = 0  # id of the oldest live entry (a block boundary)
+        slots = self.slots_for(keys.shape[2], 0)
+        self.keys = keys.new_empty(batch, kv_heads, slots, head_dim)
+        self.values = torch.empty_like(self.keys)
+        blocks = slots // block_size
+        summary = dict(device=keys.device, dtype=torch.float32)
+        self.low = torch.empty(batch, kv_heads, blocks, head_dim, **summary)
+        self.high = torch.empty_like(self.low)
+        self.central = torch.empty(batch, kv_heads, blocks, representatives, head_dim, **summary)
+
+    @property
+    def live_blocks(self) -> range:
+        """Ids of the blocks holding live entries (the last one may be partly filled)."""
+        return range(self.first // self.block_size, -(-self.total // self.block_size))
+
+    def slots_for(self, needed: int, slots: int) -> int:
+        """Buffer length for ``needed`` live entries: whole blocks, at least doubling, at most ``capacity``."""
+        blocks = max(-(-needed // self.block_size), 2 * slots // self.block_size, 1)
+        return min(self.capacity, blocks * self.block_size)
+
+    def grow(self, needed: int) -> None:
+        """Make room for ``needed`` live entries; each live entry moves to slot ``id % slots`` of the new buffer."""
+        old_slots = self.keys.shape[2]
+        if needed <= old_slots or old_slots == self.capacity:
+            return
+        new_slots = self.slots_for(needed, old_slots)
+        entries = torch.arange(self.first, self.total, device=self.keys.device)
+        blocks = torch.tensor(self.live_blocks, device=self.keys.device, dtype=torch.long)
+        for name, (ids, old_ring, new_ring) in {
+            "keys": (entries, old_slots, new_slots), "values": (entries, old_slots, new_slots),
+            "low": (blocks, old_slots // self.block_size, new_slots // self.block_size),
+            "high": (blocks, old_slots // self.block_size, new_slots // self.block_size),
+            "central": (blocks, old_slots // self.block_size, new_slots // self.block_size),
+        }.items():
+            old = getattr(self, name)
+            grown = old.new_empty(*old.shape[:2], new_ring, *old.shape[3:])
+            grown[:, :, ids % new_ring] = old[:, :, ids % old_ring]
+            setattr(self, name, grown)
+
+    def add(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Append unrotated keys, values [batch, kv_heads, n, head_dim]; the oldest whole blocks leave when full."""
+        n, start = keys.shape[2], self.total
+        self.grow(start + n - self.first)
+        slots = self.keys.shape[2]
+        written = 0
+        while written < n:  # in pieces that stop at the buffer's end (more than capacity: the last ones stay)
+            at = (start + written) % slots
+            piece = min(n - written, slots - at)
+            self.keys[:, :, at : at + piece] = keys[:, :, written : written + piece]
+            self.values[:, :, at : at + piece] = values[:, :, written : written + piece]
+            written += piece
+        self.total += n
+        overflow = self.total - self.first - self.capacity
+        if overflow > 0:
+            self.first += -(-overflow // self.block_size) * self.block_size
+        for block in range(max(start, self.first) // self.block_size, -(-self.total // self.block_size)):
+            self.summarize(block)
+
+    def block_entries(self, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The live keys, values [batch, kv_heads, <= block_size, head_dim] of one block."""
+        begin, end = max(block * self.block_size, self.first), min((block + 1) * self.block_size, self.total)
+        at = begin % self.keys.shape[2]
+        return self.keys[:, :, at : at + end - begin], self.values[:, :, at : at + end - begin]
+
+    def summarize(self, block: int) -> None:
+        """Recompute one block's minimum, maximum and representative keys from its live entries."""
+        keys = self.block_entries(block)[0].float()
+        slot = block % (self.keys.shape[2] // self.block_size)
+        self.low[:, :, slot] = keys.amin(dim=2)
+        self.high[:, :, slot] = keys.amax(dim=2)
+        centrality = keys @ keys.mean(dim=2, keepdim=True).transpose(-1, -2)  # [b, hkv, n, 1]
+        best = centrality.squeeze(-1).topk(min(self.representatives, keys.shape[2]), dim=-1).indices
+        # a partial block repeats its best key in the free places: the maximum over them is unchanged
+        best = torch.cat((best, best[..., :1].expand(*best.shape[:2], self.representatives - best.shape[-1])), -1)
+        self.central[:, :, slot] = keys.gather(2, best.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1]))
+
+    def summaries(self, blocks: range) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """low, high [b, hkv, len(blocks), d] and central [b, hkv, len(blocks), r, d] of the live ``blocks``."""
+        ring = self.keys.shape[2] // self.block_size
+        slots = torch.arange(blocks.start, blocks.stop, device=self.low.device) % ring
+        return self.low[:, :, slots], self.high[:, :, slots], self.central[:, :, slots]
+
+    def gather(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The entries of the selected ``blocks`` [batch, kv_heads, m] (ascending ids): keys, values
+        [b, hkv, m * block_size, d], their entry ids [b, hkv, m * block_size] and whether each is live."""
+        ids = (blocks.unsqueeze(-1) * self.block_size + torch.arange(self.block_size, device=blocks.device)).flatten(2)
+        live = (ids >= self.first) & (ids < self.total)
+        slots = (ids % self.keys.shape[2]).unsqueeze(-1).expand(-1, -1, -1, self.keys.shape[-1])
+        return self.keys.gather(2, slots), self.values.gather(2, slots), ids, live
+
+    def entries(self, row: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Live entries of one row, oldest first: keys, values [kv_heads, n, d] and the id of the first."""
+        order = torch.arange(self.first, self.total, device=self.keys.device) % self.keys.shape[2]
+        return self.keys[row][:, order], self.values[row][:, order], self.first
+
+
+def block_scores(queries: torch.Tensor, low: torch.Tensor, high: torch.Tensor, central: torch.Tensor,
+                 scoring: str) -> torch.Tensor:
+    """Each query's score of each block: queries [b, hkv, m, d] (in the blocks' geometry), low / high
+    [b, hkv, blocks, d], central [b, hkv, blocks, r, d] -> [b, hkv, m, blocks]."""
+    if scoring == "minmax":  # q_c max_c where q_c > 0, q_c min_c where q_c < 0: the largest q_c k_c any key gives
+        return queries.clamp(min=0) @ high.transpose(-1, -2) + queries.clamp(max=0) @ low.transpose(-1, -2)
+    return torch.einsum("bhmd,hbnrd->bhmnr", queries, central.transpose(0, 1)).amax(dim=-1)
+
+
+class BlockMemory:
+    """The block memories of one stream's memory layers (the interface of ``KNNMemory``: add, read, entries)."""
+
+    def __init__(self, *, capacity: int, block_size: int, top_blocks: int, scoring: str, representatives: int,
+                 dtype: torch.dtype | None, positions: PositionPolicy, devices: dict[int, torch.device]) -> None:
+        self.capacity, self.block_size, self.top_blocks = capacity, block_size, top_blocks
+        self.scoring, self.representatives = scoring, representatives
+        self.dtype = dtype  # None: the dtype of the keys that enter first
+        self.positions = positions
+        self.devices = devices
+        self.blocks: dict[int, BlockLayer] = {}
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every entry."""
+        self.blocks = {}
+        self.memory_start = 0  # document position of entry 0
+        # set to a list to record every read: entry ids [b, hq, n, m] and attention logits [b, hq, n, m]
+        self.retrievals: list | None = None
+        self.selections: list | None = None  # set to a list to record (layer, selected block ids [b, hkv, m])
+
+    @property
+    def layers(self) -> list[int]:
+        """The memory layers holding entries."""
+        return list(self.blocks)
+
+    def add(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the next tokens of the document: unrotated keys, values [batch, kv_heads, n, head_dim].
+
+        Returns them as stored, in memory's dtype."""
+        device = self.devices.get(layer, keys.device)
+        keys, values = keys.to(device, self.dtype or keys.dtype), values.to(device, self.dtype or keys.dtype)
+        if layer not in self.blocks:
+            self.blocks[layer] = BlockLayer(keys, self.capacity, self.block_size, self.representatives)
+        self.blocks[layer].add(keys, values)
+        return keys, values
+
+    def select(self, layer: int, q: torch.Tensor, local_start: int, scale: float, sinks: int = 0) -> torch.Tensor:
+        """The ids [batch, kv_heads, m] (ascending) of the blocks the forward's queries q [b, hq, n, d] select."""
+        memory = self.blocks[layer]
+        live = memory.live_blocks
+        low, high, central = memory.summaries(live)
+        batch, q_heads, n, head_dim = q.shape
+        kv_heads = low.shape[1]
+        compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+        before_local = self.positions.frame(local_start, sinks) - 1
+        queries = self.positions.rotate(q.detach().to(compute), -before_local)
+        queries = queries.reshape(batch, kv_heads, q_heads // kv_heads * n, head_dim)
+        scores = block_scores(queries, low.to(compute), high.to(compute), central.to(compute), self.scoring)
+        votes = torch.softmax(scores * scale, dim=-1).sum(dim=2)  # [b, hkv, blocks]
+        chosen = votes.topk(min(self.top_blocks, len(live)), dim=-1).indices.sort(dim=-1).values
+        return chosen + live.start
+
+    def read(self, layer: int, q: torch.Tensor, local_start: int, scale: float, sinks: int = 0):
+        """The selected blocks, rotated to where the attention puts them (``sinks``: sink tokens in front of the
+        local context).
+
+        q: [batch, q_heads, n, head_dim]. Returns keys, values [batch, kv_heads, m * block_size, head_dim] in q's
+        dtype and mask [batch, kv_heads, m * block_size] (False: a place of a partly filled block); None before
+        anything entered this layer's memory.
+        """
+        if layer not in self.blocks:
+            return None, None, None
+        chosen = self.select(layer, q, local_start, scale, sinks)
+        keys, values, ids, live = self.blocks[layer].gather(chosen)
+        # right before the local context: the live entries end at frame - 1 (only the newest block can be partial,
+        # its free places at its end, so the live entries of each head are contiguous)
+        live_count = live.sum(dim=-1, keepdim=True)  # [b, hkv, 1]
+        places = self.positions.frame(local_start, sinks) - live_count + torch.arange(keys.shape[2], device=keys.device)
+        keys = self.positions.rotate(keys, places).to(q.dtype)
+        if self.selections is not None:
+            self.selections.append((layer, chosen))
+        if self.retrievals is not None:
+            self.record(q, keys, ids, live, scale)
+        return keys, values.to(q.dtype), live
+
+    def record(self, q: torch.Tensor, keys: torch.Tensor, ids: torch.Tensor, live: torch.Tensor,
+               scale: float) -> None:
+        """Keep each query head's entry ids and attention logits over the blocks read (``ask``'s citations)."""
+        group = q.shape[1] // keys.shape[1]
+        keys, ids, live = (t.repeat_interleave(group, dim=1) for t in (keys, ids, live))
+        logits = (q.float() @ keys.float().transpose(-1, -2) * scale).masked_fill(~live[:, :, None], float("-inf"))
+        ids = torch.where(live, ids, -1)[:, :, None].expand(-1, -1, q.shape[2], -1)
+        self.retrievals.append((ids, logits))
+
+    def entries(self, layer: int, row: int = 0) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Live entries of one row, oldest first: unrotated keys, values [kv_heads, n, head_dim] and the document
+        position of the first."""
+        keys, values, first = self.blocks[layer].entries(row)
+        return keys, values, self.memory_start + first

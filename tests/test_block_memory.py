@@ -1,0 +1,278 @@
+"""Block retrieval memory (InfLLM / Quest): against the model's own attention, brute-force scoring and the store."""
+
+import math
+
+import pytest
+import torch
+import transformers
+
+from memlm import MemoryConfig, attach
+from memlm.memory.block_memory import BlockMemory
+from memlm.positions.policy import PositionPolicy
+from memlm.store import MemoryStore
+from memlm.store.documents import DocumentWriter, ask
+
+from conftest import VOCAB_SIZE, build_tiny_llama, document, make_text, session_logits, turn
+
+BLOCKS = dict(retrieval="blocks", fusion="joint", memory_layers=(0, 1))
+
+
+def block_model(model, **overrides):
+    return attach(model, MemoryConfig(**{"segment_length": 16, "xl_length": 16, "block_size": 8, **BLOCKS,
+                                         **overrides}))
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_qwen2"])
+@pytest.mark.parametrize("position_mode,sinks", [("absolute", 3), ("rebase", 0)])
+def test_every_block_selected_is_the_models_own_attention(request, fixture, position_mode, sinks):
+    """With top_blocks covering the whole memory, the selected blocks stand right before the local context at their
+    true distances: the stream is the model's full attention over the document, through evictions of the XL cache,
+    a partly filled newest block (the sinks shift block boundaries off the segments) and feeds of any size."""
+    model = request.getfixturevalue(fixture).double()
+    ids = document(101, seed=1)
+    expected = model(ids).logits
+    mem_model = block_model(model, top_blocks=16, memory_capacity=128, sink_tokens=sinks, position_mode=position_mode)
+    # rebase: the model's rotary module computes its angles in float32 at other positions than the plain forward
+    atol = 1e-12 if position_mode == "absolute" else 1e-6
+    for chunks in (None, [5, 40, 1, 1, 54]):
+        torch.testing.assert_close(session_logits(mem_model, ids, chunks), expected, atol=atol, rtol=0)
+
+
+def test_selected_blocks_are_attended_as_sinks_plus_blocks_plus_local(tiny_qwen2):
+    """top_blocks smaller than memory and a memory that evicts: each memory layer's output equals a float64 softmax
+    over [sinks ; the blocks the rule picked, in document order, right before the local context ; local], computed
+    here from the model's own projections of the whole document."""
+    model = tiny_qwen2.double()
+    ids = document(90, seed=2)
+    config = dict(top_blocks=2, memory_capacity=32, sink_tokens=2, position_mode="absolute")
+    mem_model = block_model(model, **config)
+    layer = mem_model.model.model.layers[0].self_attn
+    captured = {}
+    layer.register_forward_hook(lambda module, args, kwargs, out: captured.update(out=out[0]), with_kwargs=True)
+    with mem_model.session() as session:
+        session.feed(ids[:, :80])
+        session.state.memory.selections = []
+        session.feed(ids[:, 80:88])
+        chosen = next(ids_ for memory_layer, ids_ in session.state.memory.selections if memory_layer == 0)[0]
+        first_entry = session.state.memory.blocks[0].first
+        memory_start = session.state.memory.memory_start
+    got = captured["out"]
+    # the reference: q, k, v of layer 0 from the plain model over the whole prefix, positions as documented
+    hidden = model.model.embed_tokens(ids[:, :88])
+    normed = model.model.layers[0].input_layernorm(hidden)
+    attention = model.model.layers[0].self_attn
+    q = attention.q_proj(normed).view(1, 88, 4, 16).transpose(1, 2)
+    k = attention.k_proj(normed).view(1, 88, 2, 16).transpose(1, 2)
+    v = attention.v_proj(normed).view(1, 88, 2, 16).transpose(1, 2)
+    inv_freq = model.model.rotary_emb.inv_freq
+    local_start = 80 - 16  # the open segment (80..87) and the XL cache (64..79)
+    assert first_entry % 8 == 0 and memory_start == 2
+    outs = []
+    for head in range(4):
+        kv = head // 2
+        blocks = sorted(chosen[kv].tolist())
+        entries = [memory_start + e for b in blocks for e in range(b * 8, b * 8 + 8)
+                   if first_entry <= e < local_start - memory_start]
+        positions = list(range(2)) + list(range(local_start - len(entries), local_start)) + list(range(64, 88))
+        keys = torch.cat((k[0, kv, :2], k[0, kv, entries], k[0, kv, 64:88]))
+        values = torch.cat((v[0, kv, :2], v[0, kv, entries], v[0, kv, 64:88]))
+        rotated = turn(keys, torch.tensor(positions), inv_freq)
+        query = turn(q[0, head, 80:88], torch.arange(80, 88), inv_freq)
+        scores = query @ rotated.T / math.sqrt(16)
+        visible = torch.ones_like(scores, dtype=torch.bool)
+        visible[:, -8:] = torch.ones(8, 8, dtype=torch.bool).tril()
+        outs.append(torch.softmax(scores.masked_fill(~visible, -math.inf), dim=-1) @ values)
+    expected = attention.o_proj(torch.stack(outs, dim=1).reshape(1, 8, 64))
+    torch.testing.assert_close(got, expected, atol=1e-10, rtol=0)
+
+
+def brute_force_choice(keys, first, total, q, scale, block_size, top_blocks, scoring, representatives, before_local,
+                       inv_freq):
+    """The rule from its definition, in float64 loops: keys [hkv, total, d] of entries 0..total-1 (live from
+    ``first``), q [hq, n, d] at its positions -> the chosen block ids per kv head, ascending."""
+    kv_heads, _, dim = keys.shape
+    q_heads, n, _ = q.shape
+    group = q_heads // kv_heads
+    blocks = range(first // block_size, -(-total // block_size))
+    chosen = []
+    for kv in range(kv_heads):
+        votes = torch.zeros(len(blocks), dtype=torch.float64)
+        for head in range(kv * group, (kv + 1) * group):
+            for i in range(n):
+                query = turn(q[head, i : i + 1].double(), torch.tensor([-before_local]), inv_freq)[0]
+                scores = []
+                for b in blocks:
+                    block = keys[kv, max(b * block_size, first) : min((b + 1) * block_size, total)].double()
+                    if scoring == "minmax":
+                        low, high = block.min(dim=0).values, block.max(dim=0).values
+                        scores.append(sum(max(query[c] * low[c], query[c] * high[c]) for c in range(dim)))
+                    else:
+                        mean = block.mean(dim=0)
+                        central = sorted(range(len(block)), key=lambda t: -float(block[t] @ mean))[:representatives]
+                        scores.append(max(float(query @ block[t]) for t in central))
+                votes += torch.softmax(torch.tensor(scores, dtype=torch.float64) * scale, dim=0)
+        best = sorted(range(len(blocks)), key=lambda j: -float(votes[j]))[:top_blocks]
+        chosen.append(sorted(blocks[j] for j in best))
+    return chosen
+
+
+@pytest.mark.parametrize("scoring", ["minmax", "representatives"])
+def test_the_block_chosen_is_the_one_the_rule_defines(tiny_qwen2, scoring):
+    """Against brute force: memory that wrapped its ring (evicted), a partly filled newest block, grouped heads."""
+    rotary = tiny_qwen2.model.rotary_emb
+    positions = PositionPolicy("rebase", "first", rotary, memory_span=4 * 8)
+    memory = BlockMemory(capacity=48, block_size=8, top_blocks=3, scoring=scoring, representatives=3,
+                         dtype=torch.float32, positions=positions, devices={})
+    generator = torch.Generator().manual_seed(0)
+    keys = torch.randn(1, 2, 77, 16, generator=generator)
+    values = torch.randn(1, 2, 77, 16, generator=generator)
+    for start, stop in ((0, 13), (13, 16), (16, 40), (40, 77)):
+        memory.add(0, keys[:, :, start:stop], values[:, :, start:stop])
+    layer = memory.blocks[0]
+    assert (layer.first, layer.total) == (32, 77)  # 77 - 48 = 29 over capacity: blocks 0..3 left whole
+    q = torch.randn(1, 4, 5, 16, generator=generator)
+    chosen = memory.select(0, q, local_start=100, scale=0.25, sinks=2)
+    expected = brute_force_choice(keys[0], 32, 77, q[0], 0.25, 8, 3, scoring, 3, 2 + 32 - 1, rotary.inv_freq)
+    assert chosen[0].tolist() == expected
+    # read: the chosen blocks' entries in document order, the live ones ending right before the frame (2 + 32)
+    got_keys, got_values, live = memory.read(0, q, local_start=100, scale=0.25, sinks=2)
+    for kv in range(2):
+        entries = [e for b in expected[kv] for e in range(b * 8, b * 8 + 8)]
+        assert live[0, kv].tolist() == [e < 77 for e in entries]
+        kept = [e for e in entries if e < 77]
+        places = torch.arange(34 - len(kept), 34)
+        torch.testing.assert_close(got_keys[0, kv, : len(kept)], turn(keys[0, kv, kept], places, rotary.inv_freq))
+        torch.testing.assert_close(got_values[0, kv, : len(kept)], values[0, kv, kept])
+
+
+def test_memory_keeps_the_newest_whole_blocks_through_growth_and_wrapping():
+    positions = PositionPolicy("rebase", "first", None)
+    for capacity in (24, 64, 4096):
+        memory = BlockMemory(capacity=capacity, block_size=8, top_blocks=1, scoring="minmax", representatives=2,
+                             dtype=None, positions=positions, devices={})
+        keys = torch.randn(2, 3, 150, 4)
+        start = 0
+        for n in (1, 7, 9, 30, 3, 60, 40):
+            memory.add(5, keys[:, :, start : start + n], -keys[:, :, start : start + n])
+            start += n
+            layer = memory.blocks[5]
+            first = 0 if start <= capacity else -(-(start - capacity) // 8) * 8
+            for row in range(2):
+                got_keys, got_values, got_first = memory.entries(5, row)
+                assert got_first == first
+                torch.testing.assert_close(got_keys, keys[row, :, first:start])
+                torch.testing.assert_close(got_values, -keys[row, :, first:start])
+            low, high, _ = layer.summaries(layer.live_blocks)
+            for j, block in enumerate(layer.live_blocks):
+                entries = keys[:, :, max(block * 8, first) : min(block * 8 + 8, start)]
+                torch.testing.assert_close(low[:, :, j], entries.amin(dim=2))
+                torch.testing.assert_close(high[:, :, j], entries.amax(dim=2))
+            assert layer.keys.shape[2] <= capacity
+
+
+def test_rows_branches_and_generation_select_as_a_session_of_their_own(tiny_qwen2):
+    """Rows of a batch, branches and generation select blocks as a session of their own does, forward by forward
+    (selection is per forward: rows are cut into the same forwards here)."""
+    mem_model = block_model(tiny_qwen2.double(), top_blocks=2, memory_capacity=64)
+    rows = torch.cat([document(75, seed=10), document(75, seed=11)])
+    prompt = document(5, seed=12)
+    alone = []
+    for row in range(2):
+        with mem_model.session() as session:
+            logits = session.feed(rows[row : row + 1], return_logits=True).logits
+            alone.append((logits, session.generate(prompt, max_new_tokens=8, eos_token_id=[])))
+    with mem_model.session(batch_size=2) as session:
+        logits = session.feed(rows, return_logits=True).logits
+        generated = session.generate(prompt.expand(2, -1), max_new_tokens=8, eos_token_id=[])
+    for row in range(2):
+        torch.testing.assert_close(logits[row : row + 1], alone[row][0], atol=1e-10, rtol=0)
+        assert torch.equal(generated[row : row + 1], alone[row][1])
+    with mem_model.session() as session:
+        session.feed(rows[:1])
+        with session.branch():
+            assert torch.equal(session.generate(prompt, max_new_tokens=8, eos_token_id=[]), alone[0][1])
+        assert torch.equal(session.generate(prompt, max_new_tokens=8, eos_token_id=[]), alone[0][1])
+
+
+def test_stored_documents_resume_and_ask_with_block_memory(tmp_path, tokenizer):
+    mem_model = attach(build_tiny_llama(), MemoryConfig(segment_length=32, xl_length=32, block_size=16, top_blocks=2,
+                                                        memory_capacity=256, memory_dtype="float16", **BLOCKS),
+                       tokenizer=tokenizer)
+    text = make_text(120, seed=6)
+    with MemoryStore(tmp_path / "store") as store:
+        writer = DocumentWriter(store, mem_model, "doc")
+        try:
+            writer.write(text.encode())
+            writer.finish()
+        finally:
+            writer.close()
+        # the writer forwards whole segments, as a session fed the token ids at once does (selection is per forward)
+        ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+        then = torch.tensor([tokenizer(" and then", add_special_tokens=False)["input_ids"]])
+        with mem_model.session() as session:
+            session.feed(ids)
+            expected = session.feed(then, return_logits=True).logits
+        with mem_model.session(store=store, documents=["doc"]) as session:
+            logits = session.feed(then, return_logits=True).logits
+        torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
+        answer = ask(mem_model, store, ["doc"], " The garden", max_new_tokens=4)
+        tokens = store.document("doc").tokens
+        assert answer.tokens == 4 and answer.retrieved
+        assert all(0 <= found["token_offset"] < tokens for found in answer.retrieved)
+        # a store made with token retrieval and one made with blocks are not mixed (two memory layers)
+        tokens_model = attach(mem_model.detach(), MemoryConfig(segment_length=32, xl_length=32, memory_layers=(0, 1),
+                                                               fusion="joint", memory_capacity=256,
+                                                               memory_dtype="float16"), tokenizer=tokenizer)
+        from memlm.store import FingerprintMismatch
+
+        with pytest.raises(FingerprintMismatch):
+            ask(tokens_model, store, ["doc"], " The garden", max_new_tokens=1)
+
+
+@pytest.mark.parametrize("overrides,field", [
+    (dict(block_size=0), "block_size"),
+    (dict(top_blocks=0), "top_blocks"),
+    (dict(block_size=12), "block_size"),  # does not divide segment_length 16
+    (dict(top_blocks=5, memory_capacity=32), "top_blocks"),  # more blocks than memory holds
+    (dict(memory_capacity=36), "memory_capacity"),
+    (dict(block_representatives=9), "block_representatives"),
+    (dict(block_scoring="mean"), "block_scoring"),
+    (dict(retrieval="pages"), "retrieval"),
+    (dict(memory_positions="original"), "memory_positions"),
+    (dict(distance_cap=64), "distance_cap"),
+    (dict(index="faiss"), "index"),
+])
+def test_bad_block_settings_name_their_field(overrides, field):
+    with pytest.raises(ValueError, match=field):
+        MemoryConfig(**{"segment_length": 16, "block_size": 8, **BLOCKS, **overrides})
+
+
+def test_block_memory_needs_a_rotary_model_and_no_training(tiny_gpt2):
+    with pytest.raises(ValueError, match="rotary"):
+        attach(tiny_gpt2, MemoryConfig(segment_length=16, xl_length=0, block_size=8, **BLOCKS))
+    from memlm.memory.crossbatch import CrossBatch
+    from memlm.runtime.stream import StreamState
+
+    with pytest.raises(ValueError, match="CrossBatch"):
+        StreamState(MemoryConfig(segment_length=16, block_size=8, **BLOCKS), batch_size=2, memory_layers=(0,),
+                    memory_module=torch.nn.Module(), rotary=None, max_positions=None,
+                    devices={0: torch.device("cpu")}, dtype=torch.float32, crossbatch=CrossBatch(2, 2))
+
+
+def test_token_retrieval_fingerprint_is_what_it_was():
+    """Stores made before block retrieval existed keep opening: the new fields are hashed only when used."""
+    from memlm.store.store import config_fields
+
+    fields = config_fields(MemoryConfig())
+    assert "retrieval" not in fields and "block_size" not in fields
+    assert config_fields(MemoryConfig(segment_length=256, **BLOCKS))["retrieval"] == "blocks"
+
+
+def test_mistral_sliding_window_and_float32_blocks_run():
+    config = transformers.MistralConfig(vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128,
+                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                        sliding_window=64)
+    torch.manual_seed(0)
+    mem_model = block_model(transformers.MistralForCausalLM(config).eval(), top_blocks=2, memory_capacity=64)
+    logits = session_logits(mem_model, document(70))
+    assert logits.shape == (1, 70, VOCAB_SIZE) and torch.isfinite(logits).all()
