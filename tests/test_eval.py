@@ -16,8 +16,8 @@ from memlm.eval.tasks import TASKS, Haystack, Sample, make_sample, score
 from conftest import make_text
 
 TEXT = make_text(600, seed=11).replace(". ", ".\n\n", 40)
-NEEDLE_TASKS = ("passkey", "niah_single", "niah_multikey", "niah_multikey_uuids", "niah_multivalue", "niah_multiquery", "lines",
-                "variable_tracking", "babilong_qa1", "babilong_qa2")
+NEEDLE_TASKS = ("passkey", "niah_single", "niah_multikey", "niah_multikey_uuids", "niah_multivalue", "niah_multiquery",
+                "lines", "variable_tracking", "babilong_qa1", "babilong_qa2")
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,9 @@ Generators (each a function of a seeded ``random.Random``; nothing is downloaded
   N is the pass key.`` ... ``What is the pass key? The pass key is``; optionally with distractor
   numbers (``The door code is M.``) in the haystack.
 * RULER (Hsieh et al. 2024): ``niah_single`` (number, word or UUID values), ``niah_multikey`` (distractor
-  needles of the same form; ``niah_multikey_uuids`` with UUID values, RULER's multikey-3 kind), ``niah_multivalue``, ``niah_multiquery``, ``variable_tracking``
-  (``VAR A = 12345``, ``VAR B = VAR A``, ...), ``cwe`` and ``fwe`` (common / frequent word extraction);
+  needles of the same form; ``niah_multikey_uuids``: UUID values, RULER's multikey-3 kind),
+  ``niah_multivalue``, ``niah_multiquery``, ``variable_tracking`` (``VAR A = 12345``, ``VAR B = VAR A``, ...),
+  ``cwe`` and ``fwe`` (common / frequent word extraction);
   scored as RULER scores: the fraction of reference strings found in the output.
 * ``lines`` (LongChat-Lines, used by Giraffe, Pal et al. 2023): ``line adj-noun: REGISTER_CONTENT is
   <N>`` lines, the first integer of the answer scored.
