@@ -30,7 +30,7 @@ def add_commands(commands) -> None:
                       help="other numbers hidden in the haystack as 'The door code is N.' (default 0 for tiny, 4 "
                       "for smollm2)")
     demo.add_argument("--no-memory", action="store_true",
-                      help="switch the kNN memory off: the model keeps only its local context (XL cache + segment)")
+                      help="switch the memory off: the model keeps only its local context (XL cache + segment)")
     demo.set_defaults(handler=demo_command)
     info_parser = commands.add_parser("info", help="print the versions and index backends this installation has")
     info_parser.set_defaults(handler=info_command)
@@ -93,8 +93,11 @@ def demo_command(args: argparse.Namespace) -> int:
         raise SystemExit(f"memlm demo: {error}") from None
     config = mem_model.config
     layers = config.memory_layers
-    memory = ("kNN memory off" if not layers else f"kNN memory at layer {layers[0]}" if len(layers) == 1 else
-              f"kNN memory at {len(layers)} layers (top-k {config.top_k}, {config.fusion})")
+    where = f"layer {layers[0]}" if len(layers) == 1 else f"{len(layers)} layers"
+    memory = ("memory off" if not layers else
+              f"block memory at {where} ({config.top_blocks} blocks of {config.block_size} tokens, "
+              f"{config.block_scoring}, {config.fusion})" if config.retrieval == "blocks" else
+              f"kNN memory at {where} (top-k {config.top_k}, {config.fusion})")
     parameters = sum(p.numel() for p in mem_model.model.parameters())
     name = "memlm-tiny" if tiny else entry.title
     print(f"{name} ({parameters / 1e6:.1f}M parameters, {dtype}): local context "

@@ -123,9 +123,14 @@ class BlockLayer:
         self.central[:, :, slot] = keys.gather(2, best.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1]))
 
     def summaries(self, blocks: range) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """low, high [b, hkv, len(blocks), d] and central [b, hkv, len(blocks), r, d] of the live ``blocks``."""
+        """low, high [b, hkv, len(blocks), d] and central [b, hkv, len(blocks), r, d] of the live ``blocks``
+        (views where their slots do not wrap around the ring)."""
         ring = self.keys.shape[2] // self.block_size
-        slots = torch.arange(blocks.start, blocks.stop, device=self.low.device) % ring
+        first = blocks.start % ring
+        if first + len(blocks) <= ring:
+            slots = slice(first, first + len(blocks))
+        else:
+            slots = torch.arange(blocks.start, blocks.stop, device=self.low.device) % ring
         return self.low[:, :, slots], self.high[:, :, slots], self.central[:, :, slots]
 
     def gather(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -176,6 +181,12 @@ class BlockMemory:
     def layers(self) -> list[int]:
         """The memory layers holding entries."""
         return list(self.blocks)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the memory holds: entries (keys and values in the memory dtype) and block summaries (float32)."""
+        return sum(t.nbytes for layer in self.blocks.values()
+                   for t in (layer.keys, layer.values, layer.low, layer.high, layer.central))
 
     def add(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append the next tokens of the document: unrotated keys, values [batch, kv_heads, n, head_dim].
