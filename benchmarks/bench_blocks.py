@@ -1,4 +1,4 @@
-"""What block retrieval costs: tokens/s against the plain XL stream and memory per stored token, each in a fresh process.
+"""What block retrieval costs: tokens/s against the plain XL stream, memory per stored token; fresh processes.
 
     python benchmarks/bench_blocks.py [--model smollm2-135m] [--lengths 4096,8192,16384] [--dtype float32]
 
