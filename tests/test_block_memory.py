@@ -276,3 +276,29 @@ def test_mistral_sliding_window_and_float32_blocks_run():
     mem_model = block_model(transformers.MistralForCausalLM(config).eval(), top_blocks=2, memory_capacity=64)
     logits = session_logits(mem_model, document(70))
     assert logits.shape == (1, 70, VOCAB_SIZE) and torch.isfinite(logits).all()
+
+
+def test_the_service_ingests_and_answers_with_block_memory(tmp_path):
+    """memlm-tiny with block retrieval behind the HTTP app: upload, query with citations inside the document,
+    and a store the service made reopens in a session."""
+    from fastapi.testclient import TestClient
+
+    from memlm.serve.app import create_app
+    from memlm.tiny import load_default
+
+    mem_model, tokenizer = load_default(retrieval="blocks", block_size=16, top_blocks=4, memory_dtype="float16")
+    text = make_text(200, seed=7) + " The pass key is 417. Remember it. 417 is the pass key. " + make_text(100, seed=8)
+    with MemoryStore(tmp_path / "store") as store:
+        with TestClient(create_app(store, mem_model)) as http:
+            stored_doc = http.put("/v1/documents/book", content=text.encode(),
+                                  headers={"content-type": "text/plain; charset=utf-8"})
+            assert stored_doc.status_code == 200 and stored_doc.json()["status"] == "complete"
+            answer = http.post("/v1/query", json={"documents": ["book"], "prompt": " What is the pass key? The pass "
+                                                  "key is", "max_new_tokens": 3})
+            assert answer.status_code == 200 and answer.json()["tokens"] == 3
+            tokens = stored_doc.json()["tokens"]
+            assert answer.json()["retrieved"] and all(0 <= r["token_offset"] < tokens
+                                                      for r in answer.json()["retrieved"])
+        with mem_model.session(store=store, documents=["book"]) as session:
+            # every token is in block memory or in the local context, once
+            assert session.state.memory.blocks[0].total + session.state.local.length == session.tokens_seen == tokens
