@@ -15,7 +15,7 @@ STAMP := $(VENV)/.memlm-installed
 .PHONY: demo test lint bench-index install clean
 
 demo: $(STAMP)
-	$(VENV)/bin/memlm demo
+	$(VENV)/bin/memlm demo --model smollm2
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

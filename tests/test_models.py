@@ -196,7 +196,8 @@ def test_smollm2_finds_a_5_digit_key_through_memory_beyond_its_local_context(smo
         assert main(argv + extra) == 0
         outputs[mode] = capsys.readouterr().out
     assert "SmolLM2-135M-Instruct (134.5M parameters, float32): local context 512 tokens" in outputs["memory"]
-    assert "kNN memory at 30 layers" in outputs["memory"] and "kNN memory off" in outputs["xl-only"]
+    assert "block memory at 30 layers (4 blocks of 128 tokens" in outputs["memory"]
+    assert "memory off" in outputs["xl-only"]
     before = re.search(r"\(([\d,]+) tokens before the question's end\)", outputs["memory"]).group(1)
     assert int(before.replace(",", "")) > 2 * 512
     assert "-> right" in outputs["memory"] and "-> wrong" in outputs["xl-only"]
