@@ -16,8 +16,8 @@ from memlm.eval.tasks import TASKS, Haystack, Sample, make_sample, score
 from conftest import make_text
 
 TEXT = make_text(600, seed=11).replace(". ", ".\n\n", 40)
-NEEDLE_TASKS = ("passkey", "niah_single", "niah_multikey", "niah_multikey_uuids", "niah_multivalue", "niah_multiquery",
-                "lines", "variable_tracking", "babilong_qa1", "babilong_qa2")
+NEEDLE_TASKS = ("passkey", "niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "lines",
+                "variable_tracking", "babilong_qa1", "babilong_qa2")
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +53,15 @@ def test_the_needle_is_where_it_says(task, depth, tokenizer, haystack):
         return
     assert offset == 0 or sample.context[offset - 1] == " "  # needles sit between sentences
     assert abs(offset / len(sample.context) - depth) < 0.1
+
+
+def test_multikey_with_uuid_values_asks_one_of_four_uuid_needles(tokenizer, haystack):
+    sample = make_sample("niah_multikey_uuids", tokenizer, haystack, 3000, 0.5, seed=4)
+    uuid = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+    assert re.fullmatch(uuid, sample.references[0]) and len(sample.distractors) == 3
+    assert all(re.fullmatch(uuid, value) and value in sample.context for value in sample.distractors)
+    assert sample.references[0] in sample.context and "special magic uuids" in sample.question
+    assert score(sample, f" {sample.references[0]}.") == 1.0 and score(sample, f" {sample.distractors[0]}") == 0.0
 
 
 def test_long_lines_records_fill_the_length_with_distinct_values(tokenizer, haystack):
