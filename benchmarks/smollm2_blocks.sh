@@ -18,24 +18,21 @@ PY
 }
 subset full full; subset blocks blocks; subset both blocks blocks-representatives; subset xl xl-only
 run() { .venv/bin/memlm eval --model smollm2 --dtype "$DTYPE" --depths random "$@"; }
-# 1. pass key in filler: the model's own attention at 4K, blocks at 16K / 32K / 64K
+# 1. pass key in filler: the model's own attention at 4K, blocks at 16K / 32K
 run --task passkey --lengths 4096 --trials 5 --modes "$TMP/full.yaml" --output "$OUT/filler"
 run --task passkey --lengths 16384 --trials 8 --modes "$TMP/blocks.yaml" --output "$OUT/filler"
 run --task passkey --lengths 32768 --trials 4 --modes "$TMP/blocks.yaml" --output "$OUT/filler"
 # 2. speed: the XL-only stream of the same local context, one 32K haystack
 run --task passkey --lengths 32768 --trials 1 --modes "$TMP/xl.yaml" --output "$OUT/filler"
-# 3. pass key in War and Peace with 4 distractor numbers
-run --task passkey --distractors 4 --haystack "$WAP" --lengths 4096 --trials 5 --modes "$TMP/full.yaml" \
+# 3. pass key in War and Peace with 4 distractor numbers; RULER multikey (numbers)
+run --task passkey --distractors 4 --haystack "$WAP" --lengths 4096 --trials 3 --modes "$TMP/full.yaml" \
     --output "$OUT/war_and_peace_distractors"
-run --task passkey --distractors 4 --haystack "$WAP" --lengths 16384 --trials 4 --modes "$TMP/blocks.yaml" \
+run --task passkey --distractors 4 --haystack "$WAP" --lengths 16384 --trials 3 --modes "$TMP/blocks.yaml" \
     --output "$OUT/war_and_peace_distractors"
-# 4. RULER multikey (numbers), then UUID values with both scoring rules
-run --task niah_multikey --lengths 4096 --trials 5 --modes "$TMP/full.yaml" --output "$OUT/filler"
-run --task niah_multikey --lengths 16384 --trials 4 --modes "$TMP/blocks.yaml" --output "$OUT/filler"
+run --task niah_multikey --lengths 4096 --trials 3 --modes "$TMP/full.yaml" --output "$OUT/filler"
+run --task niah_multikey --lengths 16384 --trials 3 --modes "$TMP/blocks.yaml" --output "$OUT/filler"
+# 4. the longest: 64K
+run --task passkey --lengths 65536 --trials 1 --modes "$TMP/blocks.yaml" --output "$OUT/filler"
+# 5. UUID values, where block representatives are known to fail: both scoring rules
 run --task niah_multikey_uuids --lengths 4096 --trials 3 --modes "$TMP/full.yaml" --output "$OUT/filler"
-run --task niah_multikey_uuids --lengths 16384 --trials 3 --modes "$TMP/both.yaml" --output "$OUT/filler"
-# 5. the longest: 64K
-run --task passkey --lengths 65536 --trials 2 --modes "$TMP/blocks.yaml" --output "$OUT/filler"
-run --task passkey --distractors 4 --haystack "$WAP" --lengths 32768 --trials 2 --modes "$TMP/blocks.yaml" \
-    --output "$OUT/war_and_peace_distractors"
-run --task niah_multikey --lengths 32768 --trials 2 --modes "$TMP/blocks.yaml" --output "$OUT/filler"
+run --task niah_multikey_uuids --lengths 16384 --trials 2 --modes "$TMP/both.yaml" --output "$OUT/filler"

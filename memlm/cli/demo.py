@@ -27,8 +27,7 @@ def add_commands(commands) -> None:
     demo.add_argument("--haystack", help="a UTF-8 text file whose sentences make the haystack (default: the "
                       "built-in filler)")
     demo.add_argument("--distractors", type=int,
-                      help="other numbers hidden in the haystack as 'The door code is N.' (default 0 for tiny, 4 "
-                      "for smollm2)")
+                      help="other numbers hidden in the haystack as 'The door code is N.' (default 0)")
     demo.add_argument("--no-memory", action="store_true",
                       help="switch the memory off: the model keeps only its local context (XL cache + segment)")
     demo.set_defaults(handler=demo_command)
@@ -74,7 +73,7 @@ def demo_command(args: argparse.Namespace) -> int:
         except ValueError as error:
             raise SystemExit(f"memlm demo: --model: {error}; or 'tiny'") from None
     length = args.length if args.length is not None else 32768 if tiny else 16384
-    distractors = args.distractors if args.distractors is not None else 0 if tiny else 4
+    distractors = args.distractors if args.distractors is not None else 0
     if length < 64:
         raise SystemExit(f"memlm demo: --length must be at least 64 tokens, got {length}")
     if args.depth is not None and not 0 <= args.depth <= 1:
