@@ -286,7 +286,7 @@ def test_the_service_ingests_and_answers_with_block_memory(tmp_path):
     from memlm.serve.app import create_app
     from memlm.tiny import load_default
 
-    mem_model, tokenizer = load_default(retrieval="blocks", block_size=16, top_blocks=4, memory_dtype="float16")
+    mem_model, _ = load_default(retrieval="blocks", block_size=16, top_blocks=4, memory_dtype="float16")
     text = make_text(200, seed=7) + " The pass key is 417. Remember it. 417 is the pass key. " + make_text(100, seed=8)
     with MemoryStore(tmp_path / "store") as store:
         with TestClient(create_app(store, mem_model)) as http:
