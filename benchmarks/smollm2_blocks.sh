@@ -17,6 +17,7 @@ yaml.safe_dump({name: modes[name] for name in sys.argv[3:]}, open(sys.argv[2], "
 PY
 }
 subset full full; subset blocks blocks; subset both blocks blocks-representatives; subset xl xl-only
+subset b32 blocks-32
 run() { .venv/bin/memlm eval --model smollm2 --dtype "$DTYPE" --depths random "$@"; }
 # 1. pass key in filler: the model's own attention at 4K, blocks at 16K / 32K
 run --task passkey --lengths 4096 --trials 5 --modes "$TMP/full.yaml" --output "$OUT/filler"
@@ -36,3 +37,6 @@ run --task passkey --lengths 65536 --trials 1 --modes "$TMP/blocks.yaml" --outpu
 # 5. UUID values, where block representatives are known to fail: both scoring rules
 run --task niah_multikey_uuids --lengths 4096 --trials 3 --modes "$TMP/full.yaml" --output "$OUT/filler"
 run --task niah_multikey_uuids --lengths 16384 --trials 2 --modes "$TMP/both.yaml" --output "$OUT/filler"
+# 6. smaller blocks (16 x 32 tokens) where 128-token blocks missed: War and Peace with distractors
+run --task passkey --distractors 4 --haystack "$WAP" --lengths 16384 --trials 2 --modes "$TMP/b32.yaml" \
+    --output "$OUT/war_and_peace_distractors"
