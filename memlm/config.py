@@ -129,7 +129,7 @@ class MemoryConfig:
             self.check_blocks()
 
     def check_blocks(self) -> None:
-        """The settings block retrieval needs (``memory/blocks.py``)."""
+        """The settings block retrieval needs (``memory/block_memory.py``)."""
         if self.segment_length % self.block_size:
             raise ValueError(f"block_size ({self.block_size}) must divide segment_length ({self.segment_length}): a "
                              "closing segment hands whole blocks to memory")
