@@ -17,9 +17,10 @@ STAMP := $(VENV)/.memlm-installed
 demo: $(STAMP)
 	$(VENV)/bin/memlm demo --model smollm2
 
+# one pytest-xdist worker per CPU, each on its share of torch's threads (tests/conftest.py)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n logical --dist worksteal
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

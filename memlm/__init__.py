@@ -18,10 +18,11 @@ from memlm.runtime.implementations import ring_shard_inputs, use_attention
 from memlm.runtime.model import MemoryModel, attach
 from memlm.runtime.session import FeedResult, Session
 from memlm.runtime.sink_cache import SinkCache
+from memlm.runtime.threads import ThreadPolicy
 from memlm.store import MemoryStore
 from memlm.tiny import load_default
 from memlm.version import __version__
 
 __all__ = ["CrossBatch", "FeedResult", "MemoryConfig", "MemoryModel", "MemoryStore", "Session", "SinkCache",
-           "__version__", "attach", "extend_context", "load_default", "load_pretrained", "ring_shard_inputs",
-           "use_attention"]
+           "ThreadPolicy", "__version__", "attach", "extend_context", "load_default", "load_pretrained",
+           "ring_shard_inputs", "use_attention"]

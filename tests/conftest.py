@@ -14,7 +14,11 @@ import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from memlm.runtime.threads import available_cores
+
 VOCAB_SIZE = 320
+#: pytest-xdist's worker processes (1 without it)
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 WORDS = (
     "memory river stone light window garden letter silence morning candle winter harbour journey mirror shadow "
     "voice lantern meadow thunder feather silver orchard bridge"
@@ -23,9 +27,17 @@ WORDS = (
 
 def pytest_configure(config):
     """Without a GPU, Triton kernels run under Triton's interpreter on CPU tensors; it must be chosen before
-    triton is first imported."""
+    triton is first imported. Under pytest-xdist (``make test``) the workers share the cores: each takes its part
+    of torch's threads, as OpenMP threads that outnumber the cores spin-wait for each other (``threads.py``)."""
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
+    if WORKERS > 1:
+        torch.set_num_threads(max(1, available_cores() // WORKERS))
+
+
+def free_threads() -> int:
+    """Threads a subprocess the tests start (a ``memlm serve``) may use: the cores the suite's workers leave free."""
+    return max(1, available_cores() - WORKERS * torch.get_num_threads())
 
 
 def make_text(n_sentences: int = 400, seed: int = 0) -> str:

@@ -34,3 +34,26 @@ def test_unknown_command_is_an_error(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["frobnicate"])
     assert exit_.value.code == 2 and "invalid choice: 'frobnicate'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["demo"], ["eval"], ["serve", "--store", "s"], ["ingest", "f", "--store", "s",
+                                     "--doc-id", "d"], ["ask", "q", "--store", "s", "--doc", "d"]])
+def test_threads_must_be_a_positive_integer(command, capsys):
+    for bad in ("0", "-2", "two"):
+        with pytest.raises(SystemExit) as exit_:
+            main([*command, "--threads", bad])
+        assert exit_.value.code == 2
+        assert f"argument --threads: expected an integer >= 1, got '{bad}'" in capsys.readouterr().err
+
+
+def test_threads_limit_the_commands_sessions(tmp_path, capsys):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        (tmp_path / "doc.txt").write_text("The pass key is 417. " * 40)
+        assert main(["ingest", str(tmp_path / "doc.txt"), "--store", str(tmp_path / "store"), "--doc-id", "doc",
+                     "--threads", "1"]) == 0
+        assert torch.get_num_threads() == 1 and "complete" in capsys.readouterr().out
+    finally:
+        torch.set_num_threads(before)

@@ -227,6 +227,24 @@ def test_search_block_boundaries_do_not_change_results():
     torch.testing.assert_close(whole.scores, blocked.scores)  # BLAS may sum in another order
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_precision_keys_are_widened_block_by_block_never_as_a_whole_copy(dtype):
+    index = make("torch", capacity=3000, dim=16, dtype=dtype, search="exact")
+    History(2, 3, 16).add(index, 2999, torch.Generator().manual_seed(6))  # not a multiple of any block
+    queries = torch.randn(2, 3, 11, 16, generator=torch.Generator().manual_seed(7)).to(dtype)
+    index.widen_block_bytes = 6 * 16 * 4 * 700  # 700 slots a block, rounded down to GROUP: uneven blocks
+    blocked = index.search(queries, k=9)
+    widened = index._workspace.get("widened keys", (1,), torch.float32, torch.device("cpu"))
+    assert widened.untyped_storage().nbytes() <= 6 * 700 * 16 * 4  # one block, not the whole copy
+    index.widen_block_bytes = 4 * 2**20  # 2999 slots of 6 rows: one block
+    whole = index.search(queries, k=9)
+    assert torch.equal(whole.ids, blocked.ids)
+    torch.testing.assert_close(whole.scores, blocked.scores)
+    keys = index._keys.data[:, :, :2999].double()  # the reference in float64: live slots 0..2998, not wrapped
+    reference = torch.einsum("bhqd,bhsd->bhqs", queries.double(), keys).topk(9, dim=-1)
+    torch.testing.assert_close(blocked.scores.double(), reference.values, rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------- IVF
 
 

@@ -19,7 +19,7 @@ from memlm.store import MemoryStore
 from memlm.store.documents import ingest_file
 from memlm.tiny import DEFAULT_DIR
 
-from conftest import make_text, stored
+from conftest import free_threads, make_text, stored
 
 pytestmark = pytest.mark.slow
 BOOK = (make_text(250, seed=11) + " The pass key is 417. Remember it. 417 is the pass key. 日本 ✓ "
@@ -33,7 +33,7 @@ def serve(tmp_path):
     started = []
 
     def start(store, *args, env=None) -> LocalServer:
-        started.append(LocalServer(store, *args, log=tmp_path / "server.log",
+        started.append(LocalServer(store, *args, "--threads", str(free_threads()), log=tmp_path / "server.log",
                                    env={"MEMLM_API_TOKEN": "", **(env or {})}))
         return started[-1]
 

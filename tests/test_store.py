@@ -352,8 +352,8 @@ def test_reads_go_on_while_the_map_grows(tmp_path, tokenizer):
     with MemoryStore(tmp_path / "small", map_size=64 * 1024) as small:
         done = threading.Event()
 
-        def read():
-            while not done.is_set():
+        def read():  # a read every millisecond: a loop without pause would starve the writer of the GIL
+            while not done.wait(0.001):
                 try:
                     small.documents()
                     reads[0] += 1

@@ -8,6 +8,8 @@ import platform
 
 from memlm.version import __version__
 
+from .options import add_threads_option, apply_threads
+
 
 def add_commands(commands) -> None:
     demo = commands.add_parser(
@@ -30,6 +32,7 @@ def add_commands(commands) -> None:
                       help="other numbers hidden in the haystack as 'The door code is N.' (default 0)")
     demo.add_argument("--no-memory", action="store_true",
                       help="switch the memory off: the model keeps only its local context (XL cache + segment)")
+    add_threads_option(demo)
     demo.set_defaults(handler=demo_command)
     info_parser = commands.add_parser("info", help="print the versions and index backends this installation has")
     info_parser.set_defaults(handler=info_command)
@@ -85,6 +88,7 @@ def demo_command(args: argparse.Namespace) -> int:
     except (OSError, UnicodeDecodeError, ValueError) as error:
         raise SystemExit(f"memlm demo: --haystack {args.haystack}: expected a UTF-8 text file of sentences "
                          f"({error})") from error
+    apply_threads(args)
     dtype = args.dtype or ("float32" if tiny or not native_bfloat16() else "bfloat16")
     try:
         mem_model, tokenizer = load_model(args.model, dtype=dtype, **({"memory_layers": ()} if args.no_memory else {}))

@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from .options import add_threads_option, apply_threads
+
 
 def add_commands(commands) -> None:
     from memlm.eval.runner import MODES
@@ -38,6 +40,7 @@ def add_commands(commands) -> None:
     parser.add_argument("--distractors", type=int, default=0, help="passkey: distractor numbers in the haystack")
     parser.add_argument("--output", default="eval-results", help="directory for the JSON files and plots")
     parser.add_argument("--plot", action="store_true", help="write PNG plots to --output")
+    add_threads_option(parser)
     parser.set_defaults(handler=eval_command)
 
 
@@ -67,6 +70,7 @@ def eval_command(args: argparse.Namespace) -> int:
         raise SystemExit(f"memlm eval: --trials must be >= 1, got {args.trials}")
     if args.batch < 1:
         raise SystemExit(f"memlm eval: --batch must be >= 1, got {args.batch}")
+    apply_threads(args)
     try:
         modes = runner.parse_modes(args.modes)
     except ValueError as error:

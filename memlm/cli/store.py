@@ -9,6 +9,8 @@ import os
 import time
 from pathlib import Path
 
+from .options import add_threads_option, apply_threads
+
 
 def add_commands(commands) -> None:
     model_help = "a model directory (Hugging Face model + tokenizer + memlm files); default: memlm-tiny"
@@ -41,6 +43,8 @@ def add_commands(commands) -> None:
     ask.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     for command in (serve, ingest, ask):
         add_model_options(command)
+        add_threads_option(command, "all cores but one, left to the HTTP and store threads" if command is serve
+                           else "all cores")
     serve.add_argument("--map-size", type=int, default=1 << 30, help="initial LMDB map size in bytes; it doubles "
                        "when full (default 1 GiB)")
     serve.add_argument("--cache-bytes", type=int, default=256 << 20, help="decoded memory of recently asked documents "
@@ -128,7 +132,8 @@ def serve_command(args: argparse.Namespace) -> int:
     limits = Limits(args.max_document_bytes, args.max_prompt_chars, args.max_new_tokens)
     store = MemoryStore(args.store, map_size=args.map_size, cache_bytes=args.cache_bytes)
     try:
-        app = create_app(store, load_store_model(args.model, **model_options(args)), token=token, limits=limits)
+        app = create_app(store, load_store_model(args.model, **model_options(args)), token=token, limits=limits,
+                         threads=args.threads)
         uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     finally:
         store.close()
@@ -153,6 +158,7 @@ def ingest_command(args: argparse.Namespace) -> int:
     path = Path(args.file)
     if not path.is_file():
         raise SystemExit(f"memlm ingest: {path} is not a file")
+    apply_threads(args)
     mem_model = load_store_model(args.model, **model_options(args))
     with MemoryStore(args.store) as store, tqdm(total=path.stat().st_size, unit="B", unit_scale=True,
                                                  desc=f"memlm ingest {args.doc_id}") as bar:
@@ -171,6 +177,7 @@ def ask_command(args: argparse.Namespace) -> int:
     from memlm.store import MemoryStore
     from memlm.store.documents import ask as answer
 
+    apply_threads(args)
     with MemoryStore(args.store, create=False) as store:
         result = answer(load_store_model(args.model, **model_options(args)), store, args.doc, args.question,
                         max_new_tokens=args.max_new_tokens, temperature=args.temperature)

@@ -60,6 +60,8 @@ class TorchIndex(RingIndex):
     #: queries scored per block (BLAS is fastest with a few dozen), and the score buffer's upper bound
     search_block_queries = 64
     search_block_bytes = 256 * 2**20
+    #: half-precision keys are widened to float32 this many bytes at a time for the one-stage search
+    widen_block_bytes = 4 * 2**20
     #: two-stage: the bytes of a row's screened block (at most, the first one in screen.cpp), of the compiled
     #: screen's blocks of all threads together, queries per screened chunk, the mean survivors per query (in units
     #: of k) beyond which it gives up (near ties), and whether CPUs run the compiled screen (screen.cpp)
@@ -192,7 +194,7 @@ class TorchIndex(RingIndex):
     def _exact_topk(self, queries: torch.Tensor, k: int, sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         batch, heads, q, dim = queries.shape
         slots = math.ceil(max(sizes) / GROUP) * GROUP  # allocated storage is a multiple of GROUP
-        keys = self._keys.data[:, :, :slots].float().reshape(batch * heads, slots, dim)  # no copy for float32
+        keys = self._keys.data[:, :, :slots].reshape(batch * heads, slots, dim)  # a view: no copy
         queries_t = queries.reshape(batch * heads, q, dim).transpose(1, 2)  # [bh, dim, q]
         block = max(1, min(q, self.search_block_queries, self.search_block_bytes // (4 * batch * heads * slots)))
         # kept between searches: allocating hundreds of MB every search costs page faults that exceed the search
@@ -205,7 +207,7 @@ class TorchIndex(RingIndex):
             n = min(block, q - start)
             # keys @ queries^T: BLAS streams the large key matrix once per block and packs only the queries.
             scores = buffer[: batch * heads * slots * n].view(batch * heads, slots, n)
-            torch.bmm(keys, queries_t[:, :, start : start + n], out=scores)
+            self._score(keys, queries_t[:, :, start : start + n], scores)
             per_row = scores.view(batch, heads, slots, n)
             for row, size in enumerate(sizes):
                 if size < slots:
@@ -217,6 +219,22 @@ class TorchIndex(RingIndex):
             out_scores[:, start : start + n] = best.transpose(1, 2)
             out_slots[:, start : start + n] = best_slots.transpose(1, 2)
         return out_scores.view(batch, heads, q, k), out_slots.view(batch, heads, q, k)
+
+    def _score(self, keys: torch.Tensor, queries_t: torch.Tensor, scores: torch.Tensor) -> None:
+        """scores [bh, slots, n] = keys [bh, slots, dim] @ queries_t [bh, dim, n] in float32. Half-precision keys
+        are widened ``widen_block_bytes`` at a time into a buffer the index keeps: a whole float32 copy would cost
+        twice the memory itself at every search (256 MB per layer for a million 16-dim entries in 4 heads)."""
+        if keys.dtype == torch.float32:
+            torch.bmm(keys, queries_t, out=scores)
+            return
+        rows, slots, dim = keys.shape
+        width = min(slots, max(GROUP, self.widen_block_bytes // (4 * rows * dim) // GROUP * GROUP))
+        for first in range(0, slots, width):
+            last = min(slots, first + width)
+            wide = self._workspace.get("widened keys", (rows, last - first, dim), torch.float32, keys.device)
+            wide.copy_(keys[:, first:last])
+            for row in range(rows):  # one matmul per row: a row's block of scores is contiguous, a batch's is not
+                torch.mm(wide[row], queries_t[row], out=scores[row, first:last])
 
     @staticmethod
     def _grouped_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,5 +2,6 @@
 
 from .model import MemoryModel, attach
 from .session import FeedResult, Session
+from .threads import ThreadPolicy
 
-__all__ = ["FeedResult", "MemoryModel", "Session", "attach"]
+__all__ = ["FeedResult", "MemoryModel", "Session", "ThreadPolicy", "attach"]

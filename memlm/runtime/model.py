@@ -29,6 +29,7 @@ from memlm.version import __version__
 
 from .attention import register
 from .session import HISTORY_TOKENS, Session
+from .threads import ThreadPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ class MemoryModel:
         return self.model.dtype
 
     def session(self, batch_size: int = 1, crossbatch=None, store=None, documents=None,
-                history_tokens: int | None = HISTORY_TOKENS):
+                history_tokens: int | None = HISTORY_TOKENS, threads: int | ThreadPolicy | None = None):
         """A new document session (a context manager): ``with mem_model.session() as s: ...``.
 
         ``crossbatch``: a ``memlm.CrossBatch`` for Focused-Transformer training (``crossbatch.py``): memory
@@ -150,10 +151,13 @@ class MemoryModel:
         ``history_tokens``: the token ids kept per row (generation's logits processors see them, e.g. a repetition
         penalty; ``save_document`` needs all of a document's): the last 2**20 by default, so a stream of any length
         holds at most 8 MiB of them; None keeps every one.
+        ``threads``: the most intra-op threads a forward runs on (default: ``torch.get_num_threads()`` here); each
+        forward takes fewer where its work would not pay for them or other processes hold the cores (``threads.py``;
+        a ``ThreadPolicy(limit, adaptive=False)`` fixes the count).
         """
         self.check_attached()
         return Session(self, batch_size=batch_size, crossbatch=crossbatch, store=store, documents=documents,
-                       history_tokens=history_tokens)
+                       history_tokens=history_tokens, threads=threads)
 
     def detach(self) -> PreTrainedModel:
         """Remove everything attach added and return the original model."""

@@ -27,6 +27,7 @@ from .history import IdHistory
 from .rows import RowStreams
 from .stream import StreamState
 from .text import TextStream
+from .threads import ThreadPolicy, forward_work
 
 IGNORE_INDEX = -100
 #: the attributes that hold one document's state (what ``_forget`` resets and ``branch`` restores)
@@ -57,8 +58,10 @@ class Session:
     """Streams documents through ``mem_model``; see ``MemoryModel.session``."""
 
     def __init__(self, mem_model, batch_size: int = 1, crossbatch=None, store=None, documents=None,
-                 history_tokens: int | None = HISTORY_TOKENS) -> None:
+                 history_tokens: int | None = HISTORY_TOKENS, threads: int | ThreadPolicy | None = None) -> None:
         check_integer("batch_size", batch_size, 1)
+        self.threads = ThreadPolicy.of(threads)
+        self._work_per_token, self._work_per_row = forward_work(mem_model.model)
         if history_tokens is not None:
             check_integer("history_tokens", history_tokens, 1)
         self.history_tokens = history_tokens
@@ -436,8 +439,10 @@ class Session:
             positions = state.begin(n, read=read, write=write)
         if not keep_all and self._keep_logits_arg:
             inputs["logits_to_keep"] = write + 1  # the last text token and the write tokens after it
+        work = ids.shape[0] * (self._work_per_token * (n + read + write) + self._work_per_row * (write + 1))
         try:
-            out = model(**inputs, position_ids=positions, use_cache=False, memlm_state=state)
+            with self.threads.forward(work):
+                out = model(**inputs, position_ids=positions, use_cache=False, memlm_state=state)
         except BaseException:
             state.abort()
             raise

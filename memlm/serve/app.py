@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Annotated, Literal
 
+import torch
 from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exception_handlers import http_exception_handler
@@ -40,6 +41,7 @@ from starlette.routing import Match
 from transformers import GenerationConfig
 
 from memlm.config import check_integer
+from memlm.runtime.threads import available_cores
 from memlm.store.documents import DocumentTooLarge, DocumentWriter, InvalidText, ask
 from memlm.store.records import DOC_ID, DocumentConflict, DocumentNotFound, FingerprintMismatch
 from memlm.store.store import MemoryStore, stored_documents
@@ -130,16 +132,19 @@ class QueryRequest(BaseModel):
 
 
 class ModelWorker:
-    """One thread that runs every piece of model work, in the order it was asked for."""
+    """One thread that runs every piece of model work, in the order it was asked for, on at most ``threads``
+    intra-op threads (the sessions it opens take that as their limit, ``runtime/threads.py``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
         self._executor: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
 
     async def run(self, fn, *args, **kwargs):
         with self._lock:  # started on first use, so an app whose lifespan runs again (test clients) works again
             if self._executor is None:
-                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memlm-model")
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memlm-model",
+                                                    initializer=torch.set_num_threads, initargs=(self.threads,))
             executor = self._executor
         return await asyncio.get_running_loop().run_in_executor(executor, partial(fn, *args, **kwargs))
 
@@ -150,11 +155,17 @@ class ModelWorker:
             executor.shutdown(wait=True)
 
 
-def create_app(store: MemoryStore, mem_model, *, token: str | None = None, limits: Limits | None = None) -> FastAPI:
-    """The service over ``store`` answering with ``mem_model`` (its tokenizer attached)."""
+def create_app(store: MemoryStore, mem_model, *, token: str | None = None, limits: Limits | None = None,
+               threads: int | None = None) -> FastAPI:
+    """The service over ``store`` answering with ``mem_model`` (its tokenizer attached). ``threads``: the most
+    intra-op threads the model work uses; default: all cores but one, which stays free for the event loop, the
+    uploads' reads and the store's commits (on 2 cores a second model thread cost more than it gave)."""
     limits = limits or Limits()
+    if threads is None:
+        threads = max(1, available_cores() - 1)
+    check_integer("threads", threads, 1)
     store.bind(mem_model)  # refuse a store of another model before serving anything
-    worker = ModelWorker()
+    worker = ModelWorker(threads)
     active: set[str] = set()  # documents an upload is writing now
 
     @asynccontextmanager
