@@ -40,10 +40,9 @@ def main() -> None:
     parser.add_argument("--lengths", default="4096,8192,16384")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     args = parser.parse_args()
-    from bench_models import cpu_name
+    from machine import describe
 
-    print(f"CPU: {cpu_name()}, {torch.get_num_threads()} threads, torch capability "
-          f"{torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__}; {args.model}, {args.dtype}\n")
+    print(f"{describe()}; {args.model}, {args.dtype}\n")
     print("| tokens | xl-only tok/s | blocks tok/s | blocks / xl-only | peak RSS xl-only (MiB) | peak RSS blocks (MiB) "
           "| block memory (MiB) | memory bytes / token |")
     print("|---|---|---|---|---|---|---|---|")

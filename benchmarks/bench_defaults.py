@@ -26,6 +26,8 @@ from bench_index import table
 from memlm import MemoryConfig, attach
 from memlm.tiny import train_tokenizer
 
+from machine import describe
+
 
 def train_base_lm(text: str, steps: int, context: int = 128, batch: int = 16, seed: int = 0):
     """A 4-layer Llama trained on ``text`` with plain next-token loss: (model, tokenizer, final loss)."""
@@ -69,6 +71,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1500, help="training steps of the base model")
     parser.add_argument("--tokens", type=int, default=32768, help="evaluation tokens streamed")
     args = parser.parse_args()
+    print(describe())
     start = time.perf_counter()
     train_text = args.train.read_text(encoding="utf-8")
     split = int(0.9 * len(train_text))

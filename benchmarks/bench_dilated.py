@@ -18,6 +18,8 @@ import subprocess
 import sys
 import time
 
+from machine import describe
+
 HEADS, DIM = 8, 64
 
 
@@ -102,6 +104,7 @@ def main() -> None:
     if args.distributed_child:
         distributed_child(int(args.distributed_child[0]), args.distributed_child[1], args.repeats)
         return
+    print(describe())
     rows = []
     for mode in args.modes:
         for length in args.lengths:

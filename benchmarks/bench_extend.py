@@ -29,6 +29,8 @@ from memlm import MemoryConfig, attach, extend_context
 from memlm.train.data import TextDocuments
 from memlm.train.trainer import TrainConfig, Trainer
 
+from machine import describe
+
 METHODS = {
     "none": None,
     "linear (PI)": ("linear", {}),
@@ -85,6 +87,7 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--plot", default=None)
     args = parser.parse_args()
+    print(describe())
     directory = Path(args.model) / "model" if (Path(args.model) / "model").is_dir() else Path(args.model)
     tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
     base = transformers.AutoModelForCausalLM.from_pretrained(directory, attn_implementation="sdpa").eval()

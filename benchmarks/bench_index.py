@@ -22,6 +22,8 @@ import torch
 
 from memlm.index import create_index
 
+from machine import describe
+
 K = 32
 
 
@@ -360,6 +362,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cuda: only the two-stage table, on the GPU")
     parser.add_argument("--crossover", action="store_true", help="only the table of where two-stage starts to pay")
     args = parser.parse_args()
+    print(describe())
     heads, dim, queries = 8, 64, 512
     if args.quick:
         capacity, repeat, scaling, ivf_capacity = 16384, 3, [8192, 32768], 131072

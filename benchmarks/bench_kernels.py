@@ -28,6 +28,8 @@ from bench_index import table, timed
 
 from memlm.kernels import memory_attention_ref
 
+from machine import describe
+
 HEADS, HEAD_DIM, TOP_K = 32, 128, 32
 
 
@@ -162,6 +164,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer, shorter shapes")
     args = parser.parse_args()
+    print(describe())
     if torch.cuda.is_available():
         bench_gpu([512, 2048] if args.quick else [512, 2048, 8192])
     else:

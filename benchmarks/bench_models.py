@@ -11,7 +11,6 @@ bfloat16 is fast only where the CPU multiplies it natively (AVX512-BF16, AMX).
 from __future__ import annotations
 
 import argparse
-import platform
 import resource
 import tempfile
 import time
@@ -20,13 +19,7 @@ import torch
 
 from memlm.models import load_pretrained
 
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as file:
-            return next(line.split(":", 1)[1].strip() for line in file if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
+from machine import describe
 
 
 def forward_speed(model, length: int, repeats: int = 2) -> float:
@@ -47,8 +40,7 @@ def main() -> None:
     parser.add_argument("--lengths", default="512,2048")
     args = parser.parse_args()
     lengths = [int(n) for n in args.lengths.split(",")]
-    print(f"CPU: {cpu_name()}, {torch.get_num_threads()} threads, torch capability "
-          f"{torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__}\n")
+    print(describe() + "\n")
     with tempfile.TemporaryDirectory() as cache:
         start = time.perf_counter()
         load_pretrained(args.model, cache=cache)

@@ -24,6 +24,8 @@ from bench_index import table
 from memlm.eval.passkey import passkey_trials
 from memlm.tiny import PASSKEY_DIGITS, load_default
 
+from machine import describe
+
 MODES = {"memory on": {}, "XL only": {"memory_layers": ()}, "memory off": {"memory_layers": (), "xl_length": 0}}
 
 
@@ -128,6 +130,7 @@ def main() -> None:
     parser.add_argument("--from-json", nargs="+", metavar="FILE",
                         help="run nothing: print the table and plot the results of earlier runs (their --json files)")
     args = parser.parse_args()
+    print(describe())
     if args.from_json:
         rows = merge([row for path in args.from_json for row in json.loads(Path(path).read_text())])
     else:

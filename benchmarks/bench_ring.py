@@ -23,6 +23,8 @@ import subprocess
 import sys
 import time
 
+from machine import describe
+
 HEADS, DIM = 8, 64
 
 
@@ -178,6 +180,7 @@ def main() -> None:
     if args.child:
         child(args)
         return
+    print(describe())
     rows, checks = [], []
     for mode in args.modes:
         for ranks in args.ranks:

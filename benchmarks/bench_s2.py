@@ -13,6 +13,8 @@ import subprocess
 import sys
 import time
 
+from machine import describe
+
 
 def measure(model_path: str, length: int, attention: str, steps: int) -> dict:
     import torch
@@ -47,6 +49,7 @@ def main() -> None:
     if args.child:
         print(json.dumps(measure(args.model, int(args.child[0]), args.child[1], args.steps)))
         return
+    print(describe())
     rows = []
     for length in args.lengths:
         for attention in ("full", "s2"):

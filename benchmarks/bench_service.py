@@ -33,6 +33,8 @@ from memlm.cli import load_store_model
 from memlm.serve.client import Client, LocalServer
 from memlm.store import MemoryStore
 
+from machine import describe
+
 SECTIONS = ["ingest", "concurrent", "latency", "document"]
 PROMPT = " And what did Prince Andrew say? He said"
 
@@ -106,6 +108,7 @@ def main() -> None:
                         help="what to measure (default: all)")
     parser.add_argument("--json", type=Path, help="write the measurements here")
     args = parser.parse_args()
+    print(describe())
     work = Path(tempfile.mkdtemp(prefix="bench_service_"))
     mem_model = load_store_model(None)
     text = first_tokens(args.book, args.tokens, mem_model.tokenizer)

@@ -32,6 +32,8 @@ from bench_index import table
 
 from memlm import MemoryConfig, attach
 
+from machine import describe
+
 
 def llama(layers: int, hidden: int, heads: int, vocab: int, max_positions: int) -> transformers.LlamaForCausalLM:
     torch.manual_seed(0)
@@ -285,6 +287,7 @@ def main() -> None:
     if args.worker:
         version_worker(args.worker, args.worker_tokens)
         return
+    print(describe())
     if args.only == "scaling":
         bench_scaling([16384, 65536] if args.quick else [65536, 262144, 1048576])
         return

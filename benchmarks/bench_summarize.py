@@ -28,6 +28,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from memlm.summarize.unlimiformer import Unlimiformer, UnlimiformerConfig
 
+from machine import describe
+
 BOOK = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "war_and_peace.txt"
 STEPS = 32
 
@@ -54,6 +56,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--book", type=Path, default=BOOK)
     args = parser.parse_args()
+    print(describe())
     ids = tokenize(args.book.read_text(encoding="utf-8"))
     if args.quick:
         ids = ids[:100_000]

@@ -26,6 +26,8 @@ import tempfile
 import time
 from array import array
 
+from machine import describe
+
 LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
           r"\s*[\r\n]+|\s+(?!\S)|\s+")
 FAMILIES = ("gpt2", "llama3", "metaspace")
@@ -120,6 +122,7 @@ def main() -> None:
         path, text, mode, times = args.worker
         print(json.dumps(worker(path, text, mode, float(times))))
         return
+    print(describe())
     with open(args.train, encoding="utf-8") as file:
         training = file.read()
     directory = tempfile.mkdtemp(prefix="bench_text_")

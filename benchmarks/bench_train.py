@@ -27,6 +27,8 @@ from memlm import MemoryConfig, attach
 from memlm.train import TrainConfig, Trainer
 from memlm.train.data import AssociativeRecall
 
+from machine import describe
+
 SEGMENT, DOCUMENT, BATCH = 128, 512, 8
 RUNS = {
     "memory off (XL only)": (MemoryConfig(segment_length=SEGMENT, xl_length=SEGMENT, memory_layers=()), {}),
@@ -64,6 +66,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
+    print(describe())
     steps = 3 if args.quick else 8
     rates = {name: tokens_per_second(memory, extra, steps) for name, (memory, extra) in RUNS.items()}
     base = rates["memory off (XL only)"]

@@ -30,6 +30,8 @@ from memlm import use_attention
 from memlm.positions.scaling import extend_from_spec
 from memlm.train import recipe as recipes
 
+from machine import describe
+
 DILATED = {"name": "dilated", "segment_lengths": [512, 1024, 2048], "dilation_rates": [1, 2, 4]}
 
 
@@ -52,6 +54,7 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--output", default="benchmarks/results/dilated_finetune.json")
     args = parser.parse_args()
+    print(describe())
     base = yaml.safe_load(Path(args.recipe).read_text())
     tokenizer = transformers.AutoTokenizer.from_pretrained(base["model"]["path"])
     text = Path(args.text).read_text(encoding="utf-8")

@@ -26,6 +26,8 @@ import yaml
 from memlm.positions.scaling import extend_from_spec
 from memlm.train import recipe as recipes
 
+from machine import describe
+
 CONFIGS = {
     "full fine-tune, full attention": {"trainable": "all", "attention": None},
     "LoRA (q, v), full attention": {"trainable": "lora", "attention": None},
@@ -52,6 +54,7 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--output", default="benchmarks/results/longlora.json")
     args = parser.parse_args()
+    print(describe())
     base = yaml.safe_load(Path(args.recipe).read_text())
     tokenizer = transformers.AutoTokenizer.from_pretrained(base["model"]["path"])
     text = Path(args.text).read_text(encoding="utf-8")

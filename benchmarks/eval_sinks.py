@@ -35,6 +35,8 @@ from memlm import use_attention
 from memlm.eval.runner import bucketed, perplexity, perplexity_table
 from memlm.tiny import load_default
 
+from machine import describe
+
 BUCKETS = (256, 1024, 4096, 16384, 65536, 262144, 1048576, math.inf)
 SEGMENT = {"segment_length": 128, "xl_length": 128, "position_mode": "rebase"}
 STREAMED = {
@@ -76,6 +78,7 @@ def main() -> None:
     parser.add_argument("--output", default="benchmarks/results/sinks.json")
     parser.add_argument("--plot", help="PNG: perplexity by distance, per mode")
     args = parser.parse_args()
+    print(describe())
     torch.manual_seed(0)
 
     base, tokenizer = load_default(args.model)
