@@ -35,6 +35,11 @@ def pytest_configure(config):
         torch.set_num_threads(max(1, available_cores() // WORKERS))
 
 
+def pytest_collection_modifyitems(items):
+    """Slow tests first: pytest-xdist's workers then finish together instead of one waiting on a late long test."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def free_threads() -> int:
     """Threads a subprocess the tests start (a ``memlm serve``) may use: the cores the suite's workers leave free."""
     return max(1, available_cores() - WORKERS * torch.get_num_threads())

@@ -17,6 +17,7 @@ def run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([script, *args], capture_output=True, text=True, timeout=120, check=False)
 
 
+@pytest.mark.slow
 def test_version_and_help():
     version = run("--version")
     assert version.returncode == 0 and version.stdout.strip() == f"memlm {memlm.__version__}"

@@ -261,6 +261,7 @@ def test_cli_end_to_end_on_memlm_tiny_and_a_rerun_skips_finished_cells(tmp_path,
     assert "| passkey | memory |" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_the_harness_bridge_through_simple_evaluate(tiny_llama, tokenizer, tmp_path):
     lm_eval = pytest.importorskip("lm_eval")
     from memlm.eval.harness import MemlmLM

@@ -99,7 +99,7 @@ def book_and_reference(tmp_path):
 
 def test_kill_9_mid_upload_then_resume_stores_what_an_uninterrupted_upload_does(tmp_path, serve):
     path, data, expected = book_and_reference(tmp_path)
-    for point, fraction in enumerate((0.2, 0.5, 0.9)):
+    for point, fraction in enumerate((0.3, 0.8)):  # early and late; each point costs two server starts
         store = tmp_path / f"store{point}"
         server = serve(store)
         release = threading.Event()

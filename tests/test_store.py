@@ -59,6 +59,7 @@ def test_ingestion_stores_the_tokenizers_tokens_and_the_sessions_memory(store, t
             assert stored_keys.dtype == torch.float16 and document.entries == keys.shape[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("crash_at", "rmt_tokens", "retrieval"), [
     (1, 0, "tokens"), (40, 2, "tokens"), (2500, 0, "tokens"), (9000, 2, "tokens"), (len(DATA) - 5, 0, "tokens"),
     (2500, 0, "blocks"),  # block retrieval selects per forward: the writer's forwards are whole segments either way
@@ -312,6 +313,7 @@ def test_a_store_of_an_earlier_fingerprint_is_upgraded_when_its_settings_match(s
     assert ask(mem_model, store, ["doc"], " the", max_new_tokens=1).tokens == 1
 
 
+@pytest.mark.slow
 def test_a_cached_document_is_asked_over_without_reading_its_segments(tmp_path, tokenizer, monkeypatch):
     mem_model, prompt = memory_model(tokenizer), " the river"
     other = make_text(200, seed=9)
@@ -436,6 +438,7 @@ def test_cli_ingest_docs_and_ask(tmp_path, capsys):
         main(["docs", "--store", str(tmp_path / "nothing")])
 
 
+@pytest.mark.slow
 def test_ingest_file_resumes_a_partial_document(tmp_path, tokenizer):
     mem_model = memory_model(tokenizer)
     path = tmp_path / "doc.txt"
@@ -464,6 +467,7 @@ def test_memory_loads_the_same_in_one_add_or_many(store, tokenizer):
     assert torch.equal(slots_a, slots_b)  # the same entries in the same slots
 
 
+@pytest.mark.slow
 def test_stored_sinks_resume_and_continue_exactly(tmp_path, tokenizer):
     """Attention sinks are part of a stored document's state: a resumed ingestion stores what an uninterrupted one
     does, and a session over the stored document continues it as the live session would."""
