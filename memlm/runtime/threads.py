@@ -17,7 +17,8 @@ A second thread pays 1.1-1.5x on an idle machine and costs 2.5-4x on a busy one.
   (``OMP_NUM_THREADS``, ``torch.set_num_threads``, the commands' ``--threads``);
 - the work: one thread per ``WORK_PER_THREAD`` multiply-adds of the forward (its tokens times the model's weights
   outside the input embedding, plus one row of the output layer): below it, fork and join cost what a second core
-  saves (memlm-tiny's 64-token segments gain 1.1x from a second core, SmolLM2's 512-token ones 1.5x);
+  saves (memlm-tiny's 64-token segments gain 1.1x from a second core, SmolLM2's 512-token ones 1.5x). The memory
+  search is not counted: over hundreds of thousands of entries it outweighs a small model's layers;
 - free cores: the CPUs this process may run on minus the tasks of other processes that are runnable right now
   (Linux: ``/proc/loadavg`` counts every runnable task, ``/proc/self/task`` says which are ours). Read before every
   forward that could use more than one thread, so a busy neighbour is seen within one segment. Where ``/proc`` is
