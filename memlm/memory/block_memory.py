@@ -48,13 +48,15 @@ class BlockLayer:
         self.total = 0  # entries ever added
         self.first = 0  # id of the oldest live entry (a block boundary)
         slots = self.slots_for(keys.shape[2], 0)
-        self.keys = keys.new_empty(batch, kv_heads, slots, head_dim)
-        self.values = torch.empty_like(self.keys)
+        # zeros, not empty: a partly filled block's dead slots are gathered and masked, and a masked NaN (garbage
+        # memory) would still poison the attention (0 * NaN)
+        self.keys = keys.new_zeros(batch, kv_heads, slots, head_dim)
+        self.values = torch.zeros_like(self.keys)
         blocks = slots // block_size
         summary = dict(device=keys.device, dtype=torch.float32)
-        self.low = torch.empty(batch, kv_heads, blocks, head_dim, **summary)
-        self.high = torch.empty_like(self.low)
-        self.central = torch.empty(batch, kv_heads, blocks, representatives, head_dim, **summary)
+        self.low = torch.zeros(batch, kv_heads, blocks, head_dim, **summary)
+        self.high = torch.zeros_like(self.low)
+        self.central = torch.zeros(batch, kv_heads, blocks, representatives, head_dim, **summary)
 
     @property
     def live_blocks(self) -> range:
@@ -81,7 +83,7 @@ class BlockLayer:
             "central": (blocks, old_slots // self.block_size, new_slots // self.block_size),
         }.items():
             old = getattr(self, name)
-            grown = old.new_empty(*old.shape[:2], new_ring, *old.shape[3:])
+            grown = old.new_zeros(*old.shape[:2], new_ring, *old.shape[3:])
             grown[:, :, ids % new_ring] = old[:, :, ids % old_ring]
             setattr(self, name, grown)
 
