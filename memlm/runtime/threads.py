@@ -3,13 +3,13 @@
 memlm's work per segment is many small operations (a few matmuls per layer over a segment of tens to hundreds of
 tokens, a search, a merge). torch runs each on all its OpenMP threads, and every parallel region ends at a barrier:
 when another process holds one of the cores, the threads that are done spin, then sleep, until the descheduled one
-runs again, so an operation of a tenth of a millisecond can last a scheduler slice. Measured on a 2-core AMD EPYC
-(AVX2), streaming with 1 and 2 threads (``benchmarks/bench_threads.py`` measures it on any machine):
+runs again, so an operation of a tenth of a millisecond can last a scheduler slice. ``benchmarks/bench_threads.py``
+on a 2-core AMD EPYC (AVX2), streaming on 1 and 2 threads (the README's table):
 
-    memlm-tiny    idle 3,748 vs 4,233 tok/s;  beside one busy process 4,114 vs 1,098;  beside two 2,157 vs 1,022
-    SmolLM2-135M  idle   162 vs   239 tok/s;  beside one busy process   168 vs    70;  beside two    97 vs    37
+    memlm-tiny    idle 3,873 vs 3,683 tok/s;  beside one busy process 3,554 vs 973;  beside two 2,339 vs 1,150
+    SmolLM2-135M  idle   169 vs   282 tok/s;  beside one busy process   142 vs  67;  beside two    64 vs    51
 
-A second thread pays 1.1-1.5x on an idle machine and costs 2.5-4x on a busy one. So each forward runs on
+A second thread pays up to 1.7x on an idle machine and costs 1.3-4x on a busy one. So each forward runs on
 
     min(limit, threads its work pays for, cores that other processes leave free)
 
@@ -17,7 +17,7 @@ A second thread pays 1.1-1.5x on an idle machine and costs 2.5-4x on a busy one.
   (``OMP_NUM_THREADS``, ``torch.set_num_threads``, the commands' ``--threads``);
 - the work: one thread per ``WORK_PER_THREAD`` multiply-adds of the forward (its tokens times the model's weights
   outside the input embedding, plus one row of the output layer): below it, fork and join cost what a second core
-  saves (memlm-tiny's 64-token segments gain 1.1x from a second core, SmolLM2's 512-token ones 1.5x). The memory
+  saves (memlm-tiny's 64-token segments gain nothing from a second core, SmolLM2's 256-token ones 1.7x). The memory
   search is not counted: over hundreds of thousands of entries it outweighs a small model's layers;
 - free cores: the CPUs this process may run on minus the tasks of other processes that are runnable right now
   (Linux: ``/proc/loadavg`` counts every runnable task, ``/proc/self/task`` says which are ours). Read before every
@@ -57,7 +57,8 @@ def busy_elsewhere() -> int | None:
         for task in os.scandir("/proc/self/task"):
             with contextlib.suppress(FileNotFoundError), open(os.path.join(task.path, "stat"), "rb") as f:
                 stat = f.read()
-                ours += stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3] == b"R"  # the state follows the name
+                state = stat.rindex(b")") + 2  # the state follows the name, which may hold any byte
+                ours += stat[state : state + 1] == b"R"
         return max(0, running - ours)
     except (OSError, ValueError, IndexError):
         return None
