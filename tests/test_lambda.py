@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
 import transformers
 
-from memlm import MemoryConfig, attach, use_attention
+from memlm import MemoryConfig, attach, extend_context, use_attention
 from memlm.kernels import lambda_attention, lambda_attention_ref
 
 from conftest import turn
@@ -150,6 +151,24 @@ def test_use_attention_lambda_runs_the_capped_pattern_in_a_model_and_restores_it
         assert model.config._attn_implementation == "sdpa"
         torch.testing.assert_close(model(ids).logits, plain, rtol=0, atol=0)
         use_attention(model, None)  # nothing to restore: unchanged
+
+
+def test_the_distance_cap_rotates_with_the_frequencies_of_each_forward():
+    """The model is extended after use_attention chose the cap, with dynamic NTK: at 64 tokens over a trained 32 its
+    base is theta (2 x 64 / 32 - 1) ** (d / (d - 2)). The reference: a model with that base from the start."""
+    config = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).double().eval()
+    reference = copy.deepcopy(model)
+    settings = {"global_tokens": 3, "local_window": 8, "distance_cap": 12}
+    use_attention(model, "lambda", **settings)
+    extend_context(model, "dynamic", factor=2)
+    extend_context(reference, "abf", rope_theta=10000.0 * (2 * 64 / 32 - 1) ** (16 / 14))
+    use_attention(reference, "lambda", **settings)
+    ids = torch.randint(0, 300, (1, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=0, atol=1e-5)
 
 
 def test_use_attention_lambda_trains(tiny_llama):

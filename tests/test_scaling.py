@@ -13,6 +13,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from memlm import MemoryConfig, attach, extend_context
 from memlm.cli import main
+from memlm.positions.scaling import giraffe_frequencies
 
 from conftest import document
 
@@ -30,35 +31,58 @@ def default_frequencies(base: float = 10000.0, dim: int = 16) -> torch.Tensor:
     return base ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
 
 
-def transformers_frequencies(model, rope_parameters: dict, **kwargs):
-    """What transformers' own rope function computes for a fresh config with these parameters."""
-    config = copy.deepcopy(model.config)
-    config.rope_parameters = dict(rope_parameters)
-    return ROPE_INIT_FUNCTIONS[rope_parameters["rope_type"]](config, **kwargs)
+def paper_frequencies(method: str, kwargs: dict, trained: int = TRAINED, dim: int = 16,
+                      base: float = 10000.0) -> tuple[torch.Tensor, float]:
+    """(inv_freq [dim / 2] float64, attention factor) as the papers and their reference code define them."""
+    theta, s = default_frequencies(base, dim), kwargs["factor"]
+    wavelength = 2 * math.pi / theta
+    if method == "linear":  # Position Interpolation: positions x 1/s
+        return theta / s, 1.0
+    if method == "llama3":  # Meta's apply_scaling: keep short wavelengths, interpolate long ones, blend between
+        low, high = kwargs["low_freq_factor"], kwargs["high_freq_factor"]
+        smooth = (trained / wavelength - low) / (high - low)
+        blended = (1 - smooth) * theta / s + smooth * theta
+        return torch.where(wavelength < trained / high, theta,
+                           torch.where(wavelength > trained / low, theta / s, blended)), 1.0
+    if method == "yarn":
+        # NTK-by-parts: r = L / wavelength; dimensions with r > beta keep theta, r < alpha take theta / s, and the
+        # reference code ramps linearly in the dimension index between the floored / ceiled dimensions where
+        # r = beta and r = alpha. Attention factor sqrt(1/t) = 0.1 ln s + 1.
+        alpha, beta = kwargs.get("beta_slow", 1), kwargs.get("beta_fast", 32)
+        r = trained / wavelength
+
+        def dimension(rotations: float) -> float:
+            return dim * math.log(trained / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+        low, high = max(math.floor(dimension(beta)), 0), min(math.ceil(dimension(alpha)), dim - 1)
+        interpolated = ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+        assert bool((interpolated[r > beta] == 0).all()) and bool((interpolated[r < alpha] == 1).all())
+        return interpolated * theta / s + (1 - interpolated) * theta, 0.1 * math.log(s) + 1
+    if method == "longrope":  # per-frequency rescale factors; attention factor sqrt(1 + ln s / ln L)
+        factors = torch.tensor(kwargs["long_factor"], dtype=torch.float64)
+        return theta / factors, math.sqrt(1 + math.log(s) / math.log(trained))
+    raise AssertionError(method)
 
 
 @pytest.mark.parametrize(("method", "kwargs"), [
     ("linear", {"factor": 4}),
     ("yarn", {"factor": 8, "beta_fast": 16, "beta_slow": 2}),
+    ("yarn", {"factor": 4}),
     ("llama3", {"factor": 8, "low_freq_factor": 1.0, "high_freq_factor": 4.0}),
     ("longrope", {"factor": 4, "short_factor": [1.0] * 8, "long_factor": [1.0 + i / 4 for i in range(8)]}),
 ])
-def test_frequencies_equal_transformers_rope_functions(method, kwargs):
-    model = llama()
-    extend_context(model, method, **kwargs)
+def test_frequencies_follow_the_papers_formulas(method, kwargs):
+    model = extend_context(llama(), method, **kwargs)
     rotary = model.model.rotary_emb
     assert model.config.rope_parameters["rope_type"] == method
     assert model.config.max_position_embeddings == TRAINED * kwargs["factor"]
-    expected = {"rope_type": method, "rope_theta": 10000.0, **kwargs}
-    if method != "linear":
-        expected["original_max_position_embeddings"] = TRAINED
-    inv_freq, scaling = transformers_frequencies(model, expected)
-    torch.testing.assert_close(rotary.inv_freq, inv_freq, rtol=0, atol=0)
-    assert rotary.attention_scaling == pytest.approx(scaling)
-    if method == "linear":
-        torch.testing.assert_close(rotary.inv_freq.double(), default_frequencies() / 4, rtol=1e-6, atol=0)
-    if method == "yarn":  # the paper's attention factor 0.1 ln(s) + 1
-        assert rotary.attention_scaling == pytest.approx(0.1 * math.log(8) + 1)
+    if method == "longrope":  # the short factors (here 1: the default rope) within the trained length, ...
+        torch.testing.assert_close(rotary.inv_freq.double(), default_frequencies(), rtol=1e-6, atol=0)
+        with torch.no_grad():
+            model(document(TRAINED + 8))  # ... the long ones beyond it
+    inv_freq, factor = paper_frequencies(method, kwargs)
+    torch.testing.assert_close(rotary.inv_freq.double(), inv_freq, rtol=1e-6, atol=0)
+    assert rotary.attention_scaling == pytest.approx(factor, rel=1e-9)
 
 
 def test_static_ntk_abf_and_dynamic_ntk_follow_their_formulas():
@@ -78,14 +102,12 @@ def test_static_ntk_abf_and_dynamic_ntk_follow_their_formulas():
     grown = 10000.0 * (2 * length / TRAINED - 1) ** (dim / (dim - 2))
     torch.testing.assert_close(model.model.rotary_emb.inv_freq.double(), default_frequencies(grown), rtol=1e-5,
                                atol=0)
-    inv_freq, _ = transformers_frequencies(model, model.config.rope_parameters, seq_len=length)
-    torch.testing.assert_close(model.model.rotary_emb.inv_freq, inv_freq, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("power", [0.0, 0.5])
 def test_giraffe_is_a_registered_rope_function_with_its_definition(power):
     model = extend_context(llama(), "giraffe", factor=4, truncate=64, power=power)
-    assert ROPE_INIT_FUNCTIONS["giraffe"] is not None and model.config.rope_parameters["rope_type"] == "giraffe"
+    assert ROPE_INIT_FUNCTIONS["giraffe"] is giraffe_frequencies and model.config.rope_parameters["rope_type"] == "giraffe"
     i = torch.arange(8, dtype=torch.float64)
     expected = default_frequencies() / 4 * ((1 - i / 8) ** power if power else 1)
     cutoff = 2 * math.pi / 64
@@ -134,6 +156,68 @@ def test_an_extended_model_composes_with_memory():
         session.feed(document(300, seed=5))
         assert session.state.knn.indexes[1].size.sum() > 0
         assert torch.equal(session.state.positions.inv_freq, model.model.rotary_emb.inv_freq)
+
+
+def llama31_style() -> transformers.LlamaForCausalLM:
+    """A model that ships scaled, as Llama 3.1 does: llama3 rope, factor 8 over 64 trained tokens, window 512."""
+    config = transformers.LlamaConfig(
+        vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def test_extending_an_extended_model_composes():
+    llama3 = {"low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    model = llama31_style()
+    with pytest.raises(ValueError, match="already scales with 'llama3' \\(factor 8.0 over 64 trained tokens\\); "
+                                         "'yarn' would replace that rule"):
+        extend_context(model, "yarn", factor=2)
+    assert model.config.rope_parameters["rope_type"] == "llama3" and model.config.max_position_embeddings == 512
+    extend_context(model, "llama3", factor=2)  # the model's own rule, twice as far: factor 16 over 64
+    assert model.config.rope_parameters["factor"] == 16 and model.config.max_position_embeddings == 1024
+    assert model.config.rope_parameters["original_max_position_embeddings"] == 64
+    torch.testing.assert_close(model.model.rotary_emb.inv_freq.double(),
+                               paper_frequencies("llama3", {"factor": 16, **llama3}, trained=64)[0], rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="trained on 64 tokens .* original_max_position_embeddings=1024 contradicts"):
+        extend_context(model, "llama3", factor=2, original_max_position_embeddings=1024)
+
+    for method, kwargs in (("linear", {}), ("yarn", {"beta_fast": 16, "beta_slow": 2}), ("llama3", llama3)):
+        twice = extend_context(extend_context(llama(), method, factor=2, **kwargs), method, factor=3)
+        assert twice.config.max_position_embeddings == TRAINED * 6
+        assert twice.config.original_max_position_embeddings == TRAINED  # recorded: the second call starts there
+        once = extend_context(llama(), method, factor=6, **kwargs)
+        assert twice.config.rope_parameters == once.config.rope_parameters
+        torch.testing.assert_close(twice.model.rotary_emb.inv_freq, once.model.rotary_emb.inv_freq, rtol=0, atol=0)
+        assert twice.model.rotary_emb.attention_scaling == once.model.rotary_emb.attention_scaling
+    twice = extend_context(extend_context(llama(), "ntk", factor=2), "ntk", factor=2)  # two new bases: NTK x4
+    assert twice.config.max_position_embeddings == TRAINED * 4
+    torch.testing.assert_close(twice.model.rotary_emb.inv_freq.double(),
+                               default_frequencies(10000.0 * 4 ** (16 / 14)), rtol=1e-6, atol=0)
+    abf = extend_context(extend_context(llama(), "yarn", factor=4), "abf", rope_theta=5e5)  # new base, yarn kept
+    assert abf.config.rope_parameters["rope_type"] == "yarn" and abf.config.max_position_embeddings == TRAINED * 4
+    torch.testing.assert_close(abf.model.rotary_emb.inv_freq.double(),
+                               paper_frequencies("yarn", {"factor": 4}, base=5e5)[0], rtol=1e-6, atol=0)
+
+
+def test_every_rotary_module_is_rebuilt_in_place():
+    """Whatever holds the model's rotary module (a SinkCache, use_attention's cap, a session) sees the new
+    frequencies; models with a rotary module per layer get all of them rebuilt."""
+    model = llama()
+    rotary = model.model.rotary_emb
+    extend_context(model, "longrope", factor=4, short_factor=[1.0] * 8, long_factor=[2.0] * 8)
+    with torch.no_grad():
+        model(document(TRAINED + 8))  # longrope caches its long frequencies on the module
+    model.model.layers[0].own_rotary = copy.deepcopy(rotary)  # as older models carry one per attention layer
+    extend_context(model, "abf", rope_theta=5e5)
+    assert model.model.rotary_emb is rotary and rotary.rope_type == "longrope"
+    for module in (rotary, model.model.layers[0].own_rotary):
+        torch.testing.assert_close(module.inv_freq.double(), default_frequencies(5e5), rtol=1e-6, atol=0)
+        assert not hasattr(module, "long_inv_freq")  # the old base's long frequencies are gone
+    with torch.no_grad():
+        model(document(TRAINED + 8))
+    torch.testing.assert_close(rotary.inv_freq.double(), default_frequencies(5e5) / 2, rtol=1e-6, atol=0)
 
 
 def test_bad_input(tiny_gpt2):

@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 
-from memlm import CrossBatch, MemoryConfig, SinkCache, attach, use_attention
+from memlm import CrossBatch, MemoryConfig, SinkCache, attach, extend_context, use_attention
 from memlm.positions.policy import PositionPolicy
 
 from conftest import VOCAB_SIZE, cut_cache_logits, document, session_logits, turn
@@ -126,6 +126,24 @@ def test_sink_cache_generation_equals_a_naive_recompute_of_the_same_tokens_at_th
         plain = model.generate(prompt, max_new_tokens=30, do_sample=False, output_logits=True,
                                return_dict_in_generate=True, eos_token_id=None, pad_token_id=0)
         assert not torch.allclose(plain.logits[-1], out.logits[-1], atol=1e-3)
+
+
+def test_sink_cache_unrotates_keys_with_the_frequencies_they_were_rotated_with():
+    """Dynamic NTK changes the frequencies as the sequence grows past the trained length (32), and the extension
+    comes after the cache was made: the kept keys must still be k_proj's output (unrotated; transformers rotates
+    with float32 angles, hence 1e-6)."""
+    config = transformers.LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).double().eval()
+    cache = SinkCache(model, sink_tokens=4, window=64)
+    extend_context(model, "dynamic", factor=2)
+    ids = document(40, seed=1)
+    with torch.no_grad():
+        model(ids, past_key_values=cache, use_cache=True)
+        layer = model.model.layers[0]
+        keys = layer.self_attn.k_proj(layer.input_layernorm(model.model.embed_tokens(ids)))
+    torch.testing.assert_close(cache.layers[0].keys, keys.view(1, 40, 2, 16).transpose(1, 2), rtol=0, atol=1e-6)
 
 
 def test_sink_cache_refuses_bad_settings(tiny_gpt2):

@@ -15,9 +15,16 @@ import torch
 from torch import nn
 
 
+def rotary_modules(model: nn.Module) -> list[nn.Module]:
+    """Every rotary-embedding module of the model (the modules with an ``inv_freq`` tensor): one in Llama-style
+    models, one per attention layer in some older ones."""
+    return [m for m in model.modules() if isinstance(getattr(m, "inv_freq", None), torch.Tensor)]
+
+
 def find_rotary(model: nn.Module) -> nn.Module | None:
-    """The model's rotary-embedding module (the one module with an ``inv_freq`` tensor), or None."""
-    found = [m for m in model.modules() if isinstance(getattr(m, "inv_freq", None), torch.Tensor)]
+    """The model's rotary-embedding module, or None. Hold the module, not its ``inv_freq``: transformers replaces
+    that buffer (dynamic NTK as a sequence grows) and ``extend_context`` updates it; read it where it is used."""
+    found = rotary_modules(model)
     if any(not torch.equal(found[0].inv_freq, m.inv_freq) for m in found[1:]):
         raise ValueError(
             f"{type(model).__name__} has {len(found)} rotary embeddings with different frequencies; "

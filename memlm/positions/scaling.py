@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from .rotary import find_rotary
+from .rotary import find_rotary, rotary_modules
 
 METHODS = ("linear", "abf", "ntk", "dynamic", "yarn", "llama3", "longrope", "giraffe")
 #: parameters each method takes besides ``factor`` (required ones first) and the ones it must have
@@ -95,11 +95,17 @@ def extend_context(model: nn.Module, method: str, factor: float | None = None, *
     """Extend a rotary model's context with ``method``; returns the same model with its rotary module rebuilt.
 
     factor: the extension L'/L (required, except for ``abf``, where it only raises ``max_position_embeddings``).
-    original_max_position_embeddings: the trained length L (default: what the config says it is).
+    original_max_position_embeddings: the trained length L (default: what the config says it is); recorded in the
+        config (``config.original_max_position_embeddings``), so a model extended again extends from L.
     parameters: the method's own (``PARAMETERS``): ``rope_theta`` (abf); ``beta_fast``, ``beta_slow``,
         ``attention_factor`` (yarn); ``low_freq_factor``, ``high_freq_factor`` (llama3); ``short_factor``,
         ``long_factor`` (longrope); ``truncate``, ``power`` (giraffe).
     ``config.max_position_embeddings`` becomes L x factor, except for ``dynamic``, whose formula reads it as L.
+
+    An extended model (by memlm, or one that ships scaled, such as Llama 3.1's ``llama3`` rope) extended again
+    composes: the same method multiplies the factors (yarn x2 on yarn x4 over L is yarn x8 over L); ``abf`` and
+    ``ntk`` change the base under the rule already there; another rule would silently replace the model's own
+    and is refused.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; methods: {', '.join(METHODS)}")
@@ -115,6 +121,10 @@ def extend_context(model: nn.Module, method: str, factor: float | None = None, *
     if unknown:
         raise ValueError(f"{method}: unknown parameters {unknown}; {method} takes "
                          f"{', '.join(('factor', *allowed))}")
+    current = dict(config.rope_parameters)
+    rule = current.get("rope_type", "default")
+    if rule == method and method not in ("abf", "ntk", "longrope"):  # extended again: the other parameters stay
+        parameters = {**{key: value for key, value in current.items() if key in allowed}, **parameters}
     missing = [name for name in required if parameters.get(name) is None]
     if missing:
         raise ValueError(f"{method}: missing parameters {missing} (it needs {', '.join(required)})")
@@ -122,23 +132,36 @@ def extend_context(model: nn.Module, method: str, factor: float | None = None, *
         raise ValueError(f"{method}: factor (the extension L'/L) is required")
     if factor is not None and (not _number(factor) or factor <= 0):
         raise ValueError(f"factor must be a number > 0, got {factor!r}")
-    current = dict(config.rope_parameters)
-    trained = original_max_position_embeddings or current.get("original_max_position_embeddings") or \
-        config.max_position_embeddings
-    if not isinstance(trained, int) or trained < 1:
-        raise ValueError(f"original_max_position_embeddings must be a positive integer, got {trained!r}")
-    base = current.get("rope_theta", 10000.0)
-    rope = {"rope_theta": base, **({"partial_rotary_factor": current["partial_rotary_factor"]}
-                                   if "partial_rotary_factor" in current else {})}
-    if method in ("abf", "ntk"):
-        theta = parameters["rope_theta"] if method == "abf" else None
-        if method == "ntk":
-            dim = rotary_dim(config)
-            theta = base * factor ** (dim / (dim - 2))
+    trained = trained_length(config)
+    if original_max_position_embeddings is not None:
+        if not isinstance(original_max_position_embeddings, int) or original_max_position_embeddings < 1:
+            raise ValueError("original_max_position_embeddings must be a positive integer, got "
+                             f"{original_max_position_embeddings!r}")
+        if is_extended(config) and original_max_position_embeddings != trained:
+            raise ValueError(f"this model was trained on {trained} tokens (its rope parameters say so, or its first "
+                             f"extension recorded it); original_max_position_embeddings="
+                             f"{original_max_position_embeddings} contradicts that")
+        trained = original_max_position_embeddings
+    extended = config.max_position_embeddings if is_extended(config) else trained
+    rope = dict(current) if method in ("abf", "ntk") else \
+        {key: current[key] for key in ("rope_theta", "partial_rotary_factor") if key in current}
+    rope.setdefault("rope_theta", 10000.0)
+    if method in ("abf", "ntk"):  # a new base: the rule already there (if any) applies on top of it
+        theta = parameters["rope_theta"] if method == "abf" else \
+            rope["rope_theta"] * factor ** (rotary_dim(config) / (rotary_dim(config) - 2))
         if not _number(theta) or theta <= 0:
             raise ValueError(f"abf: rope_theta must be a number > 0, got {theta!r}")
-        rope.update(rope_type="default", rope_theta=float(theta))
+        rope["rope_theta"] = float(theta)
+        length = round(extended * factor) if factor is not None else extended
     else:
+        if rule not in ("default", method) or method == rule == "longrope":
+            raise ValueError(
+                f"this model's rotary embedding already scales with {rule!r} (factor {current.get('factor')} over "
+                f"{trained} trained tokens); {method!r} would replace that rule, not extend it: extend with "
+                f"method={rule!r} (the factors multiply) or 'abf' / 'ntk' (a new base under the same rule)"
+                + (", or give longrope's combined factors on the model as loaded" if rule == "longrope" else ""))
+        if rule == method:  # an extended model extended again: the factors multiply
+            factor = factor * current["factor"]
         rope.update(rope_type=method, factor=float(factor), **parameters)
         if method in ("yarn", "llama3", "longrope"):
             rope["original_max_position_embeddings"] = trained
@@ -151,15 +174,27 @@ def extend_context(model: nn.Module, method: str, factor: float | None = None, *
                 if not isinstance(rope[name], (list, tuple)) or len(rope[name]) != half:
                     raise ValueError(f"longrope: {name} must be a list of {half} numbers (one per frequency)")
                 rope[name] = [float(v) for v in rope[name]]
+        length = trained if method == "dynamic" else round(trained * factor)
     config.rope_parameters = rope
-    if method != "dynamic" and factor is not None:
-        config.max_position_embeddings = round(trained * factor)
-    elif method == "dynamic":
-        config.max_position_embeddings = trained
+    config.max_position_embeddings = length
+    config.original_max_position_embeddings = trained  # so the next extension starts from the trained length
     if method != "giraffe":  # transformers' own checks (they warn rather than raise on odd values)
         config.validate_rope()
-    _rebuild(model, rotary, config)
+    _rebuild(model, config)
     return model
+
+
+def trained_length(config) -> int:
+    """The length the model was trained on: recorded by its first extension, else its rope parameters'
+    ``original_max_position_embeddings`` (a model that ships scaled, such as Llama 3.1), else its window."""
+    return (getattr(config, "original_max_position_embeddings", None)
+            or config.rope_parameters.get("original_max_position_embeddings") or config.max_position_embeddings)
+
+
+def is_extended(config) -> bool:
+    """Whether the model's window is already an extension of its trained length (by memlm or as it ships)."""
+    return (getattr(config, "original_max_position_embeddings", None) is not None
+            or config.rope_parameters.get("rope_type", "default") != "default")
 
 
 def extend_from_spec(model: nn.Module, spec: dict) -> nn.Module:
@@ -170,14 +205,20 @@ def extend_from_spec(model: nn.Module, spec: dict) -> nn.Module:
     return extend_context(model, parameters.pop("method"), **parameters)
 
 
-def _rebuild(model: nn.Module, rotary: nn.Module, config) -> None:
-    """Replace the rotary module by one built from ``config`` (same class, device and place in the model)."""
-    device = rotary.inv_freq.device
-    fresh = type(rotary)(config=config).to(device)
-    for parent in model.modules():
-        for name, child in parent.named_children():
-            if child is rotary:
-                setattr(parent, name, fresh)
+def _rebuild(model: nn.Module, config) -> None:
+    """Rebuild every rotary module of the model from ``config``, in place: the same module objects stay in the model,
+    so whatever holds one (a ``SinkCache``, ``use_attention``'s distance cap, a session's position policy) rotates
+    with the new frequencies from its next use."""
+    for rotary in rotary_modules(model):
+        fresh = type(rotary)(config=config).to(rotary.inv_freq.device)
+        state = {name: value for name, value in vars(fresh).items() if not name.startswith("_") and name != "training"}
+        for name in [name for name in vars(rotary) if not name.startswith("_") and name not in vars(fresh)]:
+            delattr(rotary, name)  # what the previous rule cached (longrope's long_inv_freq)
+        for name, value in state.items():
+            setattr(rotary, name, value)
+        persistent = fresh.state_dict(keep_vars=True)
+        for name, buffer in fresh.named_buffers(recurse=False):
+            rotary.register_buffer(name, buffer, persistent=name in persistent)
 
 
 def _number(value) -> bool:

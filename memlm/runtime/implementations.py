@@ -119,7 +119,7 @@ class RingAttention:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
 
 
-#: attention module -> (settings, the model's inv_freq or None, the previous implementation)
+#: attention module -> (settings, the model's rotary module or None, the previous implementation)
 _SETTINGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 #: model -> the attention implementation it had before use_attention
 _PREVIOUS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -153,10 +153,9 @@ def use_attention(model: PreTrainedModel, name: str | None, **options) -> PreTra
                and any(p.endswith("_proj") for p, _ in m.named_children())]
     if not modules:
         raise ValueError(f"{type(model).__name__} has no attention modules with a layer_idx that memlm can find")
-    inv_freq = None if rotary is None else rotary.inv_freq
     _PREVIOUS.setdefault(model, current)
     for module in modules:
-        _SETTINGS[module] = (settings, inv_freq, _PREVIOUS[model])
+        _SETTINGS[module] = (settings, rotary, _PREVIOUS[model])
     registered = NAMES[name]
     AttentionInterface.register(registered, IMPLEMENTATIONS[name][1])
     AttentionMaskInterface.register(registered, ALL_MASK_ATTENTION_FUNCTIONS["flash_attention_2"])
@@ -186,7 +185,7 @@ def lambda_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tens
                    attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                    position_ids: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """query [b, hq, n, d]; key, value [b, hkv, n, d] (rotated to ``position_ids``) -> ([b, n, hq, d], None)."""
-    settings, inv_freq, _ = settings_of(module)
+    settings, rotary, _ = settings_of(module)
     check_kwargs("Λ attention", kwargs)
     if dropout:
         raise ValueError("Λ attention has no attention dropout: set the model's attention_dropout to 0")
@@ -205,6 +204,7 @@ def lambda_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tens
         if not bool((steps == 1).all()):
             raise ValueError("distance_cap needs consecutive position ids (distances are index distances)")
         first = min(settings.global_tokens, n)
+        inv_freq = rotary.inv_freq  # read now: q and k were rotated with the frequencies of this forward
         capped = {"distance_cap": cap,
                   "capped_q": rotate(query, (cap - positions)[:, None, :], inv_freq),
                   "capped_k": rotate(key[:, :, :first], -positions[:, None, :first], inv_freq)}

@@ -2,7 +2,7 @@
 
 For plain ``model.generate(..., cache=SinkCache(model, sink_tokens=4, window=1024))``: every layer
 keeps the document's first ``sink_tokens`` keys/values and its last ``window`` ones, so memory stays bounded
-however long the stream runs. Keys are kept unrotated (the model's own rotary frequencies undo the rotation
+however long the stream runs. Keys are kept unrotated (the model's own rotary frequencies, read at each step, undo the rotation
 when they arrive) and re-rotated on use to *positions within the cache*, StreamingLLM's rule: the kept keys
 stand contiguously right before the new tokens, so no distance ever exceeds sinks + window + new tokens,
 whatever position ids the caller uses. (transformers 5 dropped its own ``SinkCache``.)
@@ -26,9 +26,9 @@ class SinkLayer(DynamicLayer):
 
     is_croppable = False
 
-    def __init__(self, sink_tokens: int, window: int, inv_freq: torch.Tensor) -> None:
+    def __init__(self, sink_tokens: int, window: int, rotary: torch.nn.Module) -> None:
         super().__init__()
-        self.sink_tokens, self.window, self.inv_freq = sink_tokens, window, inv_freq
+        self.sink_tokens, self.window, self.rotary = sink_tokens, window, rotary
         self.cumulative_length = 0  # tokens seen
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, kwargs: dict | None = None,
@@ -44,12 +44,13 @@ class SinkLayer(DynamicLayer):
             self.keys = key_states.new_zeros((*key_states.shape[:2], 0, key_states.shape[3]))
             self.values = value_states.new_zeros((*value_states.shape[:2], 0, value_states.shape[3]))
         batch, n = key_states.shape[0], key_states.shape[2]
+        inv_freq = self.rotary.inv_freq  # what the model rotated these keys with (dynamic NTK changes it as it grows)
         positions = position_ids.to(key_states.device).expand(batch, n)
         kept = self.keys.shape[2]
         before = positions[:, :1] - kept + torch.arange(kept, device=key_states.device)  # [batch, kept]
-        attended_k = torch.cat((rotate(self.keys, before[:, None, :], self.inv_freq), key_states), dim=2)
+        attended_k = torch.cat((rotate(self.keys, before[:, None, :], inv_freq), key_states), dim=2)
         attended_v = torch.cat((self.values, value_states), dim=2)
-        keys = torch.cat((self.keys, rotate(key_states, -positions[:, None, :], self.inv_freq)), dim=2)
+        keys = torch.cat((self.keys, rotate(key_states, -positions[:, None, :], inv_freq)), dim=2)
         values = attended_v
         if keys.shape[2] > self.sink_tokens + self.window:  # the sinks (the first tokens) and the last window
             keys, values = (torch.cat((t[:, :, : self.sink_tokens], t[:, :, -self.window :]), dim=2)
@@ -84,5 +85,5 @@ class SinkCache(Cache):
         if rotary is None:
             raise ValueError(f"SinkCache re-rotates keys and needs a rotary model; {type(model).__name__} has none")
         layers = model.config.get_text_config().num_hidden_layers
-        super().__init__(layers=[SinkLayer(sink_tokens, window, rotary.inv_freq) for _ in range(layers)])
+        super().__init__(layers=[SinkLayer(sink_tokens, window, rotary) for _ in range(layers)])
         self.sink_tokens, self.window = sink_tokens, window
