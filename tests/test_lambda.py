@@ -10,6 +10,7 @@ import torch
 import transformers
 
 from memlm import MemoryConfig, attach, extend_context, use_attention
+from memlm.runtime.implementations import attention_settings as model_settings
 from memlm.kernels import lambda_attention, lambda_attention_ref
 
 from conftest import turn
@@ -47,6 +48,10 @@ def test_lambda_attention_equals_a_naive_masked_softmax(q_heads, kv_heads, n, gl
                                expected, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(lambda_attention_ref(q, k, v, global_tokens=global_tokens, local_window=local_window),
                                expected, rtol=1e-12, atol=1e-12)
+    for last in (1, 7):  # decoding with a cache: the last queries over all the keys
+        torch.testing.assert_close(lambda_attention(q[:, :, -last:], k, v, global_tokens=global_tokens,
+                                                    local_window=local_window), expected[:, :, -last:],
+                                   rtol=1e-12, atol=1e-12)
     if local_window >= n or global_tokens >= n:
         causal = torch.nn.functional.scaled_dot_product_attention(
             q, k.repeat_interleave(q_heads // kv_heads, 1), v.repeat_interleave(q_heads // kv_heads, 1),
@@ -54,14 +59,19 @@ def test_lambda_attention_equals_a_naive_masked_softmax(q_heads, kv_heads, n, gl
         torch.testing.assert_close(expected, causal, rtol=1e-12, atol=1e-12)
 
 
-def test_float32_and_gradients():
+def test_float32_and_gradients_equal_autograd_through_the_dense_reference():
     generator = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, 2, 70, 16, generator=generator, requires_grad=True) for _ in range(3))
-    out = lambda_attention(q, k, v, global_tokens=4, local_window=16)
-    torch.testing.assert_close(out, lambda_attention_ref(q, k, v, global_tokens=4, local_window=16),
-                               rtol=1e-5, atol=1e-5)
-    out.sum().backward()
-    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))
+    q, k, v = (torch.randn(1, 2, 70, 16, generator=generator, dtype=torch.float64) for _ in range(3))
+    torch.testing.assert_close(lambda_attention(q.float(), k.float(), v.float(), global_tokens=4, local_window=16),
+                               naive(q, k, v, 4, 16).float(), rtol=1e-5, atol=1e-5)
+    weights = torch.randn(1, 2, 70, 16, generator=generator, dtype=torch.float64)
+    gradients = []
+    for attention in (lambda *t: lambda_attention(*t, global_tokens=4, local_window=16), lambda *t: naive(*t, 4, 16)):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        (attention(*leaves) * weights).sum().backward()
+        gradients.append([t.grad for t in leaves])
+    for ours, dense in zip(*gradients):
+        torch.testing.assert_close(ours, dense, rtol=1e-10, atol=1e-10)
 
 
 def test_bad_input():
@@ -71,7 +81,7 @@ def test_bad_input():
     with pytest.raises(ValueError, match="global_tokens must be an integer >= 0, got -1"):
         lambda_attention(q, q, q, global_tokens=-1, local_window=4)
     with pytest.raises(ValueError, match="self-attention"):
-        lambda_attention(q, torch.zeros(1, 2, 9, 4), torch.zeros(1, 2, 9, 4), global_tokens=2, local_window=4)
+        lambda_attention(q, torch.zeros(1, 2, 7, 4), torch.zeros(1, 2, 7, 4), global_tokens=2, local_window=4)
 
 
 # ------------------------------------------------------------------- the distance cap and use_attention
@@ -171,6 +181,28 @@ def test_the_distance_cap_rotates_with_the_frequencies_of_each_forward():
         torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=0, atol=1e-5)
 
 
+def test_the_papers_setting_is_the_default_and_decoding_with_a_cache_equals_the_whole_sequence():
+    model = gqa_llama()  # pretrained on 256 tokens
+    use_attention(model, "lambda")
+    settings = model_settings(model)
+    assert (settings.global_tokens, settings.local_window, settings.distance_cap) == (10, 256, 256)
+    use_attention(model, "lambda", local_window=300)
+    assert model_settings(model).distance_cap == 300  # the cap is never inside the window
+    use_attention(model, "lambda", global_tokens=3, local_window=8, distance_cap=12)
+    ids = torch.randint(0, 300, (2, 41), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = model(ids).logits
+        cache = transformers.DynamicCache(config=model.config)
+        prefill = model(ids[:, :17], past_key_values=cache, use_cache=True).logits  # then one query at a time
+        steps = [model(ids[:, i: i + 1], past_key_values=cache, use_cache=True).logits for i in range(17, 41)]
+        generated = model.generate(ids[:, :30], max_new_tokens=4, do_sample=False)
+        recomputed = ids[:, :30]
+        for _ in range(4):  # greedy decoding by whole-sequence forwards
+            recomputed = torch.cat((recomputed, model(recomputed).logits[:, -1:].argmax(-1)), dim=1)
+    torch.testing.assert_close(torch.cat((prefill, *steps), dim=1), expected, rtol=1e-9, atol=1e-9)
+    assert torch.equal(generated, recomputed)
+
+
 def test_use_attention_lambda_trains(tiny_llama):
     use_attention(tiny_llama, "lambda", global_tokens=2, local_window=5, distance_cap=9)
     tiny_llama.train()
@@ -199,8 +231,6 @@ def test_use_attention_refuses_what_it_cannot_do(tiny_llama, tiny_gpt2):
     ids = torch.randint(0, 100, (2, 12))
     with pytest.raises(ValueError, match="unpadded batches"):
         tiny_llama(ids, attention_mask=torch.ones(2, 12, dtype=torch.long).index_fill_(1, torch.tensor([0]), 0))
-    with pytest.raises(ValueError, match="full-sequence forwards"):
-        tiny_llama.generate(ids, max_new_tokens=2, do_sample=False)
     use_attention(tiny_llama, None)
     mem_model = attach(tiny_llama, MemoryConfig(segment_length=8, xl_length=8, memory_layers=(1,)))
     with pytest.raises(ValueError, match="detach it from memlm first"):

@@ -188,7 +188,8 @@ def trained_length(config) -> int:
     """The length the model was trained on: recorded by its first extension, else its rope parameters'
     ``original_max_position_embeddings`` (a model that ships scaled, such as Llama 3.1), else its window."""
     return (getattr(config, "original_max_position_embeddings", None)
-            or config.rope_parameters.get("original_max_position_embeddings") or config.max_position_embeddings)
+            or (getattr(config, "rope_parameters", None) or {}).get("original_max_position_embeddings")
+            or config.max_position_embeddings)
 
 
 def is_extended(config) -> bool:

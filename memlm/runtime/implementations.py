@@ -1,11 +1,13 @@
 """Full-sequence attention implementations a user selects on any supported model: ``use_attention``.
 
-``use_attention(model, "lambda", global_tokens=10, local_window=L, distance_cap=L)`` makes every attention
-layer of ``model`` run LM-Infinite's Λ attention (Han et al. 2023; ``memlm.kernels.lambda_attention``) in
-single long forwards (evaluation, training): each query sees the first ``global_tokens`` tokens and the
-``local_window`` tokens up to itself, and a pair farther apart than ``distance_cap`` scores as if it were
-exactly that far (the query rotated to the cap, the key to position 0, with the model's own rotary
-frequencies). ``use_attention(model, None)`` restores the implementation the model had before.
+``use_attention(model, "lambda")`` makes every attention layer of ``model`` run LM-Infinite's Λ attention (Han et
+al. 2023; ``memlm.kernels.lambda_attention``) with the paper's setting: each query sees the first 10 tokens and
+the ``local_window`` = L tokens up to itself (L the model's pretraining length), and a pair farther apart than
+``distance_cap`` = L scores as if it were exactly that far (the query rotated to the cap, the key to position 0,
+with the model's rotary frequencies of that forward); ``global_tokens``, ``local_window`` and ``distance_cap`` set
+them otherwise. Whole sequences (evaluation, training) and decoding with a cache (``generate``: the reference's
+cached mode, one query at a time over the kept keys) alike. ``use_attention(model, None)`` restores the
+implementation the model had before.
 
 ``use_attention(model, "s2", group_size_ratio=0.25)`` (or ``group_size=G``) makes the model's attention LongLoRA's
 shifted sparse attention (Chen et al. 2023; ``memlm.kernels.shifted_sparse_attention``) while it trains; in eval
@@ -28,7 +30,7 @@ for an unpadded batch, else [b, n]): the kernels make their own patterns, and no
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -40,26 +42,45 @@ from memlm.kernels import dilated_attention, lambda_attention, ring_attention, r
 from memlm.kernels.dilated_attention import check_patterns
 from memlm.kernels.ring_attention import LAYOUTS, ring_group
 from memlm.positions.rotary import find_rotary, rotate
+from memlm.positions.scaling import trained_length
 
 from .attention import BOOKKEEPING, previous_function
 
 
+#: LM-Infinite's local window and distance cap default to the length the model was pretrained on
+PRETRAINED = "pretrained"
+
+
 @dataclass(frozen=True)
 class LambdaAttention:
-    """LM-Infinite's settings: the global branch, the local window and the distance cap (None: no cap)."""
+    """LM-Infinite's settings: the global branch, the local window and the distance cap (None: no cap).
+
+    The paper's setting is the default: 10 global tokens, and window and cap both the model's pretraining length
+    (``"pretrained"``: its config's trained length, the one ``extend_context`` records, else
+    ``max_position_embeddings``; the cap at least the window). Models without rotary positions get no cap."""
 
     global_tokens: int = 10
-    local_window: int = 2048
-    distance_cap: int | None = None
+    local_window: int | str = PRETRAINED
+    distance_cap: int | str | None = PRETRAINED
 
     def __post_init__(self) -> None:
         check_integer("global_tokens", self.global_tokens, 0)
-        check_integer("local_window", self.local_window, 1)
-        if self.distance_cap is not None:
+        if self.local_window != PRETRAINED:
+            check_integer("local_window", self.local_window, 1)
+        if self.distance_cap not in (None, PRETRAINED):
             check_integer("distance_cap", self.distance_cap, 1)
-            if self.distance_cap < self.local_window:
+            if self.local_window != PRETRAINED and self.distance_cap < self.local_window:
                 raise ValueError(f"distance_cap ({self.distance_cap}) must be >= local_window ({self.local_window}): "
                                  "LM-Infinite caps only distances beyond the window")
+
+    def for_model(self, model: PreTrainedModel, rotary: torch.nn.Module | None) -> LambdaAttention:
+        """These settings with ``"pretrained"`` replaced by the model's pretraining length."""
+        pretrained = trained_length(model.config)
+        window = pretrained if self.local_window == PRETRAINED else self.local_window
+        cap = self.distance_cap
+        if cap == PRETRAINED:
+            cap = None if rotary is None else max(pretrained, window)
+        return replace(self, local_window=window, distance_cap=cap)
 
 
 @dataclass(frozen=True)
@@ -147,6 +168,8 @@ def use_attention(model: PreTrainedModel, name: str | None, **options) -> PreTra
     except TypeError as error:
         raise ValueError(f"use_attention({name!r}) options: {error}") from error
     rotary = find_rotary(model)
+    if isinstance(settings, LambdaAttention):
+        settings = settings.for_model(model, rotary)
     if getattr(settings, "distance_cap", None) is not None and rotary is None:
         raise ValueError(f"distance_cap re-rotates keys and needs a rotary model; {type(model).__name__} has none")
     modules = [m for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int)
@@ -184,30 +207,29 @@ def check_kwargs(name: str, kwargs: dict) -> None:
 def lambda_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                    attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                    position_ids: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, None]:
-    """query [b, hq, n, d]; key, value [b, hkv, n, d] (rotated to ``position_ids``) -> ([b, n, hq, d], None)."""
+    """query [b, hq, n, d]; key, value [b, hkv, m, d] (rotated to their positions; m > n when decoding with a cache:
+    the queries are the last n) -> ([b, n, hq, d], None)."""
     settings, rotary, _ = settings_of(module)
     check_kwargs("Λ attention", kwargs)
     if dropout:
         raise ValueError("Λ attention has no attention dropout: set the model's attention_dropout to 0")
     if attention_mask is not None and not bool(attention_mask.all()):
         raise ValueError("Λ attention takes unpadded batches (no attention_mask with zeros)")
-    if query.shape[2] != key.shape[2]:
-        raise ValueError(f"Λ attention is for full-sequence forwards ({query.shape[2]} queries, {key.shape[2]} keys "
-                         "with a cache); stream with a session (MemoryConfig(sink_tokens=...)) to generate")
-    n, cap = query.shape[2], settings.distance_cap
+    n, m, cap = query.shape[2], key.shape[2], settings.distance_cap
     capped = {}
-    if cap is not None and n > cap:
+    if cap is not None and m > cap:
         if position_ids is None:
             raise ValueError("distance_cap needs the position ids the model rotated q and k with")
         positions = position_ids.to(query.device).expand(query.shape[0], n)
         steps = positions[:, 1:] - positions[:, :-1]
         if not bool((steps == 1).all()):
             raise ValueError("distance_cap needs consecutive position ids (distances are index distances)")
-        first = min(settings.global_tokens, n)
+        first = min(settings.global_tokens, m)
         inv_freq = rotary.inv_freq  # read now: q and k were rotated with the frequencies of this forward
+        key_positions = positions[:, :1] - (m - n) + torch.arange(first, device=query.device)  # the cached keys' own
         capped = {"distance_cap": cap,
                   "capped_q": rotate(query, (cap - positions)[:, None, :], inv_freq),
-                  "capped_k": rotate(key[:, :, :first], -positions[:, None, :first], inv_freq)}
+                  "capped_k": rotate(key[:, :, :first], -key_positions[:, None, :], inv_freq)}
     out = lambda_attention(query, key, value, global_tokens=settings.global_tokens,
                            local_window=settings.local_window, scale=scaling, **capped)
     return out.transpose(1, 2), None
