@@ -31,8 +31,8 @@ from machine import describe
 CONFIGS = {
     "full fine-tune, full attention": {"trainable": "all", "attention": None},
     "LoRA (q, v), full attention": {"trainable": "lora", "attention": None},
-    "LoRA+, full attention": {"trainable": "lora+", "attention": None},
-    "LoRA+, S2-Attn (LongLoRA)": {"trainable": "lora+", "attention": {"name": "s2", "group_size_ratio": 0.25}},
+    "LoRA + embed, norm, full attention": {"trainable": "lora_embed_norm", "attention": None},
+    "LoRA + embed, norm, S2-Attn (LongLoRA)": {"trainable": "lora_embed_norm", "attention": {"name": "s2", "group_size_ratio": 0.25}},
 }
 
 

@@ -13,15 +13,15 @@ from memlm.kernels import shifted_sparse_attention, shifted_sparse_attention_ref
 
 
 def naive(q, k, v, group_size, visible=None):
-    """Per head and query: softmax over keys j <= i of the same group (groups moved by G/2 for the second half of
-    the key/value heads), real keys only."""
+    """Per head and query: softmax over keys j <= i of the same group (for the second half of the query heads,
+    groups moved so the first is [0, ceil(G/2)), as LongLoRA's code rolls them), real keys only."""
     batch, q_heads, n, d = q.shape
     kv_heads = k.shape[1]
     out = torch.zeros(batch, q_heads, n, d, dtype=torch.float64)
     for b in range(batch):
         for h in range(q_heads):
             kv = h // (q_heads // kv_heads)
-            offset = group_size // 2 if kv >= kv_heads // 2 else 0
+            offset = group_size // 2 if h >= q_heads // 2 else 0
             for i in range(n):
                 keys = [j for j in range(i + 1) if (i + offset) // group_size == (j + offset) // group_size
                         and (visible is None or visible[b, j])]
@@ -38,8 +38,8 @@ def inputs(q_heads, kv_heads, n, dtype=torch.float64, seed=0):
     return [torch.randn(2, h, n, 8, generator=generator, dtype=dtype) for h in (q_heads, kv_heads, kv_heads)]
 
 
-@pytest.mark.parametrize(("q_heads", "kv_heads"), [(4, 4), (4, 2), (8, 2)])
-@pytest.mark.parametrize(("n", "group_size"), [(32, 8), (37, 8), (20, 20), (9, 2)])
+@pytest.mark.parametrize(("q_heads", "kv_heads"), [(4, 4), (4, 2), (8, 2), (4, 1), (6, 3)])  # MQA, odd kv heads
+@pytest.mark.parametrize(("n", "group_size"), [(32, 8), (37, 8), (20, 20), (9, 2), (7, 7), (23, 5), (5, 8)])
 def test_s2_equals_a_naive_loop(q_heads, kv_heads, n, group_size):
     q, k, v = inputs(q_heads, kv_heads, n, seed=n)
     expected = naive(q, k, v, group_size)
@@ -83,13 +83,9 @@ def test_shifted_heads_see_across_the_unshifted_boundary():
 
 def test_bad_input_is_refused():
     q, k, v = inputs(4, 4, 16)
-    for size in (0, -2, 3):
-        with pytest.raises(ValueError, match="even integer >= 2"):
+    for size in (0, -2, 1, 2.0, True):
+        with pytest.raises(ValueError, match="group_size must be an integer >= 2"):
             shifted_sparse_attention(q, k, v, size)
-    with pytest.raises(ValueError, match="at most the sequence length"):
-        shifted_sparse_attention(q, k, v, 32)
-    with pytest.raises(ValueError, match="odd number"):
-        shifted_sparse_attention(*inputs(3, 3, 16), 4)
     with pytest.raises(ValueError, match="is causal"):
         shifted_sparse_attention(q, k, v, 4, causal=False)
     with pytest.raises(ValueError, match=r"key_padding_mask must be \[batch, n\]"):
@@ -154,15 +150,35 @@ def test_use_attention_s2_backward_and_bad_settings():
     model(ids, use_cache=True, cache=cache)
     with pytest.raises(ValueError, match="use_cache=False"):
         model(ids[:, :1], use_cache=True, cache=cache)
-    with pytest.raises(ValueError, match="group_size must be even"):
-        use_attention(model, "s2", group_size=7)
+    with pytest.raises(ValueError, match="group_size must be an integer >= 2"):
+        use_attention(model, "s2", group_size=1)
     with pytest.raises(ValueError, match="group_size_ratio must be a number in"):
         use_attention(model, "s2", group_size_ratio=0)
-    with pytest.raises(ValueError, match="at most the sequence length"):
-        use_attention(model, "s2", group_size=64)(ids)
 
 
-def test_a_longlora_recipe_trains_with_s2_and_lora_plus_and_saves_a_plain_model(tmp_path):
+@pytest.mark.parametrize(("options", "group_size"), [({"group_size_ratio": 1.0}, 31), ({"group_size": 64}, 64),
+                                                     ({"group_size_ratio": 0.25}, 7)])
+def test_use_attention_s2_on_a_multi_query_model_and_odd_lengths(options, group_size):
+    """One key/value head (MQA) and a 31-token sequence: the ratio 1 is one group of 31, a group longer than the
+    sequence is one group too (the shifted heads: two), 31 / 4 is 7 (the official code's int())."""
+    config = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=256)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).double().train()
+    ids = torch.randint(0, 300, (2, 31), generator=torch.Generator().manual_seed(3))
+
+    def reference(module, q, k, v, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        return shifted_sparse_attention_ref(q, k, v, group_size, scale=scaling).transpose(1, 2), None
+
+    transformers.AttentionInterface.register("test_s2_mqa_ref", reference)
+    transformers.AttentionMaskInterface.register("test_s2_mqa_ref", transformers.masking_utils.sdpa_mask)
+    model.set_attn_implementation("test_s2_mqa_ref")
+    expected = model(ids).logits
+    use_attention(model, "s2", **options)
+    torch.testing.assert_close(model(ids).logits, expected, rtol=1e-9, atol=1e-9)
+
+
+def test_a_longlora_recipe_trains_with_s2_and_lora_embed_norm_and_saves_a_plain_model(tmp_path):
     from memlm.cli import main
 
     recipe = tmp_path / "recipe.yaml"
@@ -174,7 +190,7 @@ def test_a_longlora_recipe_trains_with_s2_and_lora_plus_and_saves_a_plain_model(
         "attention: {name: s2, group_size_ratio: 0.25}\n"
         "memory: {segment_length: 64, xl_length: 0, memory_layers: []}\n"
         "task: {name: associative_recall, pairs: 4, keys: 8, values: 8}\n"
-        "train: {steps: 2, batch_size: 2, document_tokens: 64, trainable: lora+, progress: false}\n"
+        "train: {steps: 2, batch_size: 2, document_tokens: 64, trainable: lora_embed_norm, progress: false}\n"
     )
     assert main(["train", "--config", str(recipe), "--output", str(tmp_path / "run")]) == 0
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")

@@ -310,6 +310,7 @@ def test_crossbatch_training_steps(tmp_path):
 @pytest.mark.parametrize(("overrides", "message"), [
     ({"steps": 0}, "steps must be an integer >= 1"),
     ({"trainable": "head"}, "trainable must be one of"),
+    ({"trainable": "lora+"}, r"now .lora_embed_norm. .* LoRA\+ is Hayou et al"),
     ({"lr": -1.0}, "lr must be a finite number > 0"),
     ({"grad_clip": 0}, "grad_clip must be a number > 0 or None"),
     ({"crossbatch_negatives": 1}, "needs crossbatch_positives"),
@@ -423,10 +424,10 @@ def test_memory_learns_recall_beyond_the_xl_window_and_no_memory_stays_at_chance
     assert accuracy["none"] < 2 / 12, accuracy  # chance is 1/12
 
 
-def test_lora_plus_trains_adapters_embeddings_and_norms_and_merges_into_the_weights():
+def test_lora_embed_norm_trains_adapters_embeddings_and_norms_and_merges_into_the_weights():
     from memlm.train.lora import merge_lora, unload_lora
 
-    t = trainer(train_config(trainable="lora+", steps=2, lr=1e-2, warmup_steps=0))
+    t = trainer(train_config(trainable="lora_embed_norm", steps=2, lr=1e-2, warmup_steps=0))
     model = t.mem_model.model
     names = set(t.parameters)
     adapters = {n for n in names if "lora_" in n}
@@ -443,7 +444,7 @@ def test_lora_plus_trains_adapters_embeddings_and_norms_and_merges_into_the_weig
         assert not any("lora_" in n for n, _ in model.named_parameters())
         torch.testing.assert_close(model(ids).logits, adapted, atol=1e-5, rtol=0)
     # unloading without merging leaves the base model exactly as it was
-    untrained = trainer(train_config(trainable="lora+", steps=1)).mem_model.model
+    untrained = trainer(train_config(trainable="lora_embed_norm", steps=1)).mem_model.model
     unload_lora(untrained)
     original = dict(build_tiny_llama().named_parameters())
     after = {n: p for n, p in untrained.named_parameters() if not n.startswith("memlm_memory.")}

@@ -1,15 +1,19 @@
 """LongLoRA's shifted sparse attention, S2-Attn (Chen et al. 2023), leak-free by construction.
 
 During long-context fine-tuning, attention runs inside groups of ``group_size`` tokens: the first half of the
-key/value heads (and the query heads that read them) in groups [0, G), [G, 2G), ...; the other half in groups
-whose boundaries are moved by G/2: [0, G/2), [G/2, 3G/2), ..., so information flows between groups. Query i and
-key j of a shifted head share a group iff (i + G/2) // G == (j + G/2) // G; attention is causal inside a group.
+query heads (``hq // 2``) in groups [0, G), [G, 2G), ...; the other half in groups whose boundaries are moved by
+half a group: [0, G - G//2), [G - G//2, 2G - G//2), ..., so information flows between groups. Query i and key j of
+a shifted head share a group iff (i + G//2) // G == (j + G//2) // G; attention is causal inside a group. The
+halves are of the *query* heads, as in the official code (which repeats the key/value heads first): with an even
+number of key/value heads each half reads its own; with an odd number (one, in multi-query attention) the heads
+in the middle serve both halves, and the key/value heads are repeated to the query heads'.
 
-The official code rolls the shifted heads' tokens by G/2 and back, which wraps the sequence's end to its start
-(the future leaks into the first group: LongLoRA issues #15, #90). Here nothing wraps: the shifted heads' first
-group is the short [0, G/2), then groups of G from G/2 on. Any n (the last group may be short), grouped-query
-attention, a key padding mask; every group is one row of a batched causal SDPA (flash attention where the backend
-has it), or, with a key padding mask, of a masked ``attention_block`` ([groups, G, G] scores, never n x n).
+The official code rolls the shifted heads' tokens by ceil(G/2) (its ``-group_size // 2``) and back, which wraps
+the sequence's end to its start (the future leaks into the first group: LongLoRA issues #15, #90). Here nothing wraps:
+the shifted heads' first group is the short [0, ceil(G/2)), then groups of G. Any n and any G >= 2 (odd G, G > n,
+a short last group: ``group_size_ratio=1`` on an odd length is one group), grouped-query attention, a key padding
+mask; every group is one row of a batched causal SDPA (flash attention where the backend has it), or, with a key
+padding mask, of a masked ``attention_block`` ([groups, G, G] scores, never n x n).
 """
 
 from __future__ import annotations
@@ -20,11 +24,10 @@ import torch.nn.functional as F
 from .blocks import attention_block, check_block_args
 
 
-def check_group_size(group_size: int, n: int | None = None) -> None:
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2 or group_size % 2:
-        raise ValueError(f"group_size must be an even integer >= 2 (the shift is half a group), got {group_size!r}")
-    if n is not None and group_size > n:
-        raise ValueError(f"group_size ({group_size}) must be at most the sequence length ({n})")
+def check_group_size(group_size: int) -> None:
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2:
+        raise ValueError(f"group_size must be an integer >= 2 (the shifted heads move by half a group), got "
+                         f"{group_size!r}")
 
 
 def s2_mask(n: int, group_size: int, shifted: bool, device=None) -> torch.Tensor:
@@ -63,7 +66,7 @@ def grouped(q, k, v, visible, group_size: int, scale):
 
 def shifted_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_size: int, causal: bool = True,
                              scale: float | None = None, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """S2-Attn: q [b, hq, n, d], k, v [b, hkv, n, d] (hq a multiple of hkv, hkv even) -> out [b, hq, n, d].
+    """S2-Attn: q [b, hq, n, d], k, v [b, hkv, n, d] (hq a multiple of hkv) -> out [b, hq, n, d].
 
     key_padding_mask: [b, n] bool or 0/1, True / 1 = a real token (padded keys are never attended).
     """
@@ -74,18 +77,20 @@ def shifted_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     kv_heads = k.shape[1]
     if k.shape[2] != n:
         raise ValueError(f"shifted_sparse_attention is self-attention: {n} queries and {k.shape[2]} keys")
-    check_group_size(group_size, n)
-    if kv_heads % 2:
-        raise ValueError(f"S2-Attn shifts half of the key/value heads; this model has {kv_heads}, an odd number")
+    check_group_size(group_size)
+    if kv_heads % 2:  # a key/value head read by both halves: give each query head its own copy
+        k, v = (t.repeat_interleave(q_heads // kv_heads, dim=1) for t in (k, v))
+        kv_heads = q_heads
     visible = None
     if key_padding_mask is not None:
         if tuple(key_padding_mask.shape) != (batch, n):
             raise ValueError(f"key_padding_mask must be [batch, n] = {(batch, n)}, got "
                              f"{tuple(key_padding_mask.shape)}")
         visible = key_padding_mask.to(q.device).bool()
-    half_kv, half_q, shift = kv_heads // 2, q_heads // 2, group_size // 2  # query head h reads kv head h // group
+    half_kv, half_q = kv_heads // 2, q_heads // 2  # query head h reads kv head h // (hq / hkv)
+    shift = group_size - group_size // 2
     plain = grouped(q[:, :half_q], k[:, :half_kv], v[:, :half_kv], visible, group_size, scale)
-    # the shifted heads: the short group [0, G/2), then groups of G from G/2 on (nothing wraps around)
+    # the shifted heads: the short group [0, ceil(G/2)), then groups of G (nothing wraps around)
     q2, k2, v2 = q[:, half_q:], k[:, half_kv:], v[:, half_kv:]
     first = min(shift, n)
     parts = [grouped(q2[:, :, :first], k2[:, :, :first], v2[:, :, :first],
@@ -97,11 +102,13 @@ def shifted_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
 
 def shifted_sparse_attention_ref(q, k, v, group_size: int, scale: float | None = None) -> torch.Tensor:
-    """The same attention as two masked softmaxes over all keys (the test oracle): [b, hq, n, d]."""
+    """The same attention as one masked softmax per half of the query heads over all keys (the test oracle):
+    [b, hq, n, d]."""
     check_block_args(q, k, v)
-    n, half_q, half_kv = q.shape[2], q.shape[1] // 2, k.shape[1] // 2
-    outs = [attention_block(q[:, :half_q], k[:, :half_kv], v[:, :half_kv], mask=s2_mask(n, group_size, False),
+    n, half_q = q.shape[2], q.shape[1] // 2
+    k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
+    outs = [attention_block(q[:, :half_q], k[:, :half_q], v[:, :half_q], mask=s2_mask(n, group_size, False),
                             scale=scale)[0],
-            attention_block(q[:, half_q:], k[:, half_kv:], v[:, half_kv:], mask=s2_mask(n, group_size, True),
+            attention_block(q[:, half_q:], k[:, half_q:], v[:, half_q:], mask=s2_mask(n, group_size, True),
                             scale=scale)[0]]
     return torch.cat(outs, dim=1)

@@ -85,8 +85,8 @@ class LambdaAttention:
 
 @dataclass(frozen=True)
 class ShiftedSparseAttention:
-    """LongLoRA's S2-Attn settings: groups of ``group_size`` tokens, or ``group_size_ratio`` of each sequence (the
-    paper's 1/4), rounded to an even number."""
+    """LongLoRA's S2-Attn settings: groups of ``group_size`` tokens, or of ``int(n x group_size_ratio)`` tokens of
+    each sequence of n (the paper's 1/4; the official code's rule), at least 2."""
 
     group_size_ratio: float | None = 0.25
     group_size: int | None = None
@@ -95,15 +95,13 @@ class ShiftedSparseAttention:
         if self.group_size is not None:
             object.__setattr__(self, "group_size_ratio", None)
             check_integer("group_size", self.group_size, 2)
-            if self.group_size % 2:
-                raise ValueError(f"group_size must be even (the shift is half a group), got {self.group_size}")
         elif not (isinstance(self.group_size_ratio, (int, float)) and 0 < self.group_size_ratio <= 1):
             raise ValueError(f"group_size_ratio must be a number in (0, 1], got {self.group_size_ratio!r}")
 
     def size(self, n: int) -> int:
         if self.group_size is not None:
             return self.group_size
-        return max(2, 2 * round(n * self.group_size_ratio / 2))
+        return max(2, int(n * self.group_size_ratio))
 
 
 @dataclass(frozen=True)

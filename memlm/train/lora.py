@@ -1,9 +1,12 @@
-"""LoRA and LongLoRA's LoRA+ (Chen et al. 2023) on any transformers model, through peft.
+"""LoRA and LongLoRA's LoRA with trainable embeddings and norms (Chen et al. 2023) on any transformers model,
+through peft.
 
 ``inject_lora`` adds peft LoRA adapters (rank r, alpha) to the named projection modules in place;
-``lora_plus_parameters`` names what LoRA+ trains besides them: the input embeddings and every normalization
+``embed_norm_parameters`` names what LongLoRA trains besides them: the input embeddings and every normalization
 layer (LongLoRA: plain LoRA on attention cannot recover long-context quality, trainable embeddings and norms can;
-they are a small fraction of the weights). After training, ``merge_lora`` folds the adapters into the weights
+they are a small fraction of the weights). The paper writes "LoRA+"; its code calls it ``trainable_params=
+"embed,norm"``, and so does memlm (``trainable="lora_embed_norm"``): LoRA+ is also Hayou et al.'s (2024) LoRA with
+different learning rates for A and B, another method. After training, ``merge_lora`` folds the adapters into the weights
 (peft's merge) and removes them; ``unload_lora`` removes them unmerged, leaving the base model as it was.
 """
 
@@ -11,7 +14,7 @@ from __future__ import annotations
 
 from torch import nn
 
-#: LoRA+ targets by default: every attention projection (the paper's q, k, v, o)
+#: LongLoRA's LoRA targets by default: every attention projection (the paper's q, k, v, o)
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
@@ -28,8 +31,8 @@ def inject_lora(model: nn.Module, rank: int, alpha: int, targets) -> None:
     inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets)), model)
 
 
-def lora_plus_parameters(model: nn.Module) -> set[str]:
-    """Names of the parameters LoRA+ trains besides the adapters: input embeddings and normalization layers."""
+def embed_norm_parameters(model: nn.Module) -> set[str]:
+    """Names of the parameters LongLoRA trains besides the adapters: input embeddings and normalization layers."""
     embeddings = model.get_input_embeddings()
     names = set()
     for module_name, module in model.named_modules():

@@ -39,7 +39,7 @@ from memlm.runtime.model import attach
 from .data import AssociativeRecall, Passkey, TextDocuments
 from .lora import merge_lora
 from .parallel import sequence_group
-from .trainer import TrainConfig, Trainer
+from .trainer import LORA, TrainConfig, Trainer
 
 SECTIONS = ("model", "extend", "attention", "memory", "task", "train", "evaluate")
 TASKS = ("associative_recall", "passkey", "text")
@@ -123,7 +123,7 @@ def run(recipe_path: str | Path, output: str | Path, steps: int | None = None, r
     trainer.train()
     metrics = {"steps": trainer.step, "final_loss": trainer.history[-1] if trainer.history else None,
                **trainer.evaluate(**recipe.get("evaluate", {}))}
-    if config.trainable in ("lora", "lora+"):
+    if config.trainable in LORA:
         merge_lora(mem_model.model)  # the saved model is a plain one: adapters folded into the weights
     if trainer.rank == 0:
         mem_model.save_pretrained(output / "memlm")

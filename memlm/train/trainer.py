@@ -16,8 +16,8 @@ What the memory layers see depends on the memory config and on ``TrainConfig.cro
   ``rmt_bptt_depth`` segments; ``curriculum`` lets the number of segments per document grow.
 
 What is trained: ``"memory"`` (memlm's gates and RMT embeddings), ``"lora"`` (those plus LoRA adapters
-injected by peft), ``"lora+"`` (LongLoRA: LoRA on q, k, v, o plus the input embeddings and every norm,
-``lora.py``) or ``"all"``. Distributed (``torchrun``, ``parallel.py``): every rank streams its own rows (its
+injected by peft), ``"lora_embed_norm"`` (LongLoRA: LoRA on q, k, v, o plus the input embeddings and every
+norm, its code's ``trainable_params="embed,norm"``, ``lora.py``) or ``"all"``. Distributed (``torchrun``, ``parallel.py``): every rank streams its own rows (its
 memories stay its own) and torch's ``DistributedDataParallel`` (or FSDP2, ``data_parallel="fsdp"``) reduces the
 gradients of one forward per optimizer window, the loss normalised by the global count of scored tokens, so 2 ranks
 x b rows equal 1 rank x 2b rows. ``sequence_parallel=S`` shards each document across S ranks with Ring Attention
@@ -61,10 +61,11 @@ from memlm.runtime.implementations import NAMES, attention_settings
 from memlm.runtime.model import MODULE_NAME, MemoryModel
 
 from .data import IGNORE_INDEX, make_batch
-from .lora import ATTENTION_PROJECTIONS, inject_lora, lora_plus_parameters
+from .lora import ATTENTION_PROJECTIONS, embed_norm_parameters, inject_lora
 from .parallel import ENGINES, ShardedDocuments, StreamWindow, gradient_sync, wrap
 
-TRAINABLE = ("memory", "lora", "lora+", "all")
+TRAINABLE = ("memory", "lora", "lora_embed_norm", "all")
+LORA = ("lora", "lora_embed_norm")
 SCHEDULES = ("cosine", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
 WEIGHTS_FILE, STATE_FILE, MANIFEST_FILE = "trainable.safetensors", "trainer_state.pt", "checkpoint.json"
@@ -92,7 +93,7 @@ class TrainConfig:
     step_segments: int = 0  # > 0: one optimizer step per window of this many segments; memory carries over
     lora_rank: int = 8
     lora_alpha: int = 16
-    lora_targets: tuple[str, ...] | None = None  # default: q, v for "lora"; q, k, v, o for "lora+" (LongLoRA)
+    lora_targets: tuple[str, ...] | None = None  # default: q, v for "lora"; q, k, v, o for "lora_embed_norm"
     checkpoint_dir: str | None = None
     checkpoint_every: int = 0  # steps; 0 = only at the end (when checkpoint_dir is set)
     progress: bool = True
@@ -101,8 +102,11 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.curriculum = tuple(tuple(int(x) for x in pair) for pair in self.curriculum)
+        if self.trainable == "lora+":
+            raise ValueError("trainable='lora+' is now 'lora_embed_norm' (LongLoRA's LoRA with trainable embeddings "
+                             "and norms, its code's name; LoRA+ is Hayou et al.'s learning-rate ratio)")
         if self.lora_targets is None:
-            self.lora_targets = ATTENTION_PROJECTIONS if self.trainable == "lora+" else ("q_proj", "v_proj")
+            self.lora_targets = ATTENTION_PROJECTIONS if self.trainable == "lora_embed_norm" else ("q_proj", "v_proj")
         self.lora_targets = tuple(self.lora_targets)
         for name in ("steps", "batch_size", "document_tokens", "grad_accumulation", "lora_rank", "lora_alpha",
                      "sequence_parallel"):
@@ -241,12 +245,12 @@ class Trainer:
         """Freeze everything but what ``config.trainable`` names."""
         model, config = self.mem_model.model, self.config
         plus = set()
-        if config.trainable in ("lora", "lora+"):
+        if config.trainable in LORA:
             inject_lora(model, config.lora_rank, config.lora_alpha, config.lora_targets)
-            plus = lora_plus_parameters(model) if config.trainable == "lora+" else set()
+            plus = embed_norm_parameters(model) if config.trainable == "lora_embed_norm" else set()
         for name, parameter in model.named_parameters():
             wanted = (config.trainable == "all" or name.startswith(MODULE_NAME + ".") or name in plus
-                      or (config.trainable in ("lora", "lora+") and "lora_" in name))
+                      or (config.trainable in LORA and "lora_" in name))
             parameter.requires_grad_(wanted and parameter.numel() > 0)  # (no gates without memory layers)
         if not any(p.requires_grad and p.numel() for p in model.parameters()):
             raise ValueError(f"trainable={config.trainable!r} leaves nothing to train: this memory config has no "
