@@ -32,7 +32,8 @@ CONFIGS = {
     "full fine-tune, full attention": {"trainable": "all", "attention": None},
     "LoRA (q, v), full attention": {"trainable": "lora", "attention": None},
     "LoRA + embed, norm, full attention": {"trainable": "lora_embed_norm", "attention": None},
-    "LoRA + embed, norm, S2-Attn (LongLoRA)": {"trainable": "lora_embed_norm", "attention": {"name": "s2", "group_size_ratio": 0.25}},
+    "LoRA + embed, norm, S2-Attn (LongLoRA)": {"trainable": "lora_embed_norm",
+                                               "attention": {"name": "s2", "group_size_ratio": 0.25}},
 }
 
 

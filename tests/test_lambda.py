@@ -10,8 +10,8 @@ import torch
 import transformers
 
 from memlm import MemoryConfig, attach, extend_context, use_attention
-from memlm.runtime.implementations import attention_settings as model_settings
 from memlm.kernels import lambda_attention, lambda_attention_ref
+from memlm.runtime.implementations import attention_settings as model_settings
 
 from conftest import turn
 
@@ -70,7 +70,7 @@ def test_float32_and_gradients_equal_autograd_through_the_dense_reference():
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
         (attention(*leaves) * weights).sum().backward()
         gradients.append([t.grad for t in leaves])
-    for ours, dense in zip(*gradients):
+    for ours, dense in zip(*gradients, strict=True):
         torch.testing.assert_close(ours, dense, rtol=1e-10, atol=1e-10)
 
 

@@ -107,7 +107,8 @@ def test_static_ntk_abf_and_dynamic_ntk_follow_their_formulas():
 @pytest.mark.parametrize("power", [0.0, 0.5])
 def test_giraffe_is_a_registered_rope_function_with_its_definition(power):
     model = extend_context(llama(), "giraffe", factor=4, truncate=64, power=power)
-    assert ROPE_INIT_FUNCTIONS["giraffe"] is giraffe_frequencies and model.config.rope_parameters["rope_type"] == "giraffe"
+    assert ROPE_INIT_FUNCTIONS["giraffe"] is giraffe_frequencies
+    assert model.config.rope_parameters["rope_type"] == "giraffe"
     i = torch.arange(8, dtype=torch.float64)
     expected = default_frequencies() / 4 * ((1 - i / 8) ** power if power else 1)
     cutoff = 2 * math.pi / 64
@@ -171,8 +172,8 @@ def llama31_style() -> transformers.LlamaForCausalLM:
 def test_extending_an_extended_model_composes():
     llama3 = {"low_freq_factor": 1.0, "high_freq_factor": 4.0}
     model = llama31_style()
-    with pytest.raises(ValueError, match="already scales with 'llama3' \\(factor 8.0 over 64 trained tokens\\); "
-                                         "'yarn' would replace that rule"):
+    with pytest.raises(ValueError, match=r"already scales with 'llama3' \(factor 8.0 over 64 trained tokens\); "
+                                         r"'yarn' would replace that rule"):
         extend_context(model, "yarn", factor=2)
     assert model.config.rope_parameters["rope_type"] == "llama3" and model.config.max_position_embeddings == 512
     extend_context(model, "llama3", factor=2)  # the model's own rule, twice as far: factor 16 over 64
@@ -180,7 +181,7 @@ def test_extending_an_extended_model_composes():
     assert model.config.rope_parameters["original_max_position_embeddings"] == 64
     torch.testing.assert_close(model.model.rotary_emb.inv_freq.double(),
                                paper_frequencies("llama3", {"factor": 16, **llama3}, trained=64)[0], rtol=1e-6, atol=0)
-    with pytest.raises(ValueError, match="trained on 64 tokens .* original_max_position_embeddings=1024 contradicts"):
+    with pytest.raises(ValueError, match=r"trained on 64 tokens .* original_max_position_embeddings=1024 contradicts"):
         extend_context(model, "llama3", factor=2, original_max_position_embeddings=1024)
 
     for method, kwargs in (("linear", {}), ("yarn", {"beta_fast": 16, "beta_slow": 2}), ("llama3", llama3)):

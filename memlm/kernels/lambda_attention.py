@@ -75,7 +75,7 @@ def lambda_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, globa
     else:  # decoding: chunks of at most a window of queries, each over the keys its window reaches
         blocks = [_local_block_of(q[:, :, c: c + local_window], k, v, m - n + c, local_window, scale)
                   for c in range(0, n, local_window)]
-        out, lse = (torch.cat(parts, dim=2) for parts in zip(*blocks))
+        out, lse = (torch.cat(parts, dim=2) for parts in zip(*blocks, strict=True))
     first = min(global_tokens, m)
     if first:  # the global keys outside each query's window: j < first and j <= i - window
         i = torch.arange(m - n, m, device=q.device)[:, None]

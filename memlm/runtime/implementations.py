@@ -46,7 +46,6 @@ from memlm.positions.scaling import trained_length
 
 from .attention import BOOKKEEPING, previous_function
 
-
 #: LM-Infinite's local window and distance cap default to the length the model was pretrained on
 PRETRAINED = "pretrained"
 

@@ -1,11 +1,11 @@
 """``SinkCache``: attention sinks + a sliding window as a transformers 5 cache (StreamingLLM, Xiao et al. 2023).
 
-For plain ``model.generate(..., cache=SinkCache(model, sink_tokens=4, window=1024))``: every layer
-keeps the document's first ``sink_tokens`` keys/values and its last ``window`` ones, so memory stays bounded
-however long the stream runs. Keys are kept unrotated (the model's own rotary frequencies, read at each step, undo the rotation
-when they arrive) and re-rotated on use to *positions within the cache*, StreamingLLM's rule: the kept keys
-stand contiguously right before the new tokens, so no distance ever exceeds sinks + window + new tokens,
-whatever position ids the caller uses. (transformers 5 dropped its own ``SinkCache``.)
+For plain ``model.generate(..., cache=SinkCache(model, sink_tokens=4, window=1024))``: every layer keeps the
+document's first ``sink_tokens`` keys/values and its last ``window`` ones, so memory stays bounded however long the
+stream runs. Keys are kept unrotated (the model's own rotary frequencies, read at each step, undo the rotation when
+they arrive) and re-rotated on use to *positions within the cache*, StreamingLLM's rule: the kept keys stand
+contiguously right before the new tokens, so no distance ever exceeds sinks + window + new tokens, whatever position
+ids the caller uses. (transformers 5 dropped its own ``SinkCache``.)
 
 The layers are transformers' ``DynamicLayer`` with another ``update``: what the mask is built from
 (``get_mask_sizes``) describes the kept keys as the ones right before the queries, all visible.

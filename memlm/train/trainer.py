@@ -15,13 +15,14 @@ What the memory layers see depends on the memory config and on ``TrainConfig.cro
 * RMT (``rmt_tokens > 0``): the memory tokens carry their graph across segments, truncated every
   ``rmt_bptt_depth`` segments; ``curriculum`` lets the number of segments per document grow.
 
-What is trained: ``"memory"`` (memlm's gates and RMT embeddings), ``"lora"`` (those plus LoRA adapters
-injected by peft), ``"lora_embed_norm"`` (LongLoRA: LoRA on q, k, v, o plus the input embeddings and every
-norm, its code's ``trainable_params="embed,norm"``, ``lora.py``) or ``"all"``. Distributed (``torchrun``, ``parallel.py``): every rank streams its own rows (its
-memories stay its own) and torch's ``DistributedDataParallel`` (or FSDP2, ``data_parallel="fsdp"``) reduces the
-gradients of one forward per optimizer window, the loss normalised by the global count of scored tokens, so 2 ranks
-x b rows equal 1 rank x 2b rows. ``sequence_parallel=S`` shards each document across S ranks with Ring Attention
-(one forward per document: no memory, no XL cache; data parallel over the W / S groups).
+What is trained: ``"memory"`` (memlm's gates and RMT embeddings), ``"lora"`` (those plus LoRA adapters injected by
+peft), ``"lora_embed_norm"`` (LongLoRA: LoRA on q, k, v, o plus the input embeddings and every norm, its code's
+``trainable_params="embed,norm"``, ``lora.py``) or ``"all"``. Distributed (``torchrun``, ``parallel.py``): every
+rank streams its own rows (its memories stay its own) and torch's ``DistributedDataParallel`` (or FSDP2,
+``data_parallel="fsdp"``) reduces the gradients of one forward per optimizer window, the loss normalised by the
+global count of scored tokens, so 2 ranks x b rows equal 1 rank x 2b rows. ``sequence_parallel=S`` shards each
+document across S ranks with Ring Attention (one forward per document: no memory, no XL cache; data parallel over
+the W / S groups).
 Checkpoints (rank 0, at document boundaries): trainable weights in safetensors, optimizer/scheduler/RNG
 state, step and loss history, in a ``step-N/`` directory published by the atomic rename of a manifest;
 ``resume`` continues exactly, because batches depend only on (seed, step).
