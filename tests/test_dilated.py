@@ -156,6 +156,34 @@ def test_flash_block_equals_attention_block_in_values_and_in_gradients_of_out_an
         torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance)  # -inf lse rows equal too
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA route (memory-efficient SDPA) needs a CUDA GPU")
+@pytest.mark.parametrize(("q_heads", "kv_heads"), [(4, 4), (8, 2)])
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 2e-5), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_flash_block_on_cuda_runs_the_fused_kernel_in_both_directions(q_heads, kv_heads, dtype, tolerance, causal):
+    """Values and gradients of out and lse against the float64 dense block (45 queries: not whole tiles of 32),
+    and memory O(n): 8,192 queries and keys in 4 heads would be 1 GiB of float32 scores."""
+    generator = torch.Generator().manual_seed(q_heads)
+    q64 = torch.randn(2, q_heads, 45, 64, dtype=torch.float64, generator=generator)
+    k64, v64 = (torch.randn(2, kv_heads, 45, 64, dtype=torch.float64, generator=generator) for _ in "kv")
+    weight_out = torch.randn(2, q_heads, 45, 64, dtype=torch.float64, generator=generator)
+    weight_lse = torch.randn(2, q_heads, 45, dtype=torch.float64, generator=generator)
+    assert flash_module.cuda_kernels(q64.to("cuda", dtype), None) is not None
+    results = []
+    for device, precision, function in (("cuda", dtype, flash_block), ("cpu", torch.float64, attention_block)):
+        leaves = [t.to(device, precision).requires_grad_() for t in (q64, k64, v64)]
+        out, lse = function(*leaves, causal=causal)
+        ((out.double() * weight_out.to(device)).sum() + (lse.double() * weight_lse.to(device)).sum()).backward()
+        results.append([t.detach().double().cpu() for t in (out, lse, *(leaf.grad for leaf in leaves))])
+    for got, expected in zip(*results, strict=True):
+        torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance)
+    torch.cuda.reset_peak_memory_stats()
+    q = torch.randn(1, 4, 8192, 64, device="cuda", requires_grad=True)
+    out, lse = flash_block(q, q, q, causal=True)
+    (out.sum() + lse.sum()).backward()
+    assert torch.cuda.max_memory_allocated() < 256 * 2**20
+
+
 def test_flash_block_refuses_what_it_cannot_compute():
     q, k, v = inputs(4, 2, 8)
     with pytest.raises(ValueError, match="causal mask is square"):

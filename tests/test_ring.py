@@ -94,7 +94,13 @@ def check_llama(rank: int, world: int) -> None:
     (F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum") / (targets != -100).sum()).backward()
     model = use_attention(llama(), "ring")
     inputs_ = ring_shard_inputs(ids, labels)
-    sharded = model(**inputs_, use_cache=False)
+    gathers, all_gather = [], dist.all_gather
+    dist.all_gather = lambda *args, **kwargs: (gathers.append(1), all_gather(*args, **kwargs))[1]
+    try:
+        sharded = model(**inputs_, use_cache=False)
+    finally:
+        dist.all_gather = all_gather
+    assert len(gathers) == 1 < model.config.num_hidden_layers  # shapes and positions checked once per forward
     shard_loss = F.cross_entropy(sharded.logits.flatten(0, 1), inputs_["shift_labels"].flatten(),
                                  reduction="sum") / inputs_["num_items_in_batch"]
     shard_loss.backward()

@@ -3,16 +3,21 @@
 Methods that mix attention blocks by their softmax denominators (LongNet's patterns, Ring Attention's ring steps)
 need each block's lse *with its gradient*: the mixing weights depend on it. ``scaled_dot_product_attention`` returns
 no lse, and the kernels that compute one (flash attention, Dao et al. 2022) give it no gradient. ``flash_block``
-runs the forward with torch's CPU flash attention kernel (``aten::_scaled_dot_product_flash_attention_for_cpu``,
-memory O(n), no score matrix) where it exists, ``attention_block`` elsewhere. Its backward is flash attention's
-(P recomputed from the saved lse) with the lse's own gradient term:
+runs the forward with torch's fused attention kernels that return the lse (memory O(n), no score matrix):
+
+* CPU (float32, float64): ``aten::_scaled_dot_product_flash_attention_for_cpu``;
+* CUDA (float16, bfloat16, float32; no mask, or the causal one): ``aten::_scaled_dot_product_efficient_attention``
+  (xFormers' memory-efficient attention, the one torch's own context parallelism runs its ring with);
+
+and ``attention_block`` elsewhere (float64 on CUDA, masks on CUDA, other devices). Its backward is flash
+attention's (P recomputed from the saved lse) with the lse's own gradient term:
 
     dS = P * (dP - rowsum(dO * O) + dlse),  dQ = scale dS K,  dK = scale dS^T Q,  dV = P^T dO,
 
-by torch's CPU flash backward kernel (the dlse term carried in one more head-dim column, ``fused_backward``) or, on
-other devices, in pure torch in chunks of at most ``BLOCK_SCORES`` scores (``reference_backward``, the same
-equations). Memory stays O(n) in training too. Grouped-query attention reads kv head h // (hq / hkv); keys are
-never repeated.
+by the same kernels' backward (the dlse term carried in one more head-dim column, ``fused_backward``) or in pure
+torch in chunks of at most ``BLOCK_SCORES`` scores (``reference_backward``, the same equations). Memory stays O(n)
+in training too. Grouped-query attention reads kv head h // (hq / hkv); keys are never repeated on CPU (the CUDA
+kernel wants as many key/value heads as query heads: they are repeated there, and their gradients summed).
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from .blocks import additive_mask, attention_block, check_block_args
 
 #: the most score elements the pure-torch backward computes at once (16 MiB in float32)
 BLOCK_SCORES = 1 << 22
+#: head-dim columns the CUDA backward adds for the lse's gradient (the kernel wants multiples of 8)
+WIDEN = 8
 
 
 def flash_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
@@ -49,6 +56,14 @@ def flash_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.T
     return FlashBlock.apply(q, k, v, mask, causal, 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
 
 
+def cuda_kernels(q: torch.Tensor, mask: torch.Tensor | None):
+    """torch's memory-efficient attention forward and backward ops for ``q`` on CUDA, or None."""
+    if q.device.type != "cuda" or mask is not None or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return None
+    return (torch.ops.aten._scaled_dot_product_efficient_attention,
+            torch.ops.aten._scaled_dot_product_efficient_attention_backward)
+
+
 def cpu_kernels(q: torch.Tensor):
     """torch's CPU flash attention forward and backward ops for ``q``'s device and dtype, or None."""
     forward = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -59,7 +74,9 @@ def cpu_kernels(q: torch.Tensor):
 
 
 def fused_forward(q, k, v, mask, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The forward pass, without a graph: torch's CPU flash kernel when it exists, else ``attention_block``."""
+    """The forward pass, without a graph: torch's fused kernels where they exist, else ``attention_block``."""
+    if cuda_kernels(q, mask) is not None:
+        return cuda_forward(q, k, v, causal, scale)
     kernels = cpu_kernels(q)
     if kernels is None:
         return attention_block(q, k, v, mask, causal, scale)
@@ -74,6 +91,40 @@ def fused_forward(q, k, v, mask, causal: bool, scale: float) -> tuple[torch.Tens
             seen = (mask & torch.ones(mask.shape[-2:], dtype=torch.bool, device=q.device).tril()).any(-1)
         out, lse = torch.where(seen[..., None], out, 0.0), torch.where(seen, lse, -math.inf)
     return out, lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+
+
+def cuda_forward(q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Memory-efficient attention on CUDA: out [b, hq, n, d] (q's dtype), lse [b, hq, n] float32."""
+    group = q.shape[1] // k.shape[1]
+    k, v = (t.repeat_interleave(group, dim=1) if group > 1 else t for t in (k, v))
+    out, lse, _, _ = cuda_kernels(q, None)[0](q, k, v, None, True, 0.0, causal, scale=scale)
+    return out, lse[..., : q.shape[2]].float()  # the kernel pads the lse to whole tiles of 32 queries
+
+
+def cuda_backward(q, k, v, out, lse, d_out, d_lse, causal: bool, scale: float):
+    """dq, dk, dv (float32) by the memory-efficient backward on CUDA, dlse carried as in ``fused_backward`` in
+    eight more head-dim columns (the kernel's alignment), key/value heads repeated and their gradients summed."""
+    q_heads, n = q.shape[1], q.shape[2]
+    kv_heads = k.shape[1]
+    group = q_heads // kv_heads
+
+    def widen(t, column=None):  # [..., d] -> [..., d + 8]: ``column`` in the first new column, zeros after
+        extra = t.new_zeros(*t.shape[:-1], WIDEN)
+        if column is not None:
+            extra[..., 0] = column
+        return torch.cat((t, extra), dim=-1)
+
+    k, v = (t.repeat_interleave(group, dim=1) if group > 1 else t for t in (k, v))
+    tiles = -(-n // 32) * 32  # the lse as the forward kernel lays it out: whole tiles, +inf past the end (P = 0)
+    lse = torch.nn.functional.pad(lse.float(), (0, tiles - n), value=math.inf).contiguous()
+    unused = torch.zeros((), dtype=torch.long, device=q.device)  # the dropout RNG state: no dropout here
+    dq, dk, dv, _ = cuda_kernels(q, None)[1](
+        widen(d_out.to(q.dtype), -d_lse.to(q.dtype)), widen(q), widen(k), widen(v), None,
+        widen(out.to(q.dtype), 1.0), lse, unused, unused, 0.0, [True, True, True, False], causal, scale=scale)
+    dq, dk, dv = (t[..., :-WIDEN].float() for t in (dq, dk, dv))
+    if group > 1:
+        dk, dv = (t.unflatten(1, (kv_heads, group)).sum(2) for t in (dk, dv))
+    return dq, dk, dv
 
 
 def fused_backward(kernels, q, k, v, out, lse, d_out, d_lse, mask, causal: bool, scale: float):
@@ -117,6 +168,8 @@ def block_backward(q, k, v, out, lse, d_out, d_lse, mask, causal: bool, scale: f
     instead of the block's own, it returns this block's share of that attention's gradients: P is recomputed
     from the final lse, so it is the block's part of the final softmax (the identity Ring Attention relies on).
     """
+    if cuda_kernels(q, mask) is not None:
+        return cuda_backward(q, k, v, out, lse, d_out, d_lse, causal, scale)
     kernels = cpu_kernels(q)
     args = (q, k, v, out, lse, d_out, d_lse, mask, causal, scale)
     return fused_backward(kernels, *args) if kernels is not None else reference_backward(*args)

@@ -4,7 +4,8 @@ Each of the N ranks of a ``torch.distributed`` group holds a shard of the querie
 shards travel around the ring: at step s rank r holds the shard of rank (r - s) mod N, passes it on to rank r + 1
 (``batch_isend_irecv``, overlapped with the compute) while it attends its queries over it, and merges the step's
 block into its running (out, lse) with ``merge_blocks``: after N steps every query has seen every key, exactly.
-Memory per rank is O(n / N); nothing of size n x n exists anywhere.
+Each step's block runs torch's fused attention with its lse (``flash_block``: CPU flash, CUDA memory-efficient SDPA),
+so memory per rank is O(n / N); nothing of size n x n, or (n / N) x (n / N), exists anywhere.
 
 Layouts (``ring_shard``): ``"zigzag"`` cuts the sequence into 2N chunks and gives rank r chunks r and 2N - 1 - r, so
 under a causal mask every rank does the same work (Brandon et al. 2023, "Striped Attention", and ring-flash-attn's
@@ -81,7 +82,7 @@ def check_layout(x: torch.Tensor, dim: int, world_size: int, layout: str) -> int
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group: dist.ProcessGroup | None = None,
                    causal: bool = True, scale: float | None = None, layout: str = "zigzag",
-                   return_lse: bool = False):
+                   return_lse: bool = False, check_shapes: bool = True):
     """Attention of this rank's queries over the keys of every rank of ``group`` (default: the whole world).
 
     Args:
@@ -89,6 +90,8 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group: 
         k, v: [b, hkv, n_local, d], the same shard of keys and values; hq a multiple of hkv.
         causal: query at global position i sees the keys at positions <= i.
         scale: score scale, default 1 / sqrt(d).
+        check_shapes: check that every rank holds shards of one shape and dtype (one all_gather and a host sync);
+            a caller that checked them once for many calls (a model's layers) passes False.
     Returns:
         out [b, hq, n_local, d] in q's dtype; with ``return_lse`` also lse [b, hq, n_local] (float32, float64 for
         float64), differentiable too, so the result merges with other blocks (e.g. memory).
@@ -103,7 +106,8 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group: 
     if layout == "zigzag" and q.shape[2] % 2:
         raise ValueError(f"a zigzag shard holds two equal chunks: {q.shape[2]} local tokens is odd (the sequence "
                          "length must be a multiple of 2 x world size)")
-    check_same_shapes(q, k, group)
+    if check_shapes:
+        check_same_shapes(q, k, group)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     out, lse = RingAttentionFunction.apply(q, k, v, group, causal, scale, layout)
     return (out, lse) if return_lse else out
@@ -117,17 +121,19 @@ def ring_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
     return dist.group.WORLD if group is None else group
 
 
-def check_same_shapes(q: torch.Tensor, k: torch.Tensor, group) -> None:
-    """Every rank must hold shards of one shape and dtype (a mismatch would hang or corrupt the ring)."""
+def check_same_shapes(q: torch.Tensor, k: torch.Tensor, group, flag: bool = True) -> list[bool]:
+    """Every rank must hold shards of one shape and dtype (a mismatch would hang or corrupt the ring). ``flag``: one
+    more boolean each rank reports in the same collective (a caller's own check); returns every rank's."""
     world = dist.get_world_size(group)
     dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
     code = dtypes.index(q.dtype) if q.dtype in dtypes else len(dtypes)
-    mine = torch.tensor([*q.shape, k.shape[1], code], device=q.device)
+    mine = torch.tensor([*q.shape, k.shape[1], code, int(flag)], device=q.device)
     shapes = [torch.zeros_like(mine) for _ in range(world)]
     dist.all_gather(shapes, mine, group=group)
-    if any(not torch.equal(s, mine) for s in shapes):
+    if any(not torch.equal(s[:-1], mine[:-1]) for s in shapes):
         raise ValueError("every rank of the ring must hold q, k, v shards of one shape and dtype; got [batch, q_heads, "
-                         f"n_local, head_dim, kv_heads, dtype] = {[s.tolist() for s in shapes]}")
+                         f"n_local, head_dim, kv_heads, dtype] = {[s[:-1].tolist() for s in shapes]}")
+    return [bool(s[-1]) for s in shapes]
 
 
 def step_block(layout: str, causal: bool, rank: int, source: int, n_local: int):

@@ -40,7 +40,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from memlm.config import check_integer
 from memlm.kernels import dilated_attention, lambda_attention, ring_attention, ring_shard, shifted_sparse_attention
 from memlm.kernels.dilated_attention import check_patterns
-from memlm.kernels.ring_attention import LAYOUTS, ring_group
+from memlm.kernels.ring_attention import LAYOUTS, check_same_shapes, ring_group
 from memlm.positions.rotary import find_rotary, rotate
 from memlm.positions.scaling import trained_length
 
@@ -294,22 +294,26 @@ def ring_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor
     if query.shape[2] != key.shape[2]:
         raise ValueError(f"ring attention runs whole sharded sequences ({query.shape[2]} queries, {key.shape[2]} keys "
                          "with a cache): call the model with use_cache=False; it does not decode")
-    if position_ids is not None:
-        check_shard_positions(position_ids, query.shape[2], settings)
-    return ring_attention(query, key, value, group=settings.group, scale=scaling, layout=settings.layout
-                          ).transpose(1, 2), None
+    if module.layer_idx == 0:  # once per forward: every layer gets the same shards and positions
+        check_ring_inputs(query, key, position_ids, settings)
+    return ring_attention(query, key, value, group=settings.group, scale=scaling, layout=settings.layout,
+                          check_shapes=False).transpose(1, 2), None
 
 
-def check_shard_positions(position_ids: torch.Tensor, n_local: int, settings: RingAttention) -> None:
-    """The rotary positions must be this rank's shard of the sequence's consecutive global positions; checked on all
-    ranks together (one rank raising alone would leave the others waiting in the ring)."""
+def check_ring_inputs(query: torch.Tensor, key: torch.Tensor, position_ids: torch.Tensor | None,
+                      settings: RingAttention) -> None:
+    """Every rank's shards have one shape and dtype, and the rotary positions are this rank's shard of the
+    sequence's consecutive global positions; checked on all ranks together, in one collective (one rank raising
+    alone would leave the others waiting in the ring)."""
     group = ring_group(settings.group)
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    expected = ring_shard(torch.arange(n_local * world, device=position_ids.device), 0, rank, world, settings.layout)
-    mine = (position_ids - position_ids[..., :1] == expected - expected[0]).all().to(torch.int64).view(1)
-    flags = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(flags, mine, group=group)
-    wrong = [r for r, flag in enumerate(flags) if not flag.item()]
+    mine = True
+    if position_ids is not None:
+        n_local = query.shape[2]
+        expected = ring_shard(torch.arange(n_local * world, device=position_ids.device), 0, rank, world,
+                              settings.layout)
+        mine = bool((position_ids - position_ids[..., :1] == expected - expected[0]).all())
+    wrong = [r for r, flag in enumerate(check_same_shapes(query, key, group, mine)) if not flag]
     if wrong:
         raise ValueError(f"ring attention needs each token's global position: ranks {wrong} of {world} were given "
                          f"position_ids that are not their {settings.layout} shard of the sequence's positions (shard "
