@@ -178,11 +178,42 @@ def test_exact_backends_equal_brute_force(name, dtype, k):
             ref_scores, ref_pos = brute_force(live, q, k + 1)
             ref_ids = ref_pos + (6000 - capacity)
             np.testing.assert_allclose(result.scores[row, head].numpy(), ref_scores[:, :k], rtol=1e-5, atol=score_tol)
+            if name == "torch" and dtype == torch.float32:  # ranked by exact scores: the float64 ranking itself
+                np.testing.assert_array_equal(result.ids[row, head].numpy(), ref_ids[:, :k])
             for i in range(q.shape[0]):
                 got, want = set(result.ids[row, head, i].tolist()), set(ref_ids[i, :k].tolist())
                 tie = ref_scores[i, k - 1] - ref_scores[i, k] < score_tol
                 assert got == want or tie, (row, head, i)
     check_entries_match_history(result, history)
+
+
+@pytest.mark.parametrize("route", ["exact", "torch screen", "compiled screen"])
+@pytest.mark.parametrize("k", [1, 8])
+def test_every_route_breaks_ties_the_same_way_the_lower_slot_first(route, k):
+    """Integer keys and queries (every product and sum exact in float32 and bfloat16), 40 distinct keys per head
+    over 6,000 entries in 4,096 slots: scores tie everywhere. The reference ranks every live slot by its float64
+    score, equal scores lower slot first."""
+    capacity, dim, total = 4096, 32, 6000
+    generator = torch.Generator().manual_seed(21)
+    index = create_index("torch", search="exact" if route == "exact" else "two-stage", dim=dim, capacity=capacity,
+                         batch_size=1, num_heads=2)
+    index.two_stage_native = route == "compiled screen"
+    index.two_stage_candidate_limit = 10**6  # ties survive the screen in crowds: rank them rather than give up
+    distinct = torch.randint(-3, 4, (2, 40, dim), generator=generator).float()
+    keys = torch.stack([distinct[h, torch.randint(0, 40, (total,), generator=generator)] for h in range(2)])[None]
+    for first in range(0, total, 1500):
+        index.add(keys[:, :, first : first + 1500], keys[:, :, first : first + 1500])
+    queries = torch.randint(-2, 3, (1, 2, 9, dim), generator=generator).float()
+    found = index.search(queries, k)
+    assert index.last_search == ("exact" if route == "exact" else "two-stage")
+    ids = torch.arange(total - capacity, total)
+    slot_ids = ids[torch.argsort(ids % capacity)]  # the live entry in each slot
+    for head in range(2):
+        scores = (keys[0, head, slot_ids].double() @ queries[0, head].double().T).T  # [queries, slots]
+        for i in range(9):
+            order = np.lexsort((np.arange(capacity), -scores[i].numpy()))[:k]  # by score, then slot
+            assert torch.equal(found.ids[0, head, i], slot_ids[order]), (head, i)
+            torch.testing.assert_close(found.scores[0, head, i], scores[i, order].float(), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("name", EXACT)
@@ -512,16 +543,17 @@ def add_both(indexes, keys: torch.Tensor) -> None:
 
 
 def assert_same_top_k(exact: SearchResult, screened: SearchResult, queries: torch.Tensor) -> None:
-    """The same k best scores, rank by rank, each the true score of the entry returned with it (so an entry may
-    differ only where two have the same score to float32 rounding: ties, which any order may break)."""
-    torch.testing.assert_close(screened.scores, exact.scores, rtol=1e-5, atol=1e-5)
+    """The same k best entries, rank by rank (in the exact order, equal scores the lower slot first, by every
+    route); the screen returns their exact scores (products summed in float64, rounded once), the one-stage
+    search BLAS's where they decide the order (the same to float32 rounding)."""
     assert torch.equal(exact.mask, screened.mask)
+    assert torch.equal(exact.ids, screened.ids)
+    torch.testing.assert_close(screened.scores, exact.scores, rtol=1e-5, atol=1e-5)
     recomputed = torch.einsum("bhqkd,bhqd->bhqk", screened.keys.double(), queries.double()).float()
-    recomputed = recomputed.masked_fill(~screened.mask, -math.inf)
-    torch.testing.assert_close(screened.scores, recomputed, rtol=1e-5, atol=1e-5)
-    same = exact.ids == screened.ids
+    torch.testing.assert_close(screened.scores, recomputed.masked_fill(~screened.mask, -math.inf), rtol=1e-5,
+                               atol=1e-5)
     for field in ("keys", "values"):
-        assert torch.equal(getattr(exact, field)[same], getattr(screened, field)[same])
+        assert torch.equal(getattr(exact, field), getattr(screened, field))
 
 
 def model_keys(n: int) -> torch.Tensor:

@@ -4,7 +4,7 @@
 // then, while the scores are in the core's cache, take the maxima of groups of 16 consecutive slots, keep each
 // query's largest maxima in a pool (its k-th largest is the running theta), and collect the entries whose
 // screened score clears the threshold of that theta. The last threshold filters the survivors again, their
-// float32 products with the stored keys rank them, and each query's k best are written out.
+// exact products with the stored keys (summed in double) rank them, and each query's k best are written out.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -49,18 +49,13 @@ inline void for_each_flag(const std::vector<char>& flags, Visit visit) {
   }
 }
 
-// A float32 inner product in 16 interleaved sums (a vector's worth; any order is within two_stage.py's bound).
+// The exact score every route ranks by (two_stage.py's exact_scores): the products summed in double (each product
+// of two floats is exact there), rounded once to float32.
 template <typename Key>
 inline float dot(const Key* key, const float* query, int64_t dim) {
-  float sums[16] = {};
-  int64_t d = 0;
-  for (; d + 16 <= dim; d += 16) {
-    for (int i = 0; i < 16; ++i) sums[i] += static_cast<float>(key[d + i]) * query[d + i];
-  }
-  for (; d < dim; ++d) sums[d % 16] += static_cast<float>(key[d]) * query[d];
-  float total = 0;
-  for (float part : sums) total += part;
-  return total;
+  double total = 0;
+  for (int64_t d = 0; d < dim; ++d) total += static_cast<double>(static_cast<float>(key[d])) * query[d];
+  return static_cast<float>(total);
 }
 
 struct Survivor {
@@ -142,7 +137,7 @@ bool search_task(const at::Tensor& screen, const at::Tensor& keys, const at::Ten
     if (static_cast<int64_t>(survivors.size()) > candidate_limit * width) return false;  // near ties
   }
   // The last threshold, settled, is the tightest: earlier survivors below it cannot win. The rest are bucketed
-  // by query, re-scored in float32 from the stored keys, and ranked.
+  // by query, re-scored exactly from the stored keys, and ranked.
   std::vector<int64_t> start_of(width + 1, 0);
   for (int64_t j = 0; j < width; ++j) {
     if (pooled[j] > k) settle(j);

@@ -73,6 +73,22 @@ def gamma(dim: int) -> float:
     return dim * 2.0**-24 / (1 - dim * 2.0**-24)
 
 
+def exact_scores(keys: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    """keys, queries [..., dim] -> [...] float32: each inner product summed in float64 (every product of two
+    float32 numbers is exact there) and rounded once. The score every route ranks by, so that they agree entry for
+    entry: float32 sums in another order (BLAS, a screen's re-score) differ in their last bits."""
+    return (keys.double() * queries.double()).sum(-1).float()
+
+
+def rank_by_score_then_slot(scores: torch.Tensor, slots: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best of candidates scores, slots [..., c] along the last dim: by score, equal scores lower slot first
+    (two stable sorts)."""
+    by_slot = slots.sort(dim=-1, stable=True)
+    scores = scores.gather(-1, by_slot.indices)
+    best = scores.sort(dim=-1, descending=True, stable=True)
+    return best.values[..., :k], by_slot.values.gather(-1, best.indices[..., :k])
+
+
 def key_bounds(keys: torch.Tensor, screen: torch.Tensor) -> torch.Tensor:
     """Stored keys and their bfloat16 copy [..., dim] -> [..., 2] float32: each key's norm and the norm of its
     rounding residual."""
@@ -208,7 +224,8 @@ def two_stage_topk(screen: torch.Tensor, keys: torch.Tensor, bounds: torch.Tenso
     native:   screen with ``screen.cpp`` where the tensors are on the CPU and it could be built.
     native_bytes: the compiled screen's score blocks, all threads together (its first blocks are at most
               ``block`` slots, and smaller where the threads' shares of this are).
-    Returns scores [rows, q, k] float32 and slots [rows, q, k] long, best first.
+    Returns scores [rows, q, k] float32 (``exact_scores``) and slots [rows, q, k] long, best first, equal scores
+    lower slot first.
     """
     rows, allocated, dim = screen.shape
     q = queries.shape[1]
@@ -239,17 +256,16 @@ def two_stage_topk(screen: torch.Tensor, keys: torch.Tensor, bounds: torch.Tenso
     flat_slot, owner = found
     slot = flat_slot % allocated
 
-    # Re-score the survivors in float32 and keep each query's k best (every query has at least k survivors: the
+    # Re-score the survivors exactly and keep each query's k best (every query has at least k survivors: the
     # k entries above theta). Sorted, not padded: one query's near ties cost no memory for others.
     total = owner.numel()
     stored = torch.index_select(keys.reshape(-1, dim), 0, flat_slot,
                                 out=workspace.get("survivors' keys", (total, dim), keys.dtype, device))
-    if stored.dtype != torch.float32:
-        stored = workspace.get("survivors' keys in float32", (total, dim), torch.float32, device).copy_(stored)
     asked = torch.index_select(queries.reshape(-1, dim), 0, owner,
                                out=workspace.get("survivors' queries", (total, dim), torch.float32, device))
-    exact = torch.bmm(stored.unsqueeze(1), asked.unsqueeze(2)).view(total)  # each survivor's float32 product
-    order = torch.argsort(owner * 2**32 + descending_key(exact))  # by query, best first within each
+    exact = exact_scores(stored, asked)
+    by_slot = torch.argsort(slot, stable=True)  # then by query, best first within each, equal scores lower slot first
+    order = by_slot[torch.argsort((owner * 2**32 + descending_key(exact))[by_slot], stable=True)]
     counts = torch.bincount(owner, minlength=rows * q)
     first = counts.cumsum(0) - counts  # [rows * q]: where each query's survivors start
     pick = order[first.unsqueeze(1) + torch.arange(k, device=device)]  # [rows * q, k]
