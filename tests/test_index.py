@@ -178,8 +178,6 @@ def test_exact_backends_equal_brute_force(name, dtype, k):
             ref_scores, ref_pos = brute_force(live, q, k + 1)
             ref_ids = ref_pos + (6000 - capacity)
             np.testing.assert_allclose(result.scores[row, head].numpy(), ref_scores[:, :k], rtol=1e-5, atol=score_tol)
-            if name == "torch" and dtype == torch.float32:  # ranked by exact scores: the float64 ranking itself
-                np.testing.assert_array_equal(result.ids[row, head].numpy(), ref_ids[:, :k])
             for i in range(q.shape[0]):
                 got, want = set(result.ids[row, head, i].tolist()), set(ref_ids[i, :k].tolist())
                 tie = ref_scores[i, k - 1] - ref_scores[i, k] < score_tol
@@ -187,17 +185,16 @@ def test_exact_backends_equal_brute_force(name, dtype, k):
     check_entries_match_history(result, history)
 
 
-@pytest.mark.parametrize("route", ["exact", "torch screen", "compiled screen"])
+@pytest.mark.parametrize("screen", ["compiled", "torch"])
 @pytest.mark.parametrize("k", [1, 8])
-def test_every_route_breaks_ties_the_same_way_the_lower_slot_first(route, k):
+def test_both_screens_rank_by_exact_score_and_break_ties_to_the_lower_slot(screen, k):
     """Integer keys and queries (every product and sum exact in float32 and bfloat16), 40 distinct keys per head
     over 6,000 entries in 4,096 slots: scores tie everywhere. The reference ranks every live slot by its float64
     score, equal scores lower slot first."""
     capacity, dim, total = 4096, 32, 6000
     generator = torch.Generator().manual_seed(21)
-    index = create_index("torch", search="exact" if route == "exact" else "two-stage", dim=dim, capacity=capacity,
-                         batch_size=1, num_heads=2)
-    index.two_stage_native = route == "compiled screen"
+    index = create_index("torch", search="two-stage", dim=dim, capacity=capacity, batch_size=1, num_heads=2)
+    index.two_stage_native = screen == "compiled"
     index.two_stage_candidate_limit = 10**6  # ties survive the screen in crowds: rank them rather than give up
     distinct = torch.randint(-3, 4, (2, 40, dim), generator=generator).float()
     keys = torch.stack([distinct[h, torch.randint(0, 40, (total,), generator=generator)] for h in range(2)])[None]
@@ -205,7 +202,7 @@ def test_every_route_breaks_ties_the_same_way_the_lower_slot_first(route, k):
         index.add(keys[:, :, first : first + 1500], keys[:, :, first : first + 1500])
     queries = torch.randint(-2, 3, (1, 2, 9, dim), generator=generator).float()
     found = index.search(queries, k)
-    assert index.last_search == ("exact" if route == "exact" else "two-stage")
+    assert index.last_search == "two-stage"
     ids = torch.arange(total - capacity, total)
     slot_ids = ids[torch.argsort(ids % capacity)]  # the live entry in each slot
     for head in range(2):
@@ -542,18 +539,32 @@ def add_both(indexes, keys: torch.Tensor) -> None:
         index.add(keys.to(index.dtype), keys.to(index.dtype))
 
 
-def assert_same_top_k(exact: SearchResult, screened: SearchResult, queries: torch.Tensor) -> None:
-    """The same k best entries, rank by rank (in the exact order, equal scores the lower slot first, by every
-    route); the screen returns their exact scores (products summed in float64, rounded once), the one-stage
-    search BLAS's where they decide the order (the same to float32 rounding)."""
+def assert_same_top_k(exact: SearchResult, screened: SearchResult, queries: torch.Tensor, index) -> None:
+    """The same k best entries, rank by rank. The screens rank by exact scores (products summed in float64,
+    rounded once), equal ones lower slot first: their scores are exactly that, in that order. The one-stage search
+    ranks by BLAS's float32 sums: an entry may differ only where the two entries' exact scores tie to float32
+    rounding (a near tie it ordered otherwise)."""
     assert torch.equal(exact.mask, screened.mask)
-    assert torch.equal(exact.ids, screened.ids)
     torch.testing.assert_close(screened.scores, exact.scores, rtol=1e-5, atol=1e-5)
-    recomputed = torch.einsum("bhqkd,bhqd->bhqk", screened.keys.double(), queries.double()).float()
-    torch.testing.assert_close(screened.scores, recomputed.masked_fill(~screened.mask, -math.inf), rtol=1e-5,
-                               atol=1e-5)
+
+    def exact_scores(result):
+        products = torch.einsum("bhqkd,bhqd->bhqk", result.keys.double(), queries.double())
+        return products.masked_fill(~result.mask, -math.inf)
+
+    theirs, ours = exact_scores(exact), exact_scores(screened)
+    capacity = index.capacity
+    if index.last_search == "two-stage":  # (where the screen gave up, both results are the one-stage search's)
+        rounded = ours.float()
+        assert torch.equal(screened.scores, rounded)
+        worse = rounded[..., 1:] < rounded[..., :-1]
+        tie_to_lower_slot = (rounded[..., 1:] == rounded[..., :-1]) & (
+            screened.ids[..., 1:] % capacity > screened.ids[..., :-1] % capacity)
+        assert bool((worse | tie_to_lower_slot | ~screened.mask[..., 1:]).all())
+    differ = exact.ids != screened.ids
+    tolerance = 1e-5 * (ours.abs() + queries.double().norm(dim=-1, keepdim=True))
+    assert bool(((theirs - ours).abs() <= tolerance)[differ].all())
     for field in ("keys", "values"):
-        assert torch.equal(getattr(exact, field), getattr(screened, field))
+        assert torch.equal(getattr(exact, field)[~differ], getattr(screened, field)[~differ])
 
 
 def model_keys(n: int) -> torch.Tensor:
@@ -609,7 +620,7 @@ def test_two_stage_search_returns_the_exact_top_k(kind, dtype, screen):
     for k in (1, 8, 32):
         found = screened.search(queries, k)
         assert screened.last_search == "two-stage"
-        assert_same_top_k(exact.search(queries, k), found, queries)
+        assert_same_top_k(exact.search(queries, k), found, queries, screened)
         assert not found.scores.isnan().any()
 
 
@@ -626,16 +637,16 @@ def test_two_stage_stays_exact_through_eviction_resets_and_state_round_trips(scr
         if step == 3:  # row 1 starts again; it is screened only once it is large enough again
             for index in (exact, screened):
                 index.reset(rows=[1])
-        assert_same_top_k(exact.search(queries, 6), screened.search(queries, 6), queries)
+        assert_same_top_k(exact.search(queries, 6), screened.search(queries, 6), queries, screened)
     assert screened.last_search == "two-stage"
     restored = create_index("torch", search="two-stage", dim=32, capacity=1500, batch_size=2, num_heads=2)
     restored.two_stage_native = screened.two_stage_native
     restored.load_state_dict(screened.state_dict())
     assert restored.nbytes == screened.nbytes
-    assert_same_top_k(exact.search(queries, 6), restored.search(queries, 6), queries)
+    assert_same_top_k(exact.search(queries, 6), restored.search(queries, 6), queries, restored)
     assert restored.last_search == "two-stage"
     add_both((exact, restored), torch.randn(2, 2, 700, 32, generator=generator))  # and on after the restore
-    assert_same_top_k(exact.search(queries, 6), restored.search(queries, 6), queries)
+    assert_same_top_k(exact.search(queries, 6), restored.search(queries, 6), queries, restored)
 
 
 @pytest.mark.parametrize("screen", SCREENS)
@@ -647,14 +658,14 @@ def test_two_stage_near_ties_are_ranked_exactly_or_handed_to_the_exact_search(sc
     exact, screened = two_stage_pair(4096, batch=1, heads=1, screen=screen)
     add_both((exact, screened), close)
     queries = base.expand(1, 1, 8, 32) + 0.01 * torch.randn(1, 1, 8, 32, generator=generator)
-    assert_same_top_k(exact.search(queries, 8), screened.search(queries, 8), queries)
+    assert_same_top_k(exact.search(queries, 8), screened.search(queries, 8), queries, screened)
     assert screened.last_search == "screen gave up"  # every entry survives the screen: one stage ranks them
     # 64 near ties among random keys (fewer than the survivors allowed): screened, and still exact.
     exact, screened = two_stage_pair(4096, batch=1, heads=1, screen=screen)
     keys = torch.randn(1, 1, 4096, 32, generator=generator)
     keys[:, :, ::64] = base + 1e-3 * torch.randn(1, 1, 64, 32, generator=generator)
     add_both((exact, screened), keys)
-    assert_same_top_k(exact.search(queries, 8), screened.search(queries, 8), queries)
+    assert_same_top_k(exact.search(queries, 8), screened.search(queries, 8), queries, screened)
     assert screened.last_search == "two-stage"
 
 
@@ -667,7 +678,7 @@ def test_two_stage_keys_beyond_bfloat16_range_fall_back_without_nan(screen):
     queries = torch.randn(1, 1, 5, 4, generator=torch.Generator().manual_seed(16)) * 1e-30
     found = screened.search(queries, 4)
     assert screened.last_search == "screen gave up" and not found.scores.isnan().any()
-    assert_same_top_k(exact.search(queries, 4), found, queries)
+    assert_same_top_k(exact.search(queries, 4), found, queries, screened)
 
 
 @pytest.mark.parametrize("screen", SCREENS)
@@ -683,7 +694,7 @@ def test_two_stage_is_exact_where_scores_and_thresholds_are_negative(screen):
     found = screened.search(queries, 8)
     assert screened.last_search == "two-stage"
     assert (found.scores[:, :, 20:] < 0).all() and (found.scores[:, :, :20] > 0).all()
-    assert_same_top_k(exact.search(queries, 8), found, queries)
+    assert_same_top_k(exact.search(queries, 8), found, queries, screened)
 
 
 def test_the_compiled_screen_splits_a_row_among_threads_and_agrees_with_the_torch_screen():
@@ -698,7 +709,7 @@ def test_the_compiled_screen_splits_a_row_among_threads_and_agrees_with_the_torc
     try:
         expected = exact.search(queries, 16)
         for index in (compiled, plain):
-            assert_same_top_k(expected, index.search(queries, 16), queries)
+            assert_same_top_k(expected, index.search(queries, 16), queries, index)
             assert index.last_search == "two-stage"
     finally:
         torch.set_num_threads(threads)
@@ -714,7 +725,7 @@ def test_the_compiled_screen_keeps_its_scratch_bound_and_stays_exact_in_the_leas
             pytest.skip("screen.cpp could not be built here")
         screened.two_stage_native_bytes = native_bytes
         add_both((exact, screened), keys)
-        assert_same_top_k(exact.search(queries, k), screened.search(queries, k), queries)
+        assert_same_top_k(exact.search(queries, k), screened.search(queries, k), queries, screened)
         assert screened.last_search == "two-stage"
         held = screened._workspace._buffers["screened scores"].numel()
         assert held == max(native_bytes // 2, torch.get_num_threads() * k * 16 * 40)
@@ -735,7 +746,7 @@ def test_a_screen_that_cannot_be_built_warns_and_the_torch_screen_runs(monkeypat
     exact, screened = two_stage_pair(2048, batch=1, heads=1, screen="compiled")
     add_both((exact, screened), torch.randn(1, 1, 2048, 32, generator=torch.Generator().manual_seed(19)))
     queries = torch.randn(1, 1, 24, 32, generator=torch.Generator().manual_seed(20))
-    assert_same_top_k(exact.search(queries, 4), screened.search(queries, 4), queries)
+    assert_same_top_k(exact.search(queries, 4), screened.search(queries, 4), queries, screened)
     assert screened.last_search == "two-stage"
 
 

@@ -14,12 +14,7 @@ Searching 65K keys per head is dominated by two costs, and both are avoided here
   that entry, and each group ranked above it holds a different, larger entry, so at most k - 1
   groups can rank above it.
 
-Works on any device torch supports, in float32, float16 and bfloat16 storage; scores are float32. The order is
-the exact one (by inner products summed in float64, ``two_stage.exact_scores``; equal scores lower slot first),
-the order every route returns: BLAS's float32 scores decide it wherever a query's k + 1 best lie further apart
-than BLAS's error bound (``gamma(dim) |q| max|k|``, with the row's largest key norm kept as keys arrive). Where two
-lie closer (near ties, a few queries in a hundred with random keys), its k + ``EXACT_EXTRA`` best are re-scored
-exactly and ranked; if the k-th of them is within the bound of the best left out, all its entries are.
+Works on any device torch supports, in float32, float16 and bfloat16 storage; scores are float32.
 
 ``search="two-stage"`` screens the keys in bfloat16 first and re-scores only the entries that can still win
 (``two_stage.py``: same answer, with a margin argument for why); ``"auto"`` (the default) takes it where
@@ -36,13 +31,9 @@ import math
 import torch
 
 from .ring import RingBuffer, RingIndex
-from .two_stage import GROUP, compiled_screen, exact_scores, gamma, key_bounds, rank_by_score_then_slot, two_stage_topk
+from .two_stage import GROUP, compiled_screen, key_bounds, two_stage_topk
 
 SEARCHES = ("auto", "exact", "two-stage")
-#: candidates beyond k the one-stage search re-scores exactly
-EXACT_EXTRA = 8
-#: score elements (float64) the re-score of a near tie's every entry computes at once
-EXACT_BLOCK = 1 << 22
 
 
 def fast_bfloat16(device: torch.device) -> bool:
@@ -103,8 +94,6 @@ class TorchIndex(RingIndex):
         self._skipped_screens, self._backoff = 0, 1  # auto's back-off after screens that gave up
         self._screen: RingBuffer | None = None  # bfloat16 keys (None: the keys are bfloat16 already)
         self._bounds: RingBuffer | None = None  # per entry: key norm and bfloat16 rounding residual norm
-        # per row and head: at least every live key's norm (evicted keys may leave it higher: still a bound)
-        self._norm_bound = torch.zeros(self.batch_size, self.num_heads, device=self.device)
         if self.two_stage:
             shape = (self.batch_size, self.num_heads, self.capacity)
             common = {"device": self.device, "multiple": self.slot_multiple}
@@ -124,8 +113,6 @@ class TorchIndex(RingIndex):
         return super().nbytes + derived
 
     def _wrote_keys(self, row: int, first_id: int, keys: torch.Tensor) -> None:
-        norms = torch.linalg.vector_norm(keys, dim=-1, dtype=torch.float32).amax(dim=-1) if keys.shape[1] else 0
-        self._norm_bound[row] = torch.maximum(self._norm_bound[row], norms)
         if not self.two_stage:
             return
         screen = keys.to(torch.bfloat16)  # keys themselves when stored in bfloat16
@@ -135,7 +122,6 @@ class TorchIndex(RingIndex):
 
     def _reset(self, rows: list[int]) -> None:
         super()._reset(rows)
-        self._norm_bound[rows] = 0
         for ring in (self._screen, self._bounds):
             if ring is not None:
                 for row in rows:
@@ -143,7 +129,6 @@ class TorchIndex(RingIndex):
 
     def _load_state(self, state: dict) -> None:
         super()._load_state(state)
-        self._norm_bound = torch.linalg.vector_norm(self._keys.data, dim=-1, dtype=torch.float32).amax(dim=-1)
         if not self.two_stage:
             return
         keys = self._keys.data  # the screen is derived: rebuilt from the restored keys
@@ -217,8 +202,7 @@ class TorchIndex(RingIndex):
                                      queries.device, limit=self.search_block_bytes // 4)
         out_scores = torch.empty(batch * heads, q, k, device=queries.device)
         out_slots = torch.empty(batch * heads, q, k, dtype=torch.long, device=queries.device)
-        wanted = min(slots, k + EXACT_EXTRA)
-        grouped = slots // GROUP > 4 * wanted  # below that, grouping saves nothing
+        grouped = slots // GROUP > 4 * k  # below that, grouping saves nothing
         for start in range(0, q, block):
             n = min(block, q - start)
             # keys @ queries^T: BLAS streams the large key matrix once per block and packs only the queries.
@@ -229,53 +213,12 @@ class TorchIndex(RingIndex):
                 if size < slots:
                     per_row[row, :, size:] = -math.inf
             if grouped:
-                best, best_slots = self._grouped_topk(scores, wanted)
+                best, best_slots = self._grouped_topk(scores, k)
             else:
-                best, best_slots = scores.topk(wanted, dim=1)
-            exact, exact_slots = self._exact_rank(keys, queries_t[:, :, start : start + n], best.transpose(1, 2),
-                                                  best_slots.transpose(1, 2), k, sizes)
-            out_scores[:, start : start + n] = exact
-            out_slots[:, start : start + n] = exact_slots
+                best, best_slots = scores.topk(k, dim=1)
+            out_scores[:, start : start + n] = best.transpose(1, 2)
+            out_slots[:, start : start + n] = best_slots.transpose(1, 2)
         return out_scores.view(batch, heads, q, k), out_slots.view(batch, heads, q, k)
-
-    def _exact_rank(self, keys: torch.Tensor, queries_t: torch.Tensor, blas: torch.Tensor, candidates: torch.Tensor,
-                    k: int, sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each query's k best entries by exact score, equal scores lower slot first (module docstring).
-
-        keys [bh, slots, dim]; queries_t [bh, dim, n]; blas, candidates [bh, n, c]: BLAS's c >= k best scores
-        (sorted) and their slots. Returns scores [bh, n, k] float32 and slots [bh, n, k].
-        """
-        queries = queries_t.transpose(1, 2)  # [bh, n, dim]
-        # BLAS's order is the exact one wherever its k + 1 best scores lie further apart than its error bound
-        error = gamma(keys.shape[-1]) * queries.norm(dim=-1, keepdim=True) * self._norm_bound.view(-1, 1, 1)
-        top = blas[..., : k + 1]
-        error = 2 * error + 2.0**-22 * top.abs()
-        close = (top[..., :-1] - top[..., 1:] <= error[..., :-1]) & torch.isfinite(top[..., 1:])
-        scores, slots = blas[..., :k].clone(), candidates[..., :k].clone()
-        doubtful = close.any(dim=-1)
-        if not bool(doubtful.any()):
-            return scores, slots
-        row, query = doubtful.nonzero(as_tuple=True)
-        asked = queries[row, query]  # [m, dim]
-        exact = exact_scores(keys[row[:, None], candidates[row, query]], asked[:, None])  # [m, c]
-        exact = torch.where(torch.isfinite(blas[row, query]), exact, -math.inf)  # dead slots stay out
-        scores[row, query], slots[row, query] = rank_by_score_then_slot(exact, candidates[row, query], k)
-        # An entry left out scores at most the last candidate's BLAS score plus BLAS's error, exactly: the k
-        # candidates stand where the k-th exact score is above that
-        left_out = blas[row, query, -1] + error[row, query, 0]
-        unsettled = (scores[row, query, -1] <= left_out) & (candidates.shape[-1] < keys.shape[1])
-        if bool(unsettled.any()):
-            row, query, asked = row[unsettled], query[unsettled], asked[unsettled]
-            live = torch.tensor(sizes, device=keys.device).repeat_interleave(self.num_heads)[row]
-            every_slot = torch.arange(keys.shape[1], device=keys.device)
-            step = max(1, EXACT_BLOCK // (keys.shape[1] * keys.shape[2]))
-            for first in range(0, row.numel(), step):  # every live entry of these queries, exactly
-                part = slice(first, first + step)
-                every = exact_scores(keys[row[part]], asked[part, None])  # [m, slots]
-                every = every.masked_fill(every_slot >= live[part, None], -math.inf)
-                scores[row[part], query[part]], slots[row[part], query[part]] = rank_by_score_then_slot(
-                    every, every_slot.expand_as(every), k)
-        return scores, slots
 
     def _score(self, keys: torch.Tensor, queries_t: torch.Tensor, scores: torch.Tensor) -> None:
         """scores [bh, slots, n] = keys [bh, slots, dim] @ queries_t [bh, dim, n] in float32. Half-precision keys

@@ -75,18 +75,22 @@ def gamma(dim: int) -> float:
 
 def exact_scores(keys: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
     """keys, queries [..., dim] -> [...] float32: each inner product summed in float64 (every product of two
-    float32 numbers is exact there) and rounded once. The score every route ranks by, so that they agree entry for
-    entry: float32 sums in another order (BLAS, a screen's re-score) differ in their last bits."""
+    float32 numbers is exact there) and rounded once. Both screens rank their survivors by it, so that they agree
+    entry for entry: float32 sums in different orders differ in their last bits."""
     return (keys.double() * queries.double()).sum(-1).float()
 
 
-def rank_by_score_then_slot(scores: torch.Tensor, slots: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k best of candidates scores, slots [..., c] along the last dim: by score, equal scores lower slot first
-    (two stable sorts)."""
-    by_slot = slots.sort(dim=-1, stable=True)
-    scores = scores.gather(-1, by_slot.indices)
-    best = scores.sort(dim=-1, descending=True, stable=True)
-    return best.values[..., :k], by_slot.values.gather(-1, best.indices[..., :k])
+def rank_survivors(owner: torch.Tensor, slot: torch.Tensor, exact: torch.Tensor, k: int,
+                   queries: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each query's k best of a flat list of survivors: owner (the query, in 0 .. queries - 1), slot, exact score,
+    [total] each, every query owning at least k. By score, equal scores lower slot first (two stable sorts).
+    Returns scores, slots [queries, k]. Sorted, not padded: one query's many survivors cost no memory for others."""
+    by_slot = torch.argsort(slot, stable=True)
+    order = by_slot[torch.argsort((owner * 2**32 + descending_key(exact))[by_slot], stable=True)]
+    counts = torch.bincount(owner, minlength=queries)
+    first = counts.cumsum(0) - counts  # where each query's survivors start
+    pick = order[first.unsqueeze(1) + torch.arange(k, device=owner.device)]
+    return exact[pick], slot[pick]
 
 
 def key_bounds(keys: torch.Tensor, screen: torch.Tensor) -> torch.Tensor:
@@ -257,16 +261,11 @@ def two_stage_topk(screen: torch.Tensor, keys: torch.Tensor, bounds: torch.Tenso
     slot = flat_slot % allocated
 
     # Re-score the survivors exactly and keep each query's k best (every query has at least k survivors: the
-    # k entries above theta). Sorted, not padded: one query's near ties cost no memory for others.
+    # k entries above theta).
     total = owner.numel()
     stored = torch.index_select(keys.reshape(-1, dim), 0, flat_slot,
                                 out=workspace.get("survivors' keys", (total, dim), keys.dtype, device))
     asked = torch.index_select(queries.reshape(-1, dim), 0, owner,
                                out=workspace.get("survivors' queries", (total, dim), torch.float32, device))
-    exact = exact_scores(stored, asked)
-    by_slot = torch.argsort(slot, stable=True)  # then by query, best first within each, equal scores lower slot first
-    order = by_slot[torch.argsort((owner * 2**32 + descending_key(exact))[by_slot], stable=True)]
-    counts = torch.bincount(owner, minlength=rows * q)
-    first = counts.cumsum(0) - counts  # [rows * q]: where each query's survivors start
-    pick = order[first.unsqueeze(1) + torch.arange(k, device=device)]  # [rows * q, k]
-    return exact[pick].view(rows, q, k), slot[pick].view(rows, q, k)
+    scores, slots = rank_survivors(owner, slot, exact_scores(stored, asked), k, rows * q)
+    return scores.view(rows, q, k), slots.view(rows, q, k)
