@@ -20,7 +20,7 @@ demo: $(STAMP)
 # one pytest-xdist worker per CPU, each on its share of torch's threads (tests/conftest.py)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q -n logical --dist worksteal
+	$(PY) -m pytest -q -n logical --dist worksteal --durations=20
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
