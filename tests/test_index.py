@@ -856,3 +856,67 @@ def test_searches_reuse_their_scratch_as_routes_alternate():
         assert routes == (["two-stage", "exact"] if index.two_stage else ["exact", "exact"])
         held.append({name: buffer.data_ptr() for name, buffer in index._workspace._buffers.items()})
     assert held[0] == held[1] == held[2]  # no buffer made anew once both routes ran
+
+
+# ------------------------------------------------------------------------------------------ distinct keys
+
+
+def copies_of_a_vocabulary(generator, rows: int, heads: int, n: int, dim: int, vocabulary: int = 50):
+    """Keys that are a function of a drawn token (all heads together), as memlm-tiny's memory layer makes them; values
+    random per entry."""
+    table = torch.randn(vocabulary, heads, dim, generator=generator)
+    tokens = torch.randint(0, vocabulary, (rows, n), generator=generator)
+    return table[tokens].permute(0, 2, 1, 3).contiguous(), torch.randn(rows, heads, n, dim, generator=generator)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_distinct_search_returns_the_best_entries_newest_copies_first(dtype):
+    """Against every live entry scored in float64: the k best, a key's copies newest first; through eviction (3,000
+    slots, 6,500 entries), a reset row refilled to another size, and k beyond the copies of the best keys."""
+    generator = torch.Generator().manual_seed(30)
+    capacity, heads, dim = 3000, 3, 16
+    index = create_index("torch", search="distinct", dim=dim, capacity=capacity, batch_size=2, num_heads=heads,
+                         dtype=dtype)
+    entries = [[], []]  # per row: (keys [heads, n, dim], values) in insertion order
+    for step, n in enumerate((2500, 1500, 2500)):
+        keys, values = copies_of_a_vocabulary(generator, 2, heads, n, dim)
+        index.add(keys.to(dtype), values.to(dtype))
+        for row in range(2):
+            entries[row].append((keys[row].to(dtype), values[row].to(dtype)))
+        if step == 1:
+            index.reset(rows=[1])
+            entries[1] = []
+    queries = torch.randn(2, heads, 9, dim, generator=generator)
+    for k in (1, 8, 32):
+        found = index.search(queries, k)
+        assert index.last_search == "distinct"
+        for row in range(2):
+            keys = torch.cat([key for key, _ in entries[row]], dim=1)[:, -capacity:]
+            values = torch.cat([value for _, value in entries[row]], dim=1)[:, -capacity:]
+            total = sum(key.shape[1] for key, _ in entries[row])
+            ids = torch.arange(total - keys.shape[1], total)
+            for head in range(heads):
+                scores = (keys[head].double() @ queries[row, head].double().T).T  # [queries, live]
+                for i in range(9):
+                    order = np.lexsort((-ids.numpy(), -scores[i].numpy()))[:k]  # by score, then the newest
+                    assert torch.equal(found.ids[row, head, i], ids[order]), (k, row, head, i)
+                    assert torch.equal(found.values[row, head, i], values[head, order])
+                    torch.testing.assert_close(found.scores[row, head, i], scores[i, order].float(), rtol=1e-5,
+                                               atol=1e-5)
+    assert index.search(queries, index.distinct_keep + 1).mask.all() and index.last_search == "exact"
+
+
+def test_auto_keeps_distinct_keys_of_half_precision_memories_only_while_they_repeat():
+    generator = torch.Generator().manual_seed(31)
+    common = {"dim": 16, "capacity": 8192, "batch_size": 1, "num_heads": 2, "search": "auto"}
+    assert create_index("torch", dtype=torch.float32, **common)._distinct is None  # float32 keys rarely repeat
+    repeating = create_index("torch", dtype=torch.float16, **common)
+    repeating.add(*(t.half() for t in copies_of_a_vocabulary(generator, 1, 2, 6000, 16)))
+    queries = torch.randn(1, 2, 4, 16, generator=generator)
+    repeating.search(queries, 8)
+    assert repeating.last_search == "distinct"
+    fresh = create_index("torch", dtype=torch.float16, **common)
+    fresh.add(*(torch.randn(1, 2, 6000, 16, generator=generator).half() for _ in "kv"))
+    before = fresh.nbytes
+    fresh.search(queries, 8)  # 6,000 distinct keys in 6,000 entries: dropped for good
+    assert fresh.last_search != "distinct" and fresh._distinct is None and fresh.nbytes < before

@@ -16,6 +16,13 @@ Searching 65K keys per head is dominated by two costs, and both are avoided here
 
 Works on any device torch supports, in float32, float16 and bfloat16 storage; scores are float32.
 
+``search="distinct"`` scores each distinct key once and keeps the slots of its copies (``distinct.py``): the same
+entries, for memories whose keys repeat exactly (memlm-tiny's, whose memory layer's keys are a function of the
+token), at a cost that grows with the distinct keys, not the entries. ``"auto"`` keeps the distinct keys of
+half-precision memories (where repeated keys round to the same bits) and searches them while they pay: once a
+memory of at least ``distinct_trial`` entries per sequence holds more than ``distinct_share`` of them as distinct
+keys, it drops them for good.
+
 ``search="two-stage"`` screens the keys in bfloat16 first and re-scores only the entries that can still win
 (``two_stage.py``: same answer, with a margin argument for why); ``"auto"`` (the default) takes it where
 bfloat16 matmul runs in hardware (CUDA with bfloat16, CPUs with AVX512-BF16 or AMX) and the search is large
@@ -30,10 +37,11 @@ import math
 
 import torch
 
+from .distinct import DistinctKeyTable, distinct_topk
 from .ring import RingBuffer, RingIndex
 from .two_stage import GROUP, compiled_screen, key_bounds, two_stage_topk
 
-SEARCHES = ("auto", "exact", "two-stage")
+SEARCHES = ("auto", "exact", "two-stage", "distinct")
 
 
 def fast_bfloat16(device: torch.device) -> bool:
@@ -50,8 +58,9 @@ class TorchIndex(RingIndex):
 
     Args:
         search: ``"exact"`` (float32 scores of every entry), ``"two-stage"`` (a bfloat16 screen, then float32
-            re-scores of the entries that can still win: the same answer) or ``"auto"`` (two-stage where
-            bfloat16 matmul runs in hardware).
+            re-scores of the entries that can still win: the same answer), ``"auto"`` (two-stage where
+            bfloat16 matmul runs in hardware) or ``"distinct"`` (every distinct key scored once: the same answer, up
+            to which copies of a key come back, newest first).
         other arguments: see ``MemoryIndex``.
     """
 
@@ -80,6 +89,11 @@ class TorchIndex(RingIndex):
     torch_screen_min_work = 8192  # 128 queries of 64 dims, 512 of 16
     #: auto: after a screen gave up, the next 1, 2, 4, ... (at most this many) searches it would take run one stage
     auto_backoff = 64
+    #: distinct: the newest copies of each key kept for results (a search for more per query scores every entry);
+    #: auto: the entries per sequence after which, and the share of distinct keys above which, it stops keeping them
+    distinct_keep = 64
+    distinct_trial = 4096
+    distinct_share = 0.25
 
     def __init__(self, *, search: str = "auto", **kwargs) -> None:
         super().__init__(**kwargs)
@@ -94,6 +108,11 @@ class TorchIndex(RingIndex):
         self._skipped_screens, self._backoff = 0, 1  # auto's back-off after screens that gave up
         self._screen: RingBuffer | None = None  # bfloat16 keys (None: the keys are bfloat16 already)
         self._bounds: RingBuffer | None = None  # per entry: key norm and bfloat16 rounding residual norm
+        repeats = search == "distinct" or (search == "auto" and self._keys.data.dtype in (torch.float16,
+                                                                                          torch.bfloat16))
+        self._distinct = None if not repeats else DistinctKeyTable(
+            self.batch_size, self.num_heads, self.dim, self.capacity, self.distinct_keep,
+            dtype=self._keys.data.dtype, device=self.device, multiple=GROUP)
         if self.two_stage:
             shape = (self.batch_size, self.num_heads, self.capacity)
             common = {"device": self.device, "multiple": self.slot_multiple}
@@ -109,10 +128,12 @@ class TorchIndex(RingIndex):
 
     @property
     def nbytes(self) -> int:
-        derived = sum(ring.nbytes for ring in (self._screen, self._bounds) if ring is not None)
+        derived = sum(part.nbytes for part in (self._screen, self._bounds, self._distinct) if part is not None)
         return super().nbytes + derived
 
     def _wrote_keys(self, row: int, first_id: int, keys: torch.Tensor) -> None:
+        if self._distinct is not None:
+            self._distinct.add(row, first_id, keys)
         if not self.two_stage:
             return
         screen = keys.to(torch.bfloat16)  # keys themselves when stored in bfloat16
@@ -122,6 +143,9 @@ class TorchIndex(RingIndex):
 
     def _reset(self, rows: list[int]) -> None:
         super()._reset(rows)
+        if self._distinct is not None:
+            for row in rows:
+                self._distinct.reset(row)
         for ring in (self._screen, self._bounds):
             if ring is not None:
                 for row in rows:
@@ -129,6 +153,15 @@ class TorchIndex(RingIndex):
 
     def _load_state(self, state: dict) -> None:
         super()._load_state(state)
+        if self._distinct is not None:  # derived: the live entries replayed oldest first
+            for row, total in enumerate(int(t) for t in state["total_added"]):
+                self._distinct.reset(row)
+                start = max(0, total - self.capacity)
+                while start < total:  # at most two runs of slots: to the end of the ring, then from its start
+                    end = min(total, (start // self.capacity + 1) * self.capacity)
+                    first_slot = start % self.capacity
+                    self._distinct.add(row, start, self._keys.data[row, :, first_slot : first_slot + end - start])
+                    start = end
         if not self.two_stage:
             return
         keys = self._keys.data  # the screen is derived: rebuilt from the restored keys
@@ -139,6 +172,13 @@ class TorchIndex(RingIndex):
 
     def _topk(self, queries: torch.Tensor, k: int, sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         self.last_search = "exact"
+        if self._distinct is not None and self.search_mode == "auto" and min(sizes) >= self.distinct_trial:
+            distinct = sum(len(row.lookup) for row in self._distinct.rows)
+            if distinct > self.distinct_share * sum(sizes):
+                self._distinct = None  # keys that rarely repeat: scoring them all is cheaper than keeping them
+        if self._distinct is not None and k <= self.distinct_keep:
+            self.last_search = "distinct"
+            return self._distinct_topk(queries, k)
         if self._screens(k, sizes, queries.shape[2]):
             found = self._two_stage_topk(queries, k, sizes)
             if found is not None:
@@ -190,6 +230,26 @@ class TorchIndex(RingIndex):
             chunks.append(found)
         scores, slots = (torch.cat(parts, dim=1).view(batch, heads, q, k) for parts in zip(*chunks, strict=True))
         return scores, slots
+
+    def _distinct_topk(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k best distinct keys of each query (one-stage, over the table), then their copies (``distinct.py``)."""
+        batch, heads, q, dim = queries.shape
+        table = self._distinct.keys
+        rows = table.shape[2]
+        # kept between searches, as the one-stage search's (fresh hundreds of MB would cost page faults)
+        scores = self._workspace.get("distinct scores", (batch * heads, rows, q), torch.float32, queries.device)
+        self._score(table.view(batch * heads, rows, dim), queries.reshape(batch * heads, q, dim).transpose(1, 2),
+                    scores)
+        dead = ~self._distinct.live()  # [batch, rows]
+        scores.view(batch, heads, rows, q).masked_fill_(dead[:, None, :, None], -math.inf)
+        c = min(k, rows)
+        if rows // GROUP > 4 * c:
+            best, best_keys = self._grouped_topk(scores, c)
+        else:
+            best, best_keys = scores.topk(c, dim=1)
+        best, best_keys = (t.transpose(1, 2).reshape(batch, heads, q, c) for t in (best, best_keys))
+        found, slots = distinct_topk(self._distinct, best, best_keys, k)
+        return found, slots
 
     def _exact_topk(self, queries: torch.Tensor, k: int, sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         batch, heads, q, dim = queries.shape
