@@ -57,9 +57,10 @@ class TorchIndex(RingIndex):
     """Exact FIFO kNN memory on the tensors' own device (see the module docstring).
 
     Args:
-        search: ``"exact"`` (float32 scores of every entry), ``"two-stage"`` (a bfloat16 screen, then float32
-            re-scores of the entries that can still win: the same answer), ``"auto"`` (two-stage where
-            bfloat16 matmul runs in hardware) or ``"distinct"`` (every distinct key scored once: the same answer, up
+        search: ``"exact"`` (float32 scores of every entry), ``"two-stage"`` (a bfloat16 screen, then exact
+            re-scores of the entries that can still win: the same answer), ``"auto"`` (distinct keys for
+            half-precision memories while they repeat, else two-stage where bfloat16 matmul runs in hardware) or
+            ``"distinct"`` (every distinct key scored once: the same answer, up
             to which copies of a key come back, newest first).
         other arguments: see ``MemoryIndex``.
     """

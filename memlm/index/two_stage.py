@@ -1,4 +1,4 @@
-"""Two-stage exact top-k: screen every key in bfloat16, re-score the few that can still win in float32.
+"""Two-stage exact top-k: screen every key in bfloat16, re-score the few that can still win exactly.
 
 The exact search (``torch_index.py``) is bound by float32 matmul and by reading its score matrix back. Modern
 hardware multiplies bfloat16 several times faster (AMX / AVX512-BF16 on CPUs, tensor cores on GPUs), so:
@@ -14,7 +14,10 @@ hardware multiplies bfloat16 several times faster (AMX / AVX512-BF16 on CPUs, te
    ``threshold(theta) = theta - 2e`` (roughly; ``e`` bounds ``|L - R|`` for the float32 re-score ``R``, below)
    survives; only the members of groups whose maximum clears it are read. The last, tightest threshold filters
    the survivors of earlier blocks again.
-4. **Re-score** the survivors in float32 from the stored keys; their top-k by ``R`` is the answer.
+4. **Re-score** the survivors exactly from the stored keys (``exact_scores``: the products summed in float64, rounded
+   once); their top-k by that score is the answer, equal scores lower slot first (``rank_survivors``). Both screens
+   rank alike, entry for entry; the one-stage search's float32 sums may order two entries whose exact scores tie to
+   float32 rounding otherwise.
 
 One pass, not two (an earlier version found ``theta`` over every block first and scored the memory again to
 collect): the second matmul cost more than the extra survivors of early blocks' lower thresholds (~3k per query
@@ -23,9 +26,9 @@ instead of ~k on random keys).
 Why it is exact (the margin argument). With ``|L - R| <= e`` for every entry, the ``k`` entries with
 ``L >= theta`` have ``R >= theta - e``, so the ``k``-th largest ``R`` overall is at least ``theta - e``. An entry
 of the true top-k has ``R`` at least that, so its ``L >= R - e >= theta - 2e``: it survives step 3, in its own
-block, since every ``theta`` of the pass certifies ``k`` entries. The survivors hold the whole float32 top-k,
-which step 4 ranks by the same float32 products the one-stage search computes (up to float32 rounding of the sum
-order). The bound used is sharper than one ``e`` for all entries:
+block, since every ``theta`` of the pass certifies ``k`` entries. The survivors hold the whole top-k, which step 4
+ranks exactly (the bound holds for the exact score as for a float32 one: ``e`` covers the float32 re-score's own
+error too). The bound used is sharper than one ``e`` for all entries:
 
 The bound. Write ``q^``, ``k^`` for the bfloat16 roundings (unit roundoff ``u = 2**-8``). The product moves by
 ``|q^.k^ - q.k| <= |q^| |k^ - k| + |q^ - q| |k|``; accumulating ``d`` products in float32 and the float32
