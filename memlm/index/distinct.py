@@ -107,8 +107,7 @@ class DistinctKeyTable:
     def add(self, row: int, first_id: int, keys: torch.Tensor) -> None:
         """Entries first_id, first_id + 1, ... of sequence ``row`` with keys [heads, m, dim] (storage dtype)."""
         by_entry = keys.transpose(0, 1).contiguous().cpu()  # [m, heads, dim]
-        raw = by_entry.view(torch.uint8) if by_entry.dtype != torch.bfloat16 else by_entry.view(torch.int16)
-        blobs = [entry.tobytes() for entry in raw.numpy()]
+        blobs = [entry.tobytes() for entry in by_entry.view(torch.uint8).numpy()]  # (numpy has no bfloat16)
         slots = (np.arange(first_id, first_id + keys.shape[1]) % self.capacity).astype(np.int64)
         fresh = self.rows[row].add(blobs, slots)
         self._reserve(self.rows[row].allocated)
@@ -125,13 +124,13 @@ class DistinctKeyTable:
         """[batch, rows] bool: the table rows holding a key with live copies."""
         live = torch.zeros(self.keys.shape[0], self.keys.shape[2], dtype=torch.bool)
         for row, distinct in enumerate(self.rows):
-            live[row, : len(distinct.copies[: self.keys.shape[2]])] = torch.from_numpy(
-                distinct.copies[: self.keys.shape[2]] > 0)
+            copies = distinct.copies[: self.keys.shape[2]]
+            live[row, : len(copies)] = torch.from_numpy(copies > 0)
         return live.to(self.keys.device)
 
-    def copies_of(self, row: int, keys: torch.Tensor) -> torch.Tensor:
-        """Distinct ids [...] of sequence ``row`` -> the slots of their newest copies [..., keep] (-1: none)."""
-        return torch.from_numpy(self.rows[row].newest[keys.cpu().numpy()]).to(keys.device)
+    def copies_of(self, row: int, keys: torch.Tensor, k: int) -> torch.Tensor:
+        """Distinct ids [...] of sequence ``row`` -> the slots of their newest k copies [..., k] (-1: none)."""
+        return torch.from_numpy(self.rows[row].newest[:, :k][keys.cpu().numpy()]).to(keys.device)
 
     def _reserve(self, rows: int) -> None:
         have = self.keys.shape[2]
@@ -148,7 +147,7 @@ def distinct_topk(table: DistinctKeyTable, best: torch.Tensor, best_keys: torch.
     """From the best distinct keys of each query, best first (scores, ids [batch, heads, q, c]), the k best entries:
     scores, slots [batch, heads, q, k] (slot -1 where fewer entries live)."""
     batch = best_keys.shape[0]
-    slots = torch.stack([table.copies_of(row, best_keys[row]) for row in range(batch)])[..., :k]  # [b, h, q, c, k]
+    slots = torch.stack([table.copies_of(row, best_keys[row], k) for row in range(batch)])  # [b, h, q, c, k]
     scores = best.unsqueeze(-1).expand_as(slots).flatten(-2)
     slots = slots.flatten(-2)  # distinct keys by score, a key's copies newest first
     # the first k listed copies: the r-th is where the count of listed copies first reaches r

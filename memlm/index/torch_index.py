@@ -249,8 +249,7 @@ class TorchIndex(RingIndex):
         else:
             best, best_keys = scores.topk(c, dim=1)
         best, best_keys = (t.transpose(1, 2).reshape(batch, heads, q, c) for t in (best, best_keys))
-        found, slots = distinct_topk(self._distinct, best, best_keys, k)
-        return found, slots
+        return distinct_topk(self._distinct, best, best_keys, k)
 
     def _exact_topk(self, queries: torch.Tensor, k: int, sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         batch, heads, q, dim = queries.shape
