@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Block retrieval on SmolLM2-135M, the README's "Block retrieval" table (issue 38). Resumable: each cell is a file;
+# Block retrieval on SmolLM2-135M, the README's "Block retrieval" tables (issue 38). Resumable: each cell is a file;
 # a rerun skips the cells that exist. Usage: benchmarks/smollm2_blocks.sh [float32|bfloat16] [results dir]
 # (float32 on CPUs without native bfloat16 matmul, e.g. AVX2-only; bfloat16 where torch reports AVX512 + BF16).
+# The order is the priority order: the baselines, then the targets at 16K, 32K and 64K.
 set -euo pipefail
 DTYPE=${1:-float32}
 OUT=${2:-benchmarks/results/smollm2_blocks}
@@ -16,27 +17,29 @@ modes = yaml.safe_load(open(sys.argv[1]))
 yaml.safe_dump({name: modes[name] for name in sys.argv[3:]}, open(sys.argv[2], "w"))
 PY
 }
-subset full full; subset blocks blocks; subset both blocks blocks-representatives; subset xl xl-only
-subset b32 blocks-32
+subset full full; subset blocks blocks; subset xl xl-only; subset blocks4 blocks-4
 run() { .venv/bin/memlm eval --model smollm2 --dtype "$DTYPE" --depths random "$@"; }
-# 1. pass key in filler: the model's own attention at 4K, blocks at 16K / 32K
-run --task passkey --lengths 4096 --trials 5 --modes "$TMP/full.yaml" --output "$OUT/filler"
-run --task passkey --lengths 16384 --trials 8 --modes "$TMP/blocks.yaml" --output "$OUT/filler"
-run --task passkey --lengths 32768 --trials 4 --modes "$TMP/blocks.yaml" --output "$OUT/filler"
-# 2. speed: the XL-only stream of the same local context, one 32K haystack
+distractors() { run --task passkey --distractors 4 --haystack "$WAP" --output "$OUT/war_and_peace_distractors" "$@"; }
+multikey() { run --task niah_multikey --output "$OUT/filler" "$@"; }
+# 1. the baselines: the model's own attention at 4K on each kind of haystack
+distractors --lengths 4096 --trials 10 --modes "$TMP/full.yaml"
+multikey --lengths 4096 --trials 10 --modes "$TMP/full.yaml"
+run --task niah_multikey_uuids --lengths 4096 --trials 5 --modes "$TMP/full.yaml" --output "$OUT/filler"
+# 2. 16K: the pass key in filler (20 trials), the tasks with numbers of the same form
+run --task passkey --lengths 16384 --trials 20 --modes "$TMP/blocks.yaml" --output "$OUT/filler"
+distractors --lengths 16384 --trials 10 --modes "$TMP/blocks.yaml"
+multikey --lengths 16384 --trials 10 --modes "$TMP/blocks.yaml"
+# 3. 32K, and the XL-only stream of the same local context (speed)
+run --task passkey --lengths 32768 --trials 10 --modes "$TMP/blocks.yaml" --output "$OUT/filler"
 run --task passkey --lengths 32768 --trials 1 --modes "$TMP/xl.yaml" --output "$OUT/filler"
-# 3. pass key in War and Peace with 4 distractor numbers; RULER multikey (numbers)
-run --task passkey --distractors 4 --haystack "$WAP" --lengths 4096 --trials 3 --modes "$TMP/full.yaml" \
-    --output "$OUT/war_and_peace_distractors"
-run --task passkey --distractors 4 --haystack "$WAP" --lengths 16384 --trials 3 --modes "$TMP/blocks.yaml" \
-    --output "$OUT/war_and_peace_distractors"
-run --task niah_multikey --lengths 4096 --trials 3 --modes "$TMP/full.yaml" --output "$OUT/filler"
-run --task niah_multikey --lengths 16384 --trials 3 --modes "$TMP/blocks.yaml" --output "$OUT/filler"
-# 4. the longest: 64K
-run --task passkey --lengths 65536 --trials 1 --modes "$TMP/blocks.yaml" --output "$OUT/filler"
-# 5. UUID values, where block representatives are known to fail: both scoring rules
-run --task niah_multikey_uuids --lengths 4096 --trials 3 --modes "$TMP/full.yaml" --output "$OUT/filler"
-run --task niah_multikey_uuids --lengths 16384 --trials 2 --modes "$TMP/both.yaml" --output "$OUT/filler"
-# 6. smaller blocks (16 x 32 tokens) where 128-token blocks missed: War and Peace with distractors
-run --task passkey --distractors 4 --haystack "$WAP" --lengths 16384 --trials 2 --modes "$TMP/b32.yaml" \
-    --output "$OUT/war_and_peace_distractors"
+distractors --lengths 32768 --trials 5 --modes "$TMP/blocks.yaml"
+multikey --lengths 32768 --trials 5 --modes "$TMP/blocks.yaml"
+# 4. UUID values (where block representatives are known to fail): exact question scoring at 16K
+run --task niah_multikey_uuids --lengths 16384 --trials 3 --modes "$TMP/blocks.yaml" --output "$OUT/filler"
+# 5. 64K
+run --task passkey --lengths 65536 --trials 10 --modes "$TMP/blocks.yaml" --output "$OUT/filler"
+distractors --lengths 65536 --trials 3 --modes "$TMP/blocks.yaml"
+multikey --lengths 65536 --trials 3 --modes "$TMP/blocks.yaml"
+# 6. 4 blocks instead of 8, where they differ (numbers of the same form)
+distractors --lengths 16384 --trials 10 --modes "$TMP/blocks4.yaml"
+multikey --lengths 16384 --trials 10 --modes "$TMP/blocks4.yaml"

@@ -14,7 +14,7 @@ INDEX_BACKENDS = ("torch", "faiss")
 RETRIEVALS = ("tokens", "blocks")
 BLOCK_SCORINGS = ("minmax", "representatives")
 #: the fields of block retrieval: they mean nothing with retrieval="tokens" (and are left out of its fingerprint)
-BLOCK_FIELDS = ("block_size", "top_blocks", "block_scoring", "block_representatives")
+BLOCK_FIELDS = ("block_size", "top_blocks", "block_scoring", "block_representatives", "exact_block_queries")
 MEMORY_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -81,6 +81,11 @@ class MemoryConfig:
         "block_representatives most central keys)", "minmax",
     )
     block_representatives: int = option("keys that represent a block (block_scoring='representatives')", 4)
+    exact_block_queries: int = option(
+        "forwards of at most this many queries per row (a question, each generated token) score every block "
+        "exactly, by the attention it would draw ((1/scale) log sum exp(scale q.k) over its keys) instead of "
+        "block_scoring's summary; longer forwards (the document's segments) use the summary. 0 = never", 64,
+    )
     rmt_tokens: int = option("Recurrent Memory Transformer read/write tokens per segment (0 = off)", 0)
     rmt_bptt_depth: int | None = option(
         "with gradients enabled, cut the graph through RMT memory every k segments; None = never cut", None
@@ -96,7 +101,7 @@ class MemoryConfig:
         self.index_kwargs = dict(self.index_kwargs or {})
         for name, low in (("segment_length", 1), ("xl_length", 0), ("top_k", 1), ("memory_capacity", 1),
                           ("rmt_tokens", 0), ("sink_tokens", 0), ("block_size", 1), ("top_blocks", 1),
-                          ("block_representatives", 1)):
+                          ("block_representatives", 1), ("exact_block_queries", 0)):
             check_integer(name, getattr(self, name), low)
         if not isinstance(self.memory_layers, tuple) or not all(
             isinstance(i, int) and not isinstance(i, bool) for i in self.memory_layers

@@ -106,6 +106,8 @@ def brute_force_choice(keys, first, total, q, scale, block_size, top_blocks, sco
                     if scoring == "minmax":
                         low, high = block.min(dim=0).values, block.max(dim=0).values
                         scores.append(sum(max(query[c] * low[c], query[c] * high[c]) for c in range(dim)))
+                    elif scoring == "exact":  # the attention the block draws, in score units
+                        scores.append(math.log(sum(math.exp(scale * float(query @ key)) for key in block)) / scale)
                     else:
                         mean = block.mean(dim=0)
                         central = sorted(range(len(block)), key=lambda t: -float(block[t] @ mean))[:representatives]
@@ -116,23 +118,29 @@ def brute_force_choice(keys, first, total, q, scale, block_size, top_blocks, sco
     return chosen
 
 
-@pytest.mark.parametrize("scoring", ["minmax", "representatives"])
-def test_the_block_chosen_is_the_one_the_rule_defines(tiny_qwen2, scoring):
-    """Against brute force: memory that wrapped its ring (evicted), a partly filled newest block, grouped heads."""
+@pytest.mark.parametrize("scoring,exact_queries,rule,dtype", [
+    ("minmax", 0, "minmax", torch.float32),
+    ("representatives", 4, "representatives", torch.float32),  # 5 queries: more than exact_queries
+    ("minmax", 5, "exact", torch.float32), ("representatives", 64, "exact", torch.float32),
+    ("minmax", 64, "exact", torch.bfloat16)])
+def test_the_block_chosen_is_the_one_the_rule_defines(tiny_qwen2, scoring, exact_queries, rule, dtype):
+    """Against brute force: memory that wrapped its ring (evicted), a partly filled newest block, grouped heads; a
+    forward of at most exact_queries queries scores exactly, a longer one by block_scoring's summary; a
+    bfloat16 memory is scored from the keys it holds."""
     rotary = tiny_qwen2.model.rotary_emb
     positions = PositionPolicy("rebase", "first", rotary, memory_span=4 * 8)
     memory = BlockMemory(capacity=48, block_size=8, top_blocks=3, scoring=scoring, representatives=3,
-                         dtype=torch.float32, positions=positions, devices={})
+                         exact_queries=exact_queries, dtype=dtype, positions=positions, devices={})
     generator = torch.Generator().manual_seed(0)
-    keys = torch.randn(1, 2, 77, 16, generator=generator)
-    values = torch.randn(1, 2, 77, 16, generator=generator)
+    keys = torch.randn(1, 2, 77, 16, generator=generator).to(dtype).float()  # what memory holds
+    values = torch.randn(1, 2, 77, 16, generator=generator).to(dtype).float()
     for start, stop in ((0, 13), (13, 16), (16, 40), (40, 77)):
         memory.add(0, keys[:, :, start:stop], values[:, :, start:stop])
     layer = memory.blocks[0]
     assert (layer.first, layer.total) == (32, 77)  # 77 - 48 = 29 over capacity: blocks 0..3 left whole
     q = torch.randn(1, 4, 5, 16, generator=generator)
     chosen = memory.select(0, q, local_start=100, scale=0.25, sinks=2)
-    expected = brute_force_choice(keys[0], 32, 77, q[0], 0.25, 8, 3, scoring, 3, 2 + 32 - 1, rotary.inv_freq)
+    expected = brute_force_choice(keys[0], 32, 77, q[0], 0.25, 8, 3, rule, 3, 2 + 32 - 1, rotary.inv_freq)
     assert chosen[0].tolist() == expected
     # read: the chosen blocks' entries in document order, the live ones ending right before the frame (2 + 32)
     got_keys, got_values, live = memory.read(0, q, local_start=100, scale=0.25, sinks=2)
@@ -141,7 +149,9 @@ def test_the_block_chosen_is_the_one_the_rule_defines(tiny_qwen2, scoring):
         assert live[0, kv].tolist() == [e < 77 for e in entries]
         kept = [e for e in entries if e < 77]
         places = torch.arange(34 - len(kept), 34)
-        torch.testing.assert_close(got_keys[0, kv, : len(kept)], turn(keys[0, kv, kept], places, rotary.inv_freq))
+        rotated = turn(keys[0, kv, kept], places, rotary.inv_freq)  # memory rotates in its own dtype
+        tolerance = {} if dtype == torch.float32 else dict(atol=3e-2, rtol=0)
+        torch.testing.assert_close(got_keys[0, kv, : len(kept)], rotated, **tolerance)
         torch.testing.assert_close(got_values[0, kv, : len(kept)], values[0, kv, kept])
 
 
@@ -149,7 +159,7 @@ def test_memory_keeps_the_newest_whole_blocks_through_growth_and_wrapping():
     positions = PositionPolicy("rebase", "first", None)
     for capacity in (24, 64, 4096):
         memory = BlockMemory(capacity=capacity, block_size=8, top_blocks=1, scoring="minmax", representatives=2,
-                             dtype=None, positions=positions, devices={})
+                             exact_queries=0, dtype=None, positions=positions, devices={})
         keys = torch.randn(2, 3, 150, 4)
         start = 0
         for n in (1, 7, 9, 30, 3, 60, 40):
@@ -237,6 +247,8 @@ def test_stored_documents_resume_and_ask_with_block_memory(tmp_path, tokenizer):
     (dict(memory_capacity=36), "memory_capacity"),
     (dict(block_representatives=9), "block_representatives"),
     (dict(block_scoring="mean"), "block_scoring"),
+    (dict(exact_block_queries=-1), "exact_block_queries"),
+    (dict(exact_block_queries=2.5), "exact_block_queries"),
     (dict(retrieval="pages"), "retrieval"),
     (dict(memory_positions="original"), "memory_positions"),
     (dict(distance_cap=64), "distance_cap"),
@@ -264,8 +276,12 @@ def test_token_retrieval_fingerprint_is_what_it_was():
     from memlm.store.store import config_fields
 
     fields = config_fields(MemoryConfig())
-    assert "retrieval" not in fields and "block_size" not in fields
+    assert "retrieval" not in fields and "block_size" not in fields and "exact_block_queries" not in fields
     assert config_fields(MemoryConfig(segment_length=256, **BLOCKS))["retrieval"] == "blocks"
+    # block stores made before exact scoring existed selected as exact_block_queries=0 does, and hash the same
+    assert "exact_block_queries" not in config_fields(MemoryConfig(segment_length=256, exact_block_queries=0,
+                                                                   **BLOCKS))
+    assert config_fields(MemoryConfig(segment_length=256, **BLOCKS))["exact_block_queries"] == 64
 
 
 def test_mistral_sliding_window_and_float32_blocks_run():

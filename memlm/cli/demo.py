@@ -97,9 +97,10 @@ def demo_command(args: argparse.Namespace) -> int:
     config = mem_model.config
     layers = config.memory_layers
     where = f"layer {layers[0]}" if len(layers) == 1 else f"{len(layers)} layers"
+    exact = f"; exact for forwards of <= {config.exact_block_queries} tokens" if config.exact_block_queries else ""
     memory = ("memory off" if not layers else
               f"block memory at {where} ({config.top_blocks} blocks of {config.block_size} tokens, "
-              f"{config.block_scoring}, {config.fusion})" if config.retrieval == "blocks" else
+              f"{config.block_scoring}{exact}, {config.fusion})" if config.retrieval == "blocks" else
               f"kNN memory at {where} (top-k {config.top_k}, {config.fusion})")
     parameters = sum(p.numel() for p in mem_model.model.parameters())
     name = "memlm-tiny" if tiny else entry.title

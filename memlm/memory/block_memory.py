@@ -13,7 +13,12 @@ largest pooled score and attends to them whole:
   ``"minmax"`` (Quest) the upper bound ``sum_c max(q_c min_c, q_c max_c)`` of ``q . k`` over the block's keys,
   from their per-channel minimum and maximum; ``"representatives"`` (InfLLM) the largest ``q . k`` over the
   block's ``block_representatives`` most central keys (largest inner product with the block's mean key: InfLLM
-  picks the keys its following queries attend to most, queries memory does not keep).
+  picks the keys its following queries attend to most, queries memory does not keep). Forwards of at most
+  ``exact_queries`` queries (a question, each generated token) score every block exactly instead, by the attention
+  it would draw: ``(1 / scale) log sum_k exp(scale q . k)`` over its keys (one pass over memory's keys). On real
+  text a block's per-channel range is wide and its central keys are not its rare ones, so both summaries rank the
+  block holding the asked fact far down (``README``, "Block retrieval"); the question is the forward that must find
+  it, and it is short.
 * **Pooling**: each query head spreads one vote over the blocks, ``softmax(scale * score)``, and the votes of the
   chunk's queries and of the query heads that share the key/value head are summed (a question of a few tokens
   outvotes a whole segment of text only where it singles a block out).
@@ -32,6 +37,7 @@ from __future__ import annotations
 import torch
 
 from memlm.positions.policy import PositionPolicy
+from memlm.positions.rotary import apply_rotation
 
 
 class BlockLayer:
@@ -140,8 +146,20 @@ class BlockLayer:
         [b, hkv, m * block_size, d], their entry ids [b, hkv, m * block_size] and whether each is live."""
         ids = (blocks.unsqueeze(-1) * self.block_size + torch.arange(self.block_size, device=blocks.device)).flatten(2)
         live = (ids >= self.first) & (ids < self.total)
-        slots = (ids % self.keys.shape[2]).unsqueeze(-1).expand(-1, -1, -1, self.keys.shape[-1])
-        return self.keys.gather(2, slots), self.values.gather(2, slots), ids, live
+        batch, kv_heads, slots, head_dim = self.keys.shape
+        # whole rows of the flattened buffers (a gather with an index per element costs several times more)
+        rows = (torch.arange(batch * kv_heads, device=ids.device).view(batch, kv_heads, 1) * slots + ids % slots)
+        rows = rows.flatten()
+        keys = self.keys.view(-1, head_dim).index_select(0, rows).view(batch, kv_heads, -1, head_dim)
+        values = self.values.view(-1, head_dim).index_select(0, rows).view(batch, kv_heads, -1, head_dim)
+        return keys, values, ids, live
+
+    def live_slots(self) -> torch.Tensor:
+        """Which slots of the buffers hold live entries: bool [slots] (slot ``s`` holds the entry ``e`` of the live
+        range with ``e % slots == s``, if there is one)."""
+        slots = self.keys.shape[2]
+        ids = self.first + (torch.arange(slots, device=self.keys.device) - self.first) % slots
+        return ids < self.total
 
     def entries(self, row: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Live entries of one row, oldest first: keys, values [kv_heads, n, d] and the id of the first."""
@@ -158,13 +176,32 @@ def block_scores(queries: torch.Tensor, low: torch.Tensor, high: torch.Tensor, c
     return torch.einsum("bhmd,hbnrd->bhmnr", queries, central.transpose(0, 1)).amax(dim=-1)
 
 
+def exact_block_scores(queries: torch.Tensor, keys: torch.Tensor, live: torch.Tensor, block_size: int, scale: float,
+                       max_scores: int = 1 << 23) -> torch.Tensor:
+    """Each query's exact score of each block of the ring, ``(1 / scale) log sum_k exp(scale q . k)`` over the block's
+    live keys (-inf for a block with none): queries [b, hkv, m, d], keys [b, hkv, slots, d] (the ring's buffer, in
+    the queries' dtype), live [slots] -> [b, hkv, m, slots // block_size]. Queries go in chunks whose score block
+    holds at most ``max_scores`` numbers."""
+    batch, kv_heads, m, _ = queries.shape
+    slots = keys.shape[2]
+    chunk = max(1, max_scores // (batch * kv_heads * slots))
+    dead = ~live  # [slots]
+    out = []
+    for start in range(0, m, chunk):
+        scores = queries[:, :, start : start + chunk] @ keys.transpose(-1, -2) * scale  # [b, hkv, chunk, slots]
+        scores = scores.masked_fill_(dead, float("-inf")).unflatten(-1, (slots // block_size, block_size))
+        out.append(scores.logsumexp(dim=-1) / scale)
+    return torch.cat(out, dim=2)
+
+
 class BlockMemory:
     """The block memories of one stream's memory layers (the interface of ``KNNMemory``: add, read, entries)."""
 
     def __init__(self, *, capacity: int, block_size: int, top_blocks: int, scoring: str, representatives: int,
-                 dtype: torch.dtype | None, positions: PositionPolicy, devices: dict[int, torch.device]) -> None:
+                 exact_queries: int, dtype: torch.dtype | None, positions: PositionPolicy,
+                 devices: dict[int, torch.device]) -> None:
         self.capacity, self.block_size, self.top_blocks = capacity, block_size, top_blocks
-        self.scoring, self.representatives = scoring, representatives
+        self.scoring, self.representatives, self.exact_queries = scoring, representatives, exact_queries
         self.dtype = dtype  # None: the dtype of the keys that enter first
         self.positions = positions
         self.devices = devices
@@ -205,14 +242,19 @@ class BlockMemory:
         """The ids [batch, kv_heads, m] (ascending) of the blocks the forward's queries q [b, hq, n, d] select."""
         memory = self.blocks[layer]
         live = memory.live_blocks
-        low, high, central = memory.summaries(live)
         batch, q_heads, n, head_dim = q.shape
-        kv_heads = low.shape[1]
+        kv_heads = memory.keys.shape[1]
         compute = torch.float64 if q.dtype == torch.float64 else torch.float32
         before_local = self.positions.frame(local_start, sinks) - 1
         queries = self.positions.rotate(q.detach().to(compute), -before_local)
         queries = queries.reshape(batch, kv_heads, q_heads // kv_heads * n, head_dim)
-        scores = block_scores(queries, low.to(compute), high.to(compute), central.to(compute), self.scoring)
+        if n <= self.exact_queries:
+            ring = memory.keys.shape[2] // self.block_size
+            scores = exact_block_scores(queries, memory.keys.to(compute), memory.live_slots(), self.block_size, scale)
+            scores = scores[..., torch.arange(live.start, live.stop, device=scores.device) % ring]
+        else:
+            low, high, central = (t.to(compute) for t in memory.summaries(live))
+            scores = block_scores(queries, low, high, central, self.scoring)
         votes = torch.softmax(scores * scale, dim=-1).sum(dim=2)  # [b, hkv, blocks]
         chosen = votes.topk(min(self.top_blocks, len(live)), dim=-1).indices.sort(dim=-1).values
         return chosen + live.start
@@ -230,10 +272,15 @@ class BlockMemory:
         chosen = self.select(layer, q, local_start, scale, sinks)
         keys, values, ids, live = self.blocks[layer].gather(chosen)
         # right before the local context: the live entries end at frame - 1 (only the newest block can be partial,
-        # its free places at its end, so the live entries of each head are contiguous)
-        live_count = live.sum(dim=-1, keepdim=True)  # [b, hkv, 1]
-        places = self.positions.frame(local_start, sinks) - live_count + torch.arange(keys.shape[2], device=keys.device)
-        keys = self.positions.rotate(keys, places).to(q.dtype)
+        # its free places at its end, so the live entries of each head are contiguous); every head's places lie in
+        # frame - span .. frame + span - 1, whose rotations every layer of the forward shares
+        span, frame = keys.shape[2], self.positions.frame(local_start, sinks)
+        compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+        table = self.positions.rotation_table(frame - span, 2 * span, keys.device, compute)
+        if table is not None:
+            index = span - live.sum(dim=-1, keepdim=True) + torch.arange(span, device=keys.device)  # [b, hkv, span]
+            keys = apply_rotation(keys, table[0][index], table[1][index])
+        keys = keys.to(q.dtype)
         if self.selections is not None:
             self.selections.append((layer, chosen))
         if self.retrievals is not None:

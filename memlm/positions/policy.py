@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .rotary import rotate
+from .rotary import rotate, rotation
 
 
 class PositionPolicy:
@@ -41,6 +41,7 @@ class PositionPolicy:
         self.memory_positions = memory_positions
         self.rotary = rotary
         self.memory_span = memory_span
+        self.table: tuple | None = None  # the last rotation_table: its key, the frequencies, cos, sin
 
     @property
     def inv_freq(self) -> torch.Tensor | None:
@@ -68,6 +69,19 @@ class PositionPolicy:
                 return keys
             positions = torch.tensor(positions, device=keys.device)
         return rotate(keys, positions, self.inv_freq)
+
+    def rotation_table(self, first: int, n: int, device: torch.device,
+                       dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """cos, sin [n, rot_dim] of positions first .. first + n - 1 (None without rotary positions), for
+        ``rotary.apply_rotation``. The last table is kept while the same range and frequencies are asked for: block
+        memory rotates what it selects into one range of positions at every layer of a forward."""
+        if self.inv_freq is None:
+            return None
+        key = (first, n, device, dtype)
+        if self.table is None or self.table[0] != key or not torch.equal(self.table[1], self.inv_freq):
+            cos, sin = rotation(torch.arange(first, first + n), self.inv_freq, device, dtype)
+            self.table = (key, self.inv_freq.clone(), cos, sin)
+        return self.table[2], self.table[3]
 
     # ------------------------------------------------------------------ the kNN memory's geometry
 

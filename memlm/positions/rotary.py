@@ -45,13 +45,25 @@ def rotate(keys: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) 
     Angles are computed in float64 (document positions reach millions, where float32 angles are off by
     hundredths of a radian), the rotation in float32 (float64 for float64 keys); returned in the keys' dtype.
     """
-    rot_dim = 2 * inv_freq.shape[0]
     compute = torch.float64 if keys.dtype == torch.float64 else torch.float32
-    where = torch.device("cpu") if keys.device.type == "mps" else keys.device  # MPS has no float64
+    return apply_rotation(keys, *rotation(positions, inv_freq, keys.device, compute))
+
+
+def rotation(positions: torch.Tensor, inv_freq: torch.Tensor, device: torch.device,
+             dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [*positions.shape, rot_dim] of the angles ``positions * inv_freq`` (computed in float64), in
+    ``dtype`` on ``device``: a table ``apply_rotation`` can use for many keys."""
+    where = torch.device("cpu") if device.type == "mps" else device  # MPS has no float64
     angles = positions.to(where, torch.float64).unsqueeze(-1) * inv_freq.to(where, torch.float64)
     angles = torch.cat((angles, angles), dim=-1)
-    cos, sin = angles.cos().to(keys.device, compute), angles.sin().to(keys.device, compute)
-    x = keys.to(compute)
+    return angles.cos().to(device, dtype), angles.sin().to(device, dtype)
+
+
+def apply_rotation(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """keys [..., head_dim] rotated by the angles whose cos, sin [..., rot_dim] (broadcastable) are given, in their
+    dtype; returned in the keys' dtype."""
+    rot_dim = cos.shape[-1]
+    x = keys.to(cos.dtype)
     rotated = x[..., :rot_dim] * cos + rotate_half(x[..., :rot_dim]) * sin
     if rot_dim < keys.shape[-1]:
         rotated = torch.cat((rotated, x[..., rot_dim:]), dim=-1)

@@ -88,7 +88,8 @@ class StreamState:
         elif memory_layers and config.retrieval == "blocks":
             self.memory = BlockMemory(
                 capacity=config.memory_capacity, block_size=config.block_size, top_blocks=config.top_blocks,
-                scoring=config.block_scoring, representatives=config.block_representatives, dtype=memory_dtype,
+                scoring=config.block_scoring, representatives=config.block_representatives,
+                exact_queries=config.exact_block_queries, dtype=memory_dtype,
                 positions=self.positions, devices={layer: devices[layer] for layer in memory_layers},
             )
         elif memory_layers:

@@ -74,11 +74,13 @@ def shaping_config(config) -> dict:
 
 def config_fields(config) -> dict:
     """``config.to_dict()`` as stores made before block retrieval saw it: without the retrieval fields when they hold
-    their defaults (token retrieval)."""
+    their defaults (token retrieval), and as block stores made before ``exact_block_queries`` saw it when it is 0."""
     values = config.to_dict()
     if values["retrieval"] == "tokens":
         for name in ("retrieval", *BLOCK_FIELDS):
             values.pop(name)
+    elif values["exact_block_queries"] == 0:  # block stores made before exact scoring existed selected this way
+        values.pop("exact_block_queries")
     return values
 
 
