@@ -45,6 +45,28 @@ def test_rotation_matches_the_hand_rotation_at_large_and_negative_positions():
     assert PositionPolicy("rebase", "first", None).rotate(keys, 5) is keys  # no rotary: positions live in the states
 
 
+def test_a_rotation_table_rotates_as_the_hand_rotation_and_follows_new_frequencies():
+    """Block memory rotates what it selects from one table per forward: its rows are the hand rotation at their
+    positions (large ones too), and a table asked for again after the frequencies changed in place (dynamic NTK,
+    extend_context) is recomputed."""
+    from memlm.positions.rotary import apply_rotation
+
+    rotary = rotary_module()
+    policy = PositionPolicy("absolute", "first", rotary)
+    keys = torch.randn(5, HEAD_DIM, dtype=torch.float64)
+    for first in (-3, 1_000_000):
+        cos, sin = policy.rotation_table(first, 5, keys.device, torch.float64)
+        for row in range(5):
+            expected = hand_rotate(keys[row], first + row, rotary.inv_freq)
+            torch.testing.assert_close(apply_rotation(keys[row], cos[row], sin[row]), expected, atol=1e-9, rtol=0)
+    assert policy.rotation_table(1_000_000, 5, keys.device, torch.float64)[0] is cos  # kept while nothing changed
+    rotary.inv_freq.mul_(0.5)
+    cos, sin = policy.rotation_table(1_000_000, 5, keys.device, torch.float64)
+    expected = hand_rotate(keys[2], 1_000_002, rotary.inv_freq)
+    torch.testing.assert_close(apply_rotation(keys[2], cos[2], sin[2]), expected, atol=1e-9, rtol=0)
+    assert PositionPolicy("rebase", "first", None).rotation_table(0, 5, keys.device, torch.float64) is None
+
+
 @pytest.mark.parametrize(("position_mode", "memory_positions"),
                          list(itertools.product(("rebase", "absolute"), ("first", "original"))))
 def test_search_picks_the_brute_force_top_k_under_the_attention_score(position_mode, memory_positions):
