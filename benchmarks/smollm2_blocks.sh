@@ -29,17 +29,15 @@ run --task niah_multikey_uuids --lengths 4096 --trials 5 --modes "$TMP/full.yaml
 run --task passkey --lengths 16384 --trials 20 --modes "$TMP/blocks.yaml" --output "$OUT/filler"
 distractors --lengths 16384 --trials 10 --modes "$TMP/blocks.yaml"
 multikey --lengths 16384 --trials 10 --modes "$TMP/blocks.yaml"
-# 3. 32K, and the XL-only stream of the same local context (speed)
+# 3. 32K, and the XL-only stream of the same local context (speed); the pass key at 64K
 run --task passkey --lengths 32768 --trials 10 --modes "$TMP/blocks.yaml" --output "$OUT/filler"
 run --task passkey --lengths 32768 --trials 1 --modes "$TMP/xl.yaml" --output "$OUT/filler"
-distractors --lengths 32768 --trials 5 --modes "$TMP/blocks.yaml"
-multikey --lengths 32768 --trials 5 --modes "$TMP/blocks.yaml"
-# 4. UUID values (where block representatives are known to fail): exact question scoring at 16K
+run --task passkey --lengths 65536 --trials 3 --modes "$TMP/blocks.yaml" --output "$OUT/filler"
+distractors --lengths 32768 --trials 3 --modes "$TMP/blocks.yaml"
+multikey --lengths 32768 --trials 3 --modes "$TMP/blocks.yaml"
+# 4. what did not fit one session on a 2-core CPU: UUID values at 16K, more trials at 64K, 4 blocks instead of 8
 run --task niah_multikey_uuids --lengths 16384 --trials 3 --modes "$TMP/blocks.yaml" --output "$OUT/filler"
-# 5. 64K
-run --task passkey --lengths 65536 --trials 10 --modes "$TMP/blocks.yaml" --output "$OUT/filler"
 distractors --lengths 65536 --trials 3 --modes "$TMP/blocks.yaml"
 multikey --lengths 65536 --trials 3 --modes "$TMP/blocks.yaml"
-# 6. 4 blocks instead of 8, where they differ (numbers of the same form)
 distractors --lengths 16384 --trials 10 --modes "$TMP/blocks4.yaml"
 multikey --lengths 16384 --trials 10 --modes "$TMP/blocks4.yaml"

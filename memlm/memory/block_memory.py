@@ -215,6 +215,7 @@ class BlockMemory:
         # set to a list to record every read: entry ids [b, hq, n, m] and attention logits [b, hq, n, m]
         self.retrievals: list | None = None
         self.selections: list | None = None  # set to a list to record (layer, selected block ids [b, hkv, m])
+        self.queries: list | None = None  # set to a list to record (layer, block_queries) of every selection
 
     @property
     def layers(self) -> list[int]:
@@ -240,24 +241,38 @@ class BlockMemory:
 
     def select(self, layer: int, q: torch.Tensor, local_start: int, scale: float, sinks: int = 0) -> torch.Tensor:
         """The ids [batch, kv_heads, m] (ascending) of the blocks the forward's queries q [b, hq, n, d] select."""
-        memory = self.blocks[layer]
-        live = memory.live_blocks
-        batch, q_heads, n, head_dim = q.shape
-        kv_heads = memory.keys.shape[1]
-        compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-        before_local = self.positions.frame(local_start, sinks) - 1
-        queries = self.positions.rotate(q.detach().to(compute), -before_local)
-        queries = queries.reshape(batch, kv_heads, q_heads // kv_heads * n, head_dim)
-        if n <= self.exact_queries:
-            ring = memory.keys.shape[2] // self.block_size
-            scores = exact_block_scores(queries, memory.keys.to(compute), memory.live_slots(), self.block_size, scale)
-            scores = scores[..., torch.arange(live.start, live.stop, device=scores.device) % ring]
-        else:
-            low, high, central = (t.to(compute) for t in memory.summaries(live))
-            scores = block_scores(queries, low, high, central, self.scoring)
-        votes = torch.softmax(scores * scale, dim=-1).sum(dim=2)  # [b, hkv, blocks]
+        queries = self.block_queries(layer, q, local_start, sinks)
+        if self.queries is not None:
+            self.queries.append((layer, queries))
+        votes = self.votes(layer, queries, scale, "exact" if q.shape[2] <= self.exact_queries else self.scoring)
+        live = self.blocks[layer].live_blocks
         chosen = votes.topk(min(self.top_blocks, len(live)), dim=-1).indices.sort(dim=-1).values
         return chosen + live.start
+
+    def block_queries(self, layer: int, q: torch.Tensor, local_start: int, sinks: int = 0) -> torch.Tensor:
+        """Queries q [b, hq, n, d] (at their positions) as blocks are scored: rotated as if a block stood right
+        before the local context, the query heads of each key/value head together -> [b, hkv, hq / hkv * n, d]
+        (float32; float64 for float64)."""
+        batch, q_heads, n, head_dim = q.shape
+        kv_heads = self.blocks[layer].keys.shape[1]
+        compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+        queries = self.positions.rotate(q.detach().to(compute), 1 - self.positions.frame(local_start, sinks))
+        return queries.reshape(batch, kv_heads, q_heads // kv_heads * n, head_dim)
+
+    def votes(self, layer: int, queries: torch.Tensor, scale: float, rule: str) -> torch.Tensor:
+        """Each live block's vote [b, hkv, blocks] under ``rule`` (``"minmax"``, ``"representatives"``, ``"exact"``):
+        every query of ``block_queries`` spreads one vote over the blocks, softmax(scale * score), summed."""
+        memory = self.blocks[layer]
+        live = memory.live_blocks
+        if rule == "exact":
+            ring = memory.keys.shape[2] // self.block_size
+            keys = memory.keys.to(queries.dtype)
+            scores = exact_block_scores(queries, keys, memory.live_slots(), self.block_size, scale)
+            scores = scores[..., torch.arange(live.start, live.stop, device=scores.device) % ring]
+        else:
+            low, high, central = (t.to(queries.dtype) for t in memory.summaries(live))
+            scores = block_scores(queries, low, high, central, rule)
+        return torch.softmax(scores * scale, dim=-1).sum(dim=2)
 
     def read(self, layer: int, q: torch.Tensor, local_start: int, scale: float, sinks: int = 0):
         """The selected blocks, rotated to where the attention puts them (``sinks``: sink tokens in front of the
