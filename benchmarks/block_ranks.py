@@ -1,0 +1,88 @@
+"""Which block-scoring rule finds the asked fact: the rank of the needle's block when the question selects.
+
+    python benchmarks/block_ranks.py [--haystack ../shared/data/war_and_peace.txt] [--length 8192] [--trials 4]
+                                     [--task passkey --distractors 4 | --task niah_multikey] [--dtype float32]
+
+For each trial a haystack is streamed through the model's default memory (block retrieval, ``memlm.models``), then
+the question is fed once with the memory recording its queries (``BlockMemory.queries``). At every memory layer
+and key/value head the live blocks are ranked by each rule's vote (``BlockMemory.votes``: Quest's ``minmax`` bound,
+InfLLM's ``representatives``, the ``exact`` attention mass), and the rank of the block holding the asked needle (its
+first token) is kept. Prints, per rule, how often that block is among the 4 / 8 best of a layer and head, its median
+rank, and the layer.head pairs that rank it among the 4 best in every trial (a probe of the heads that retrieve;
+the first 12 listed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from collections import defaultdict
+
+import torch
+
+from memlm.eval.tasks import Haystack, make_sample
+from memlm.models import load_model
+
+RULES = ("minmax", "representatives", "exact")
+
+
+def needle_token(tokenizer, context: str, offset: int) -> int:
+    """The index of the token holding character ``offset`` of ``context`` (as a session tokenizes it)."""
+    spans = tokenizer(context, return_offsets_mapping=True, add_special_tokens=False)["offset_mapping"]
+    return next(i for i, (_, end) in enumerate(spans) if end > offset)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--haystack", help="a text whose sentences make the haystack (default: the filler)")
+    parser.add_argument("--task", default="passkey", choices=("passkey", "niah_multikey", "niah_multikey_uuids"))
+    parser.add_argument("--distractors", type=int, default=4, help="passkey: distractor numbers")
+    parser.add_argument("--length", type=int, default=8192)
+    parser.add_argument("--trials", type=int, default=4)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    args = parser.parse_args()
+    from machine import describe
+
+    mem_model, tokenizer = load_model(args.model, dtype=args.dtype)
+    haystack = Haystack.from_file(args.haystack) if args.haystack else Haystack()
+    options = {"distractors": args.distractors} if args.task == "passkey" else {}
+    ranks: dict[str, list[int]] = defaultdict(list)  # rule -> the needle block's rank at every layer, head, trial
+    top4: dict[str, dict[tuple[int, int], int]] = defaultdict(lambda: defaultdict(int))
+    blocks = []
+    for trial in range(args.trials):
+        sample = make_sample(args.task, tokenizer, haystack, args.length, None, trial, **options)
+        needle = needle_token(tokenizer, sample.context, sample.needles[0])
+        with torch.no_grad(), mem_model.session() as session:
+            session.feed(sample.context, final=True)
+            memory = session.state.memory
+            memory.queries = []
+            session.feed(" " + sample.question)
+            for layer, queries in memory.queries:
+                live = memory.blocks[layer].live_blocks
+                block = (needle - memory.memory_start) // memory.block_size - live.start
+                if not 0 <= block < len(live):
+                    continue  # the needle is still in the local context
+                for rule in RULES:
+                    order = memory.votes(layer, queries, 1 / queries.shape[-1] ** 0.5, rule)[0].argsort(
+                        dim=-1, descending=True)  # [hkv, blocks]
+                    for head, rank in enumerate((order == block).float().argmax(dim=-1).tolist()):
+                        ranks[rule].append(rank)
+                        top4[rule][(layer, head)] += rank < 4
+            blocks.append(len(live))
+    print(f"{describe()}; {args.model}, {args.dtype}; {args.task} (distractors: {options.get('distractors', 0)}) in "
+          f"{args.haystack or 'filler'}, {args.length:,} tokens, {args.trials} trials, {statistics.fmean(blocks):.0f} "
+          "blocks of memory\n")
+    print("| rule | needle's block in the 4 best | in the 8 best | median rank | layer/heads with it in the 4 best "
+          "every trial |")
+    print("|---|---|---|---|---|")
+    for rule in RULES:
+        found = ranks[rule]
+        always = sorted(key for key, hits in top4[rule].items() if hits == args.trials)
+        heads = ", ".join(f"{layer}.{head}" for layer, head in always[:12]) + (", ..." if len(always) > 12 else "")
+        print(f"| {rule} | {sum(r < 4 for r in found) / len(found):.0%} | {sum(r < 8 for r in found) / len(found):.0%} "
+              f"| {statistics.median(found):.0f} | {len(always)}: {heads} |")
+
+
+if __name__ == "__main__":
+    main()
