@@ -210,3 +210,26 @@ def test_bad_block_inputs_say_what_was_expected():
         attention_block(q, random(1, 2, 5, 8), random(1, 2, 5, 8), mask=torch.ones(3, 5))
     with pytest.raises(ValueError, match="does not broadcast"):
         attention_block(q, random(1, 2, 5, 8), random(1, 2, 5, 8), mask=torch.ones(3, 4, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("n,ctx", [(7, 7), (7, 19), (1, 12)])
+def test_joint_memory_attention_by_flash_blocks_is_the_reference(n, ctx, monkeypatch):
+    """Block retrieval's joint softmax over [shared memory ; cache ; causal segment] as torch's flash blocks equals
+    the reference (float64), with grouped heads, absent entries and a key/value head with no memory at all; auto
+    takes it without a graph only, and a forced flash path refuses what it cannot compute."""
+    from memlm.kernels import memory_attention, select_kernel
+
+    generator = torch.Generator().manual_seed(n + ctx)
+    q = torch.randn(2, 6, n, 16, generator=generator, dtype=torch.float64)
+    k, v = (torch.randn(2, 3, ctx, 16, generator=generator, dtype=torch.float64) for _ in range(2))
+    mem_k, mem_v = (torch.randn(2, 3, 10, 16, generator=generator, dtype=torch.float64) for _ in range(2))
+    mem_mask = torch.rand(2, 3, 10, generator=generator) > 0.3
+    mem_mask[1, 2] = False
+    args = dict(q=q, k=k, v=v, mem_k=mem_k, mem_v=mem_v, mem_mask=mem_mask, fusion="joint")
+    assert select_kernel(**args) == "flash"
+    torch.testing.assert_close(memory_attention(**args), memory_attention_ref(**args), atol=1e-12, rtol=0)
+    assert select_kernel(**{**args, "q": q.clone().requires_grad_()}) == "ref"  # training keeps the reference
+    assert select_kernel(**{**args, "fusion": "gate", "gate": torch.zeros(6)}) == "ref"
+    monkeypatch.setenv("MEMLM_KERNEL", "flash")
+    with pytest.raises(ValueError, match="MEMLM_KERNEL=flash runs the joint fusion over shared memory"):
+        memory_attention(**{**args, "fusion": "gate", "gate": torch.zeros(6, dtype=torch.float64)})

@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from .blocks import additive_mask, attention_block, check_block_args
+from .blocks import additive_mask, attention_block, check_block_args, merge_blocks
 
 #: the most score elements the pure-torch backward computes at once (16 MiB in float32)
 BLOCK_SCORES = 1 << 22
@@ -215,3 +215,23 @@ def reference_backward(q, k, v, out, lse, d_out, d_lse, mask, causal: bool, scal
         dk[:, :, :keys] += (d_scores.transpose(-1, -2) @ qg[:, :, :, a:e]).sum(2)
         dv[:, :, :keys] += (probs.transpose(-1, -2) @ d_out[:, :, :, a:e]).sum(2)
     return dq.flatten(1, 2), dk, dv
+
+
+def joint_memory_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mem_k: torch.Tensor, mem_v: torch.Tensor,
+                           mem_mask: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
+    """``memory_attention_ref(..., fusion="joint", causal=True)`` with shared memory, from ``flash_block``s.
+
+    One softmax over [memory ; local context] is the merge of three blocks: the memory mem_k, mem_v [b, hkv, m, d]
+    (mem_mask [b, hkv, m], False = absent), the local keys before the segment (seen whole) and the segment's
+    own keys (a square causal block), q [b, hq, n, d] being the last n of the ctx local keys k, v [b, hkv, ctx, d].
+    The same result without a score matrix: on CPU torch's flash kernel computes each block ~2.5x faster than
+    ``attention_block``. Returns [b, hq, n, d] in q's dtype.
+    """
+    n, ctx = q.shape[2], k.shape[2]
+    group = q.shape[1] // k.shape[1]
+    mask = None if mem_mask is None else mem_mask.repeat_interleave(group, dim=1)[:, :, None]  # [b, hq, 1, m]
+    out, lse = flash_block(q, mem_k.to(q.dtype), mem_v.to(q.dtype), mask, scale=scale)
+    if ctx > n:
+        out, lse = merge_blocks(out, lse, *flash_block(q, k[:, :, : ctx - n], v[:, :, : ctx - n], scale=scale))
+    return merge_blocks(out, lse, *flash_block(q, k[:, :, ctx - n :], v[:, :, ctx - n :], causal=True,
+                                              scale=scale))[0]

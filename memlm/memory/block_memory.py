@@ -293,8 +293,13 @@ class BlockMemory:
         compute = torch.float64 if q.dtype == torch.float64 else torch.float32
         table = self.positions.rotation_table(frame - span, 2 * span, keys.device, compute)
         if table is not None:
-            index = span - live.sum(dim=-1, keepdim=True) + torch.arange(span, device=keys.device)  # [b, hkv, span]
-            keys = apply_rotation(keys, table[0][index], table[1][index])
+            live_count = live.sum(dim=-1, keepdim=True)  # [b, hkv, 1]
+            if bool((live_count == live_count.flatten()[0]).all()):  # the usual case: one range for every head
+                start = span - int(live_count.flatten()[0])
+                keys = apply_rotation(keys, table[0][start : start + span], table[1][start : start + span])
+            else:
+                index = span - live_count + torch.arange(span, device=keys.device)  # [b, hkv, span]
+                keys = apply_rotation(keys, table[0][index], table[1][index])
         keys = keys.to(q.dtype)
         if self.selections is not None:
             self.selections.append((layer, chosen))
