@@ -151,6 +151,45 @@ def test_runner_answers_the_same_samples_in_every_mode_one_file_per_cell(tiny_ll
     assert "| passkey | memory-reset |" in table and "400" in table
 
 
+def test_a_cell_is_written_per_batch_and_a_rerun_answers_only_the_trials_it_lacks(tiny_llama, tokenizer, haystack,
+                                                                                  tmp_path, monkeypatch):
+    mem_model = attach(tiny_llama, MemoryConfig(segment_length=64, xl_length=64, memory_layers=(1,), top_k=8),
+                       tokenizer=tokenizer)
+    modes = runner.parse_modes("memory,memory-other")
+    models = {mode.name: mem_model for mode in modes}
+    run_cell, answered = runner.run_cell, []
+
+    def counting(model, samples, group, *args):
+        answered.append(([s.seed for s in samples], [m.name for m in group]))
+        if len(answered) == 3:
+            raise KeyboardInterrupt  # killed in the middle of the cell
+        return run_cell(model, samples, group, *args)
+
+    monkeypatch.setattr(runner, "run_cell", counting)
+    cell = {"tasks": ["passkey"], "lengths": [300], "depths": [0.5], "haystack": haystack, "output": tmp_path}
+    seeds = [runner.cell_seed("passkey", 300, 0.5, k) for k in range(5)]
+    with pytest.raises(KeyboardInterrupt):
+        runner.evaluate(models, tokenizer, trials=3, modes=modes[:1], **cell)
+    path = tmp_path / "passkey" / "memory" / "L300_d0.5.json"
+    assert [r["seed"] for r in json.loads(path.read_text())["records"]] == seeds[:2]  # the two answered kept
+    answered.clear()
+    summary, = runner.evaluate(models, tokenizer, trials=4, modes=modes[:1], **cell)
+    assert answered == [([seeds[2]], ["memory"]), ([seeds[3]], ["memory"])]  # only the trials the file lacks
+    assert [r["seed"] for r in summary["records"]] == seeds[:4] and summary["trials"] == 4
+    assert json.loads(path.read_text())["trials"] == 4
+    answered.clear()
+    summary, = runner.evaluate(models, tokenizer, trials=2, modes=modes[:1], **cell)
+    assert answered == [] and [r["seed"] for r in summary["records"]] == seeds[:2]
+    # "other" pairs each sample with its neighbour's haystack: its cell is answered whole (with "memory"'s fifth)
+    runner.evaluate(models, tokenizer, trials=2, modes=modes[1:], **cell)
+    answered.clear()
+    by_mode = {s["mode"]: s for s in runner.evaluate(models, tokenizer, trials=5, modes=modes, **cell)}
+    assert answered == [(seeds, ["memory", "memory-other"])]
+    outputs = [r["output"] for r in summary["records"]]
+    assert [r["output"] for r in by_mode["memory"]["records"][:2]] == outputs  # the same samples, the same answers
+    assert by_mode["memory-other"]["trials"] == by_mode["memory"]["trials"] == 5
+
+
 def test_controls_stream_another_haystack_or_empty_the_memory(tiny_llama, tokenizer, haystack, monkeypatch):
     """One feed per haystack serves the three modes: ``other`` asks sample i after sample i+1's haystack, ``reset``
     asks after the memory was emptied; each answers as a session of its own would."""

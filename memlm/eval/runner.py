@@ -5,8 +5,9 @@ cell and trial, so cells never share keys), and every mode answers the same samp
 ``MemoryConfig`` override of the model (``memory``: as trained; ``xl-only``: no kNN memory; ``off``: no XL
 cache and no memory, the model sees one segment) plus, optionally, a control that shows memory is what
 helps: ``reset`` empties the kNN memory between the haystack and the question, ``other`` streams another
-sample's haystack (another key) before this sample's question. One JSON file per (task, mode, cell) is
-written as it finishes; a rerun skips the files that exist.
+sample's haystack (another key) before this sample's question. One JSON file per (task, mode, cell) holds the
+records answered so far, rewritten after each batch of samples; a rerun answers only the trials its files lack
+(a killed run resumes, ``--trials 20`` after ``--trials 10`` runs ten more).
 
 ``perplexity`` streams a text and reports the mean next-token loss by the token's distance from the
 document start (Memorizing Transformers' figure), per mode.
@@ -161,7 +162,8 @@ def evaluate(models: dict[str, object] | Callable[[Mode], object], tokenizer, *,
     """Every (task, length, depth) cell, ``trials`` samples each, answered in every mode; returns the cell
     summaries ``{task, mode, length, depth, trials, accuracy, records}``. ``models``: mode name -> memory model,
     or a function making one for a ``Mode``. With ``output``, each summary is written to
-    ``output/task/mode/L{length}_d{depth}.json`` as it finishes and existing files are read instead of rerun.
+    ``output/task/mode/L{length}_d{depth}.json`` after each batch of samples, and the trials a file holds are read
+    instead of rerun (its first ``trials`` records, when it holds more).
     ``batch_size``: samples of a cell answered as the rows of one session (faster on a real model; same answers).
     Modes that differ only in their control share one model and each haystack's prefill (``run_cell``). A mode's
     cells longer than its ``max_length`` are skipped."""
@@ -189,37 +191,39 @@ def evaluate(models: dict[str, object] | Callable[[Mode], object], tokenizer, *,
     bar = tqdm(total=len(cells) * len(modes), unit="cell", disable=not progress, desc="memlm eval")
     summaries = []
     for task, length, depth in cells:
+        seeds = [cell_seed(task, length, depth, k) for k in range(trials)]
+        done: dict[str, list[dict]] = {}  # mode name -> the records its file already holds (the first trials)
         pending: dict[int, list[Mode]] = {}  # the modes to run, by the model they share
         for mode in modes:
             if mode.max_length is not None and length > mode.max_length:
                 bar.update(1)
                 continue
-            path = cell_path(output, task, mode, length, depth)
-            if path is not None and path.is_file():
-                summaries.append(json.loads(path.read_text()))
+            stored = read_cell(cell_path(output, task, mode, length, depth), seeds, mode)
+            if len(stored) >= trials:
+                summaries.append(cell_summary(task, mode, length, depth, haystack, stored[:trials]))
                 bar.update(1)
                 continue
+            done[mode.name] = stored
             pending.setdefault(id(model_for(mode)), []).append(mode)
         if not pending:
             continue
         options = (task_options or {}).get(task, {})
-        samples = [make_sample(task, tokenizer, haystack, length, depth, cell_seed(task, length, depth, k), **options)
-                   for k in range(trials)]
+        samples = [make_sample(task, tokenizer, haystack, length, depth, seed, **options) for seed in seeds]
         # "other" with one trial streams a spare haystack (another key, the same length)
         spare = make_sample(task, tokenizer, haystack, length, depth, cell_seed(task, length, depth, -1), **options)
         for group in pending.values():
-            results = run_cell(model_for(group[0]), samples, group, batch_size, spare)
+            # a cell grows and is written a batch of samples at a time (a killed run resumes at its next sample);
+            # "other" pairs neighbouring samples, so a group with it answers the whole cell at once
+            pairs = any(mode.control == "other" for mode in group)
+            first, step = (0, trials) if pairs else (min(len(done[mode.name]) for mode in group), batch_size)
+            for start in range(first, trials, step):
+                results = run_cell(model_for(group[0]), samples[start : start + step], group, batch_size, spare)
+                for mode in group:
+                    done[mode.name][start : start + step] = results[mode.name]
+                    write_cell(cell_path(output, task, mode, length, depth),
+                               cell_summary(task, mode, length, depth, haystack, done[mode.name]))
             for mode in group:
-                records = results[mode.name]
-                summary = {"task": task, "mode": mode.name, "length": length, "depth": depth, "trials": trials,
-                           "haystack": haystack.name, "accuracy": statistics.fmean(r["score"] for r in records),
-                           "records": records}
-                path = cell_path(output, task, mode, length, depth)
-                if path is not None:
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    path.with_suffix(".tmp").write_text(json.dumps(summary, indent=1))
-                    path.with_suffix(".tmp").replace(path)  # a cell is written whole or not at all
-                summaries.append(summary)
+                summaries.append(cell_summary(task, mode, length, depth, haystack, done[mode.name]))
                 bar.update(1)
     bar.close()
     return summaries
@@ -242,6 +246,31 @@ def asked_on(haystack: int, n: int, control: str | None) -> int | None:
 
 def cell_path(output: str | Path | None, task: str, mode: Mode, length: int, depth: float | None) -> Path | None:
     return None if output is None else Path(output) / task / mode.name / f"L{length}_d{depth}.json"
+
+
+def read_cell(path: Path | None, seeds: list[int], mode: Mode) -> list[dict]:
+    """The records of a cell's file that answer the first of ``seeds`` (all of them, or none where the file's
+    seeds differ or ``mode`` pairs samples with their neighbours and the file holds fewer than asked)."""
+    if path is None or not path.is_file():
+        return []
+    records = json.loads(path.read_text())["records"]
+    if [r["seed"] for r in records[: len(seeds)]] != seeds[: len(records)]:
+        return []
+    return records if len(records) >= len(seeds) or mode.control != "other" else []
+
+
+def cell_summary(task: str, mode: Mode, length: int, depth: float | None, haystack: Haystack,
+                 records: list[dict]) -> dict:
+    return {"task": task, "mode": mode.name, "length": length, "depth": depth, "trials": len(records),
+            "haystack": haystack.name, "accuracy": statistics.fmean(r["score"] for r in records), "records": records}
+
+
+def write_cell(path: Path | None, summary: dict) -> None:
+    """Write a cell's summary whole (through a temporary file: a killed run leaves the last complete one)."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.with_suffix(".tmp").write_text(json.dumps(summary, indent=1))
+        path.with_suffix(".tmp").replace(path)
 
 
 # ------------------------------------------------------------------------------------ perplexity

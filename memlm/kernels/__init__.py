@@ -69,7 +69,7 @@ def select_kernel(q, k, v, mem_k=None, mem_v=None, mem_mask=None, gate=None, fus
         raise ValueError(f"MEMLM_KERNEL={choice}: the fused kernels compute no sliding window, softcap, sinks or "
                          "dropout; unset MEMLM_KERNEL to use the reference for this model")
     # flash: joint fusion over shared memory (block retrieval), causal, without a graph (inference), on CPU
-    flash = (fusion == "joint" and causal and getattr(mem_k, "dim", lambda: 0)() == 4 and cpu_kernels(q) is not None
+    flash = (fusion == "joint" and causal and mem_k is not None and mem_k.dim() == 4 and cpu_kernels(q) is not None
              and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, mem_k, mem_v))))
     if choice == "flash" and not flash:
         raise ValueError("MEMLM_KERNEL=flash runs the joint fusion over shared memory (block retrieval), causal, "
