@@ -21,23 +21,26 @@ subset full full; subset blocks blocks; subset xl xl-only; subset blocks4 blocks
 run() { .venv/bin/memlm eval --model smollm2 --dtype "$DTYPE" --depths random "$@"; }
 distractors() { run --task passkey --distractors 4 --haystack "$WAP" --output "$OUT/war_and_peace_distractors" "$@"; }
 multikey() { run --task niah_multikey --output "$OUT/filler" "$@"; }
+# Cells grow: a rerun with more --trials answers only the trials a cell's file lacks.
 # 1. the baselines: the model's own attention at 4K on each kind of haystack
-distractors --lengths 4096 --trials 10 --modes "$TMP/full.yaml"
-multikey --lengths 4096 --trials 10 --modes "$TMP/full.yaml"
+distractors --lengths 4096 --trials 20 --modes "$TMP/full.yaml"
+multikey --lengths 4096 --trials 20 --modes "$TMP/full.yaml"
 run --task niah_multikey_uuids --lengths 4096 --trials 5 --modes "$TMP/full.yaml" --output "$OUT/filler"
 # 2. 16K: the pass key in filler (20 trials), the tasks with numbers of the same form
 run --task passkey --lengths 16384 --trials 20 --modes "$TMP/blocks.yaml" --output "$OUT/filler"
-distractors --lengths 16384 --trials 10 --modes "$TMP/blocks.yaml"
-multikey --lengths 16384 --trials 10 --modes "$TMP/blocks.yaml"
+multikey --lengths 16384 --trials 20 --modes "$TMP/blocks.yaml"
+distractors --lengths 16384 --trials 20 --modes "$TMP/blocks.yaml"
 # 3. 32K, and the XL-only stream of the same local context (speed); the pass key at 64K
 run --task passkey --lengths 32768 --trials 10 --modes "$TMP/blocks.yaml" --output "$OUT/filler"
 run --task passkey --lengths 32768 --trials 1 --modes "$TMP/xl.yaml" --output "$OUT/filler"
-run --task passkey --lengths 65536 --trials 3 --modes "$TMP/blocks.yaml" --output "$OUT/filler"
-distractors --lengths 32768 --trials 3 --modes "$TMP/blocks.yaml"
-multikey --lengths 32768 --trials 3 --modes "$TMP/blocks.yaml"
-# 4. what did not fit one session on a 2-core CPU: UUID values at 16K, more trials at 64K, 4 blocks instead of 8
+distractors --lengths 32768 --trials 5 --modes "$TMP/blocks.yaml"
+multikey --lengths 32768 --trials 5 --modes "$TMP/blocks.yaml"
+run --task passkey --lengths 65536 --trials 10 --modes "$TMP/blocks.yaml" --output "$OUT/filler"
+# 4. UUID values at 16K; 64K with distractors; 4 blocks instead of 8; then more trials where time allows
 run --task niah_multikey_uuids --lengths 16384 --trials 3 --modes "$TMP/blocks.yaml" --output "$OUT/filler"
 distractors --lengths 65536 --trials 3 --modes "$TMP/blocks.yaml"
 multikey --lengths 65536 --trials 3 --modes "$TMP/blocks.yaml"
 distractors --lengths 16384 --trials 10 --modes "$TMP/blocks4.yaml"
 multikey --lengths 16384 --trials 10 --modes "$TMP/blocks4.yaml"
+distractors --lengths 32768,65536 --trials 10 --modes "$TMP/blocks.yaml"
+multikey --lengths 32768,65536 --trials 10 --modes "$TMP/blocks.yaml"

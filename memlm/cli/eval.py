@@ -16,8 +16,8 @@ def add_commands(commands) -> None:
     parser = commands.add_parser(
         "eval", help="run long-context tasks (passkey, RULER, lines, BABILong, perplexity) in several modes",
         description="Hide facts in haystacks of real text, stream them through the model in each mode and score "
-        "the answers. One JSON file per cell in --output (a rerun skips finished cells), a markdown table on "
-        "stdout, PNG plots with --plot.",
+        "the answers. One JSON file per cell in --output (a rerun answers only the trials a file lacks), a markdown "
+        "table on stdout, PNG plots with --plot.",
     )
     parser.add_argument("--task", default="passkey",
                         help=f"comma-separated tasks: {', '.join(sorted(TASKS))}, perplexity (default passkey)")
