@@ -17,7 +17,7 @@ modes = yaml.safe_load(open(sys.argv[1]))
 yaml.safe_dump({name: modes[name] for name in sys.argv[3:]}, open(sys.argv[2], "w"))
 PY
 }
-subset full full; subset blocks blocks; subset xl xl-only; subset blocks4 blocks-4
+subset full full; subset blocks blocks; subset both full blocks; subset xl xl-only; subset blocks4 blocks-4
 run() { .venv/bin/memlm eval --model smollm2 --dtype "$DTYPE" --depths random "$@"; }
 distractors() { run --task passkey --distractors 4 --haystack "$WAP" --output "$OUT/war_and_peace_distractors" "$@"; }
 multikey() { run --task niah_multikey --output "$OUT/filler" "$@"; }
@@ -30,6 +30,11 @@ run --task niah_multikey_uuids --lengths 4096 --trials 5 --modes "$TMP/full.yaml
 run --task passkey --lengths 16384 --trials 20 --modes "$TMP/blocks.yaml" --output "$OUT/filler"
 multikey --lengths 16384 --trials 20 --modes "$TMP/blocks.yaml"
 distractors --lengths 16384 --trials 20 --modes "$TMP/blocks.yaml"
+# the same haystacks through the model's own attention and block retrieval: multikey at 4K, both tasks at 8K (the
+# model's whole window)
+multikey --lengths 4096 --trials 10 --modes "$TMP/blocks.yaml"
+distractors --lengths 8192 --trials 8 --modes "$TMP/both.yaml"
+multikey --lengths 8192 --trials 8 --modes "$TMP/both.yaml"
 # 3. 32K, and the XL-only stream of the same local context (speed); the pass key at 64K
 run --task passkey --lengths 32768 --trials 10 --modes "$TMP/blocks.yaml" --output "$OUT/filler"
 run --task passkey --lengths 32768 --trials 1 --modes "$TMP/xl.yaml" --output "$OUT/filler"
