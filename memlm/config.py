@@ -14,7 +14,8 @@ INDEX_BACKENDS = ("torch", "faiss")
 RETRIEVALS = ("tokens", "blocks")
 BLOCK_SCORINGS = ("minmax", "representatives")
 #: the fields of block retrieval: they mean nothing with retrieval="tokens" (and are left out of its fingerprint)
-BLOCK_FIELDS = ("block_size", "top_blocks", "block_scoring", "block_representatives", "exact_block_queries")
+BLOCK_FIELDS = ("block_size", "top_blocks", "block_scoring", "block_representatives", "exact_block_queries",
+                "hold_blocks")
 MEMORY_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -86,6 +87,12 @@ class MemoryConfig:
         "exactly, by the attention it would draw ((1/scale) log sum exp(scale q.k) over its keys) instead of "
         "block_scoring's summary; longer forwards (the document's segments) use the summary. 0 = never", 64,
     )
+    hold_blocks: bool = option(
+        "a forward of one token per row (a generated token) reads the blocks the last longer forward (the prompt) "
+        "selected while memory holds the same entries, instead of selecting by its one query: the answer reads "
+        "what its question chose (a digit's own query selects the blocks full of numbers) and skips the scoring. "
+        "False: every forward selects for itself", True,
+    )
     rmt_tokens: int = option("Recurrent Memory Transformer read/write tokens per segment (0 = off)", 0)
     rmt_bptt_depth: int | None = option(
         "with gradients enabled, cut the graph through RMT memory every k segments; None = never cut", None
@@ -130,6 +137,8 @@ class MemoryConfig:
                              "tokens")
         if self.memory_dtype is not None and self.memory_dtype not in MEMORY_DTYPES:
             raise ValueError(f"memory_dtype must be None or one of {tuple(MEMORY_DTYPES)}, got {self.memory_dtype!r}")
+        if not isinstance(self.hold_blocks, bool):
+            raise ValueError(f"hold_blocks must be True or False, got {self.hold_blocks!r}")
         if self.retrieval == "blocks":
             self.check_blocks()
 

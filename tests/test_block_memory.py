@@ -155,6 +155,37 @@ def test_the_block_chosen_is_the_one_the_rule_defines(tiny_qwen2, scoring, exact
         torch.testing.assert_close(got_values[0, kv, : len(kept)], values[0, kv, kept])
 
 
+@pytest.mark.parametrize("hold", [True, False])
+def test_a_generated_token_reads_the_blocks_its_prompt_selected_while_memory_is_unchanged(tiny_qwen2, hold):
+    """hold: a one-token forward reads the last longer forward's blocks until new entries arrive, then selects by
+    its own query (brute force) until the next longer forward; without hold it always selects for itself."""
+    rotary = tiny_qwen2.model.rotary_emb
+    positions = PositionPolicy("rebase", "first", rotary, memory_span=2 * 8)
+    memory = BlockMemory(capacity=64, block_size=8, top_blocks=2, scoring="minmax", representatives=2,
+                         exact_queries=8, hold=hold, dtype=torch.float32, positions=positions, devices={})
+    generator = torch.Generator().manual_seed(1)
+    keys = torch.randn(1, 2, 56, 16, generator=generator)
+    memory.add(0, keys[:, :, :48], keys[:, :, :48])
+    prompt = torch.randn(1, 4, 6, 16, generator=generator)
+    token = torch.randn(1, 4, 1, 16, generator=generator) * 3
+
+    def alone(q, total):
+        return brute_force_choice(keys[0], 0, total, q[0], 0.25, 8, 2, "exact", 2, 16 - 1, rotary.inv_freq)
+
+    prompted = memory.select(0, prompt, local_start=100, scale=0.25)
+    assert prompted[0].tolist() == alone(prompt, 48)
+    assert alone(token, 48) != prompted[0].tolist()  # alone, the token would read other blocks
+    expected = prompted[0].tolist() if hold else alone(token, 48)
+    assert memory.select(0, token, local_start=100, scale=0.25)[0].tolist() == expected
+    memory.add(0, keys[:, :, 48:], keys[:, :, 48:])  # new entries: what the prompt selected from is gone
+    assert memory.select(0, token, local_start=100, scale=0.25)[0].tolist() == alone(token, 56)
+    assert memory.select(0, token, local_start=100, scale=0.25)[0].tolist() == alone(token, 56)  # not held
+    again = memory.select(0, prompt, local_start=100, scale=0.25)  # a longer forward selects (and holds) anew
+    assert again[0].tolist() != alone(token, 56)
+    assert memory.select(0, token, local_start=100, scale=0.25)[0].tolist() == (
+        again[0].tolist() if hold else alone(token, 56))
+
+
 def test_memory_keeps_the_newest_whole_blocks_through_growth_and_wrapping():
     positions = PositionPolicy("rebase", "first", None)
     for capacity in (24, 64, 4096):
@@ -249,6 +280,7 @@ def test_stored_documents_resume_and_ask_with_block_memory(tmp_path, tokenizer):
     (dict(block_scoring="mean"), "block_scoring"),
     (dict(exact_block_queries=-1), "exact_block_queries"),
     (dict(exact_block_queries=2.5), "exact_block_queries"),
+    (dict(hold_blocks="yes"), "hold_blocks"),
     (dict(retrieval="pages"), "retrieval"),
     (dict(memory_positions="original"), "memory_positions"),
     (dict(distance_cap=64), "distance_cap"),
@@ -276,12 +308,15 @@ def test_token_retrieval_fingerprint_is_what_it_was():
     from memlm.store.store import config_fields
 
     fields = config_fields(MemoryConfig())
-    assert "retrieval" not in fields and "block_size" not in fields and "exact_block_queries" not in fields
+    assert not {"retrieval", "block_size", "exact_block_queries", "hold_blocks"} & set(fields)
     assert config_fields(MemoryConfig(segment_length=256, **BLOCKS))["retrieval"] == "blocks"
-    # block stores made before exact scoring existed selected as exact_block_queries=0 does, and hash the same
-    assert "exact_block_queries" not in config_fields(MemoryConfig(segment_length=256, exact_block_queries=0,
-                                                                   **BLOCKS))
-    assert config_fields(MemoryConfig(segment_length=256, **BLOCKS))["exact_block_queries"] == 64
+    # block stores made before exact scoring and held selections existed selected as exact_block_queries=0 and
+    # hold_blocks=False do, and hash the same
+    old = config_fields(MemoryConfig(segment_length=256, exact_block_queries=0, hold_blocks=False, **BLOCKS))
+    assert "exact_block_queries" not in old and "hold_blocks" not in old
+    assert "hold_blocks" not in config_fields(MemoryConfig(segment_length=256, hold_blocks=False, **BLOCKS))
+    new = config_fields(MemoryConfig(segment_length=256, **BLOCKS))
+    assert new["exact_block_queries"] == 64 and new["hold_blocks"] is True
 
 
 def test_mistral_sliding_window_and_float32_blocks_run():

@@ -22,6 +22,11 @@ largest pooled score and attends to them whole:
 * **Pooling**: each query head spreads one vote over the blocks, ``softmax(scale * score)``, and the votes of the
   chunk's queries and of the query heads that share the key/value head are summed (a question of a few tokens
   outvotes a whole segment of text only where it singles a block out).
+* **Holding**: a forward of one token (each generated token) reads the blocks the last longer forward (the prompt)
+  selected, as long as memory holds the same entries (``hold``); once new entries arrive it selects for itself,
+  until the next longer forward. A generated token's own query asks for what follows it: after `` 4`` a digit, so
+  it selects the blocks full of numbers (distractors of the asked one) rather than the block its question found;
+  the answer reads what its question chose, and skips the scoring.
 * **Placement**: the selected blocks, in document order, end right before the local context: their live entries
   occupy the last positions of the ``top_blocks * block_size`` the position policy reserves there (its
   ``memory_span``), so every query sees them at one fixed range of distances, inside the window the model was
@@ -199,9 +204,10 @@ class BlockMemory:
 
     def __init__(self, *, capacity: int, block_size: int, top_blocks: int, scoring: str, representatives: int,
                  exact_queries: int, dtype: torch.dtype | None, positions: PositionPolicy,
-                 devices: dict[int, torch.device]) -> None:
+                 devices: dict[int, torch.device], hold: bool = False) -> None:
         self.capacity, self.block_size, self.top_blocks = capacity, block_size, top_blocks
         self.scoring, self.representatives, self.exact_queries = scoring, representatives, exact_queries
+        self.hold = hold
         self.dtype = dtype  # None: the dtype of the keys that enter first
         self.positions = positions
         self.devices = devices
@@ -211,6 +217,9 @@ class BlockMemory:
     def reset(self) -> None:
         """Forget every entry."""
         self.blocks = {}
+        # layer -> (first, total, chosen): the last selection of a forward of several tokens, and the live entries
+        # it was made over (one-token forwards read it while they are unchanged)
+        self.held: dict[int, tuple[int, int, torch.Tensor]] = {}
         self.memory_start = 0  # document position of entry 0
         # set to a list to record every read: entry ids [b, hq, n, m] and attention logits [b, hq, n, m]
         self.retrievals: list | None = None
@@ -240,14 +249,22 @@ class BlockMemory:
         return keys, values
 
     def select(self, layer: int, q: torch.Tensor, local_start: int, scale: float, sinks: int = 0) -> torch.Tensor:
-        """The ids [batch, kv_heads, m] (ascending) of the blocks the forward's queries q [b, hq, n, d] select."""
+        """The ids [batch, kv_heads, m] (ascending) of the blocks the forward's queries q [b, hq, n, d] select (a
+        one-token forward: the held selection of the last longer one, while memory holds the same entries)."""
+        memory = self.blocks[layer]
+        entries = (memory.first, memory.total)
+        held = self.held.get(layer)
+        if self.hold and q.shape[2] == 1 and held is not None and held[:2] == entries:
+            return held[2]
         queries = self.block_queries(layer, q, local_start, sinks)
         if self.queries is not None:
             self.queries.append((layer, queries))
         votes = self.votes(layer, queries, scale, "exact" if q.shape[2] <= self.exact_queries else self.scoring)
-        live = self.blocks[layer].live_blocks
-        chosen = votes.topk(min(self.top_blocks, len(live)), dim=-1).indices.sort(dim=-1).values
-        return chosen + live.start
+        live = memory.live_blocks
+        chosen = votes.topk(min(self.top_blocks, len(live)), dim=-1).indices.sort(dim=-1).values + live.start
+        if self.hold and q.shape[2] > 1:
+            self.held[layer] = (*entries, chosen)
+        return chosen
 
     def block_queries(self, layer: int, q: torch.Tensor, local_start: int, sinks: int = 0) -> torch.Tensor:
         """Queries q [b, hq, n, d] (at their positions) as blocks are scored: rotated as if a block stood right

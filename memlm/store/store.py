@@ -74,12 +74,16 @@ def shaping_config(config) -> dict:
 
 def config_fields(config) -> dict:
     """``config.to_dict()`` as stores made before block retrieval saw it: without the retrieval fields when they hold
-    their defaults (token retrieval), and as block stores made before ``exact_block_queries`` saw it when it is 0."""
+    their defaults (token retrieval), and as block stores made before ``exact_block_queries`` and ``hold_blocks``
+    saw it when they are 0 and False (how those stores selected)."""
     values = config.to_dict()
     if values["retrieval"] == "tokens":
         for name in ("retrieval", *BLOCK_FIELDS):
             values.pop(name)
-    elif values["exact_block_queries"] == 0:  # block stores made before exact scoring existed selected this way
+        return values
+    if not values["hold_blocks"]:
+        values.pop("hold_blocks")
+    if values["exact_block_queries"] == 0:
         values.pop("exact_block_queries")
     return values
 
