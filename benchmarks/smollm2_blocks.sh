@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Block retrieval on SmolLM2-135M, the README's "Block retrieval" tables (issue 38). Resumable: each cell is a file;
-# a rerun skips the cells that exist. Usage: benchmarks/smollm2_blocks.sh [float32|bfloat16] [results dir]
+# Block retrieval on SmolLM2-135M, the README's "Block retrieval" tables (issue 38). Resumable: each cell is a file
+# rewritten after every trial; a rerun answers only the trials a cell lacks. Usage: benchmarks/smollm2_blocks.sh [float32|bfloat16] [results dir]
 # (float32 on CPUs without native bfloat16 matmul, e.g. AVX2-only; bfloat16 where torch reports AVX512 + BF16).
 # The order is the priority order: the baselines, then the targets at 16K, 32K and 64K.
 set -euo pipefail
@@ -18,6 +18,7 @@ yaml.safe_dump({name: modes[name] for name in sys.argv[3:]}, open(sys.argv[2], "
 PY
 }
 subset full full; subset blocks blocks; subset both full blocks; subset xl xl-only; subset blocks4 blocks-4
+subset pertoken blocks-per-token
 run() { .venv/bin/memlm eval --model smollm2 --dtype "$DTYPE" --depths random "$@"; }
 distractors() { run --task passkey --distractors 4 --haystack "$WAP" --output "$OUT/war_and_peace_distractors" "$@"; }
 multikey() { run --task niah_multikey --output "$OUT/filler" "$@"; }
@@ -26,26 +27,26 @@ multikey() { run --task niah_multikey --output "$OUT/filler" "$@"; }
 distractors --lengths 4096 --trials 20 --modes "$TMP/full.yaml"
 multikey --lengths 4096 --trials 20 --modes "$TMP/full.yaml"
 run --task niah_multikey_uuids --lengths 4096 --trials 5 --modes "$TMP/full.yaml" --output "$OUT/filler"
-# 2. 16K: the pass key in filler (20 trials), the tasks with numbers of the same form
+# 2. 16K: the pass key in filler, the tasks with numbers of the same form
 run --task passkey --lengths 16384 --trials 20 --modes "$TMP/blocks.yaml" --output "$OUT/filler"
-multikey --lengths 16384 --trials 20 --modes "$TMP/blocks.yaml"
 distractors --lengths 16384 --trials 20 --modes "$TMP/blocks.yaml"
-# the same haystacks through the model's own attention and block retrieval: multikey at 4K, both tasks at 8K (the
-# model's whole window)
-multikey --lengths 4096 --trials 10 --modes "$TMP/blocks.yaml"
-distractors --lengths 8192 --trials 8 --modes "$TMP/both.yaml"
-multikey --lengths 8192 --trials 8 --modes "$TMP/both.yaml"
-# 3. 32K, and the XL-only stream of the same local context (speed); the pass key at 64K
+multikey --lengths 16384 --trials 20 --modes "$TMP/blocks.yaml"
+# 3. 32K and 64K, and the XL-only stream of the same local context (speed)
+distractors --lengths 32768 --trials 10 --modes "$TMP/blocks.yaml"
+multikey --lengths 32768 --trials 10 --modes "$TMP/blocks.yaml"
 run --task passkey --lengths 32768 --trials 10 --modes "$TMP/blocks.yaml" --output "$OUT/filler"
 run --task passkey --lengths 32768 --trials 1 --modes "$TMP/xl.yaml" --output "$OUT/filler"
-distractors --lengths 32768 --trials 5 --modes "$TMP/blocks.yaml"
-multikey --lengths 32768 --trials 5 --modes "$TMP/blocks.yaml"
 run --task passkey --lengths 65536 --trials 10 --modes "$TMP/blocks.yaml" --output "$OUT/filler"
-# 4. UUID values at 16K; 64K with distractors; 4 blocks instead of 8; then more trials where time allows
+distractors --lengths 65536 --trials 10 --modes "$TMP/blocks.yaml"
+multikey --lengths 65536 --trials 10 --modes "$TMP/blocks.yaml"
+# 4. each generated token selecting for itself (before hold_blocks), on the same haystacks: 16K, multikey at 4K on
+# full attention's haystacks, both tasks at 8K beside the model's own attention over its whole window
+distractors --lengths 16384 --trials 20 --modes "$TMP/pertoken.yaml"
+multikey --lengths 16384 --trials 20 --modes "$TMP/pertoken.yaml"
+multikey --lengths 4096 --trials 10 --modes "$TMP/pertoken.yaml"
+distractors --lengths 8192 --trials 8 --modes "$TMP/both.yaml"
+multikey --lengths 8192 --trials 8 --modes "$TMP/both.yaml"
+# 5. UUID values at 16K; 4 blocks instead of 8
 run --task niah_multikey_uuids --lengths 16384 --trials 3 --modes "$TMP/blocks.yaml" --output "$OUT/filler"
-distractors --lengths 65536 --trials 3 --modes "$TMP/blocks.yaml"
-multikey --lengths 65536 --trials 3 --modes "$TMP/blocks.yaml"
 distractors --lengths 16384 --trials 10 --modes "$TMP/blocks4.yaml"
 multikey --lengths 16384 --trials 10 --modes "$TMP/blocks4.yaml"
-distractors --lengths 32768,65536 --trials 10 --modes "$TMP/blocks.yaml"
-multikey --lengths 32768,65536 --trials 10 --modes "$TMP/blocks.yaml"
