@@ -98,6 +98,7 @@ def demo_command(args: argparse.Namespace) -> int:
     layers = config.memory_layers
     where = f"layer {layers[0]}" if len(layers) == 1 else f"{len(layers)} layers"
     exact = f"; exact for forwards of <= {config.exact_block_queries} tokens" if config.exact_block_queries else ""
+    exact += "; the answer reads its question's blocks" if config.hold_blocks else ""
     memory = ("memory off" if not layers else
               f"block memory at {where} ({config.top_blocks} blocks of {config.block_size} tokens, "
               f"{config.block_scoring}{exact}, {config.fusion})" if config.retrieval == "blocks" else
