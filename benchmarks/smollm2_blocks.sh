@@ -17,36 +17,45 @@ modes = yaml.safe_load(open(sys.argv[1]))
 yaml.safe_dump({name: modes[name] for name in sys.argv[3:]}, open(sys.argv[2], "w"))
 PY
 }
-subset full full; subset blocks blocks; subset both full blocks; subset xl xl-only; subset blocks4 blocks-4
-subset pertoken blocks-per-token
+subset full full; subset blocks blocks; subset blocks8 blocks-8; subset blocks4 blocks-4; subset xl xl-only
+subset pertoken blocks-per-token; subset fullpertoken full blocks-per-token
 run() { .venv/bin/memlm eval --model smollm2 --dtype "$DTYPE" --depths random "$@"; }
 distractors() { run --task passkey --distractors 4 --haystack "$WAP" --output "$OUT/war_and_peace_distractors" "$@"; }
 multikey() { run --task niah_multikey --output "$OUT/filler" "$@"; }
+filler() { run --task passkey --output "$OUT/filler" "$@"; }
 # Cells grow: a rerun with more --trials answers only the trials a cell's file lacks.
 # 1. the baselines: the model's own attention at 4K on each kind of haystack
 distractors --lengths 4096 --trials 20 --modes "$TMP/full.yaml"
 multikey --lengths 4096 --trials 20 --modes "$TMP/full.yaml"
 run --task niah_multikey_uuids --lengths 4096 --trials 5 --modes "$TMP/full.yaml" --output "$OUT/filler"
-# 2. 16K: the pass key in filler, the tasks with numbers of the same form
-run --task passkey --lengths 16384 --trials 20 --modes "$TMP/blocks.yaml" --output "$OUT/filler"
-distractors --lengths 16384 --trials 20 --modes "$TMP/blocks.yaml"
+# 2. 16K: the model's default memory on each kind of haystack
 multikey --lengths 16384 --trials 20 --modes "$TMP/blocks.yaml"
-# 3. 32K and 64K, and the XL-only stream of the same local context (speed)
+filler --lengths 16384 --trials 20 --modes "$TMP/blocks.yaml"
+distractors --lengths 16384 --trials 10 --modes "$TMP/blocks.yaml"
+# 3. 32K, and the XL-only stream of the same local context (speed)
 distractors --lengths 32768 --trials 10 --modes "$TMP/blocks.yaml"
 multikey --lengths 32768 --trials 10 --modes "$TMP/blocks.yaml"
-run --task passkey --lengths 32768 --trials 10 --modes "$TMP/blocks.yaml" --output "$OUT/filler"
-run --task passkey --lengths 32768 --trials 1 --modes "$TMP/xl.yaml" --output "$OUT/filler"
-run --task passkey --lengths 65536 --trials 10 --modes "$TMP/blocks.yaml" --output "$OUT/filler"
+filler --lengths 32768 --trials 10 --modes "$TMP/blocks.yaml"
+filler --lengths 32768 --trials 1 --modes "$TMP/xl.yaml"
+# 4. 64K
+filler --lengths 65536 --trials 10 --modes "$TMP/blocks.yaml"
 distractors --lengths 65536 --trials 10 --modes "$TMP/blocks.yaml"
 multikey --lengths 65536 --trials 10 --modes "$TMP/blocks.yaml"
-# 4. each generated token selecting for itself (before hold_blocks), on the same haystacks: 16K, multikey at 4K on
-# full attention's haystacks, both tasks at 8K beside the model's own attention over its whole window
+# 5. the same haystacks with 8 blocks (the default before), 4 blocks, and each generated token selecting for itself
+# (before hold_blocks); per-token multikey at 4K on full attention's haystacks; War and Peace at 8K beside the
+# model's own attention over its whole window
+distractors --lengths 16384 --trials 10 --modes "$TMP/blocks8.yaml"
+multikey --lengths 16384 --trials 10 --modes "$TMP/blocks8.yaml"
+distractors --lengths 32768 --trials 5 --modes "$TMP/blocks8.yaml"
+filler --lengths 16384 --trials 5 --modes "$TMP/blocks8.yaml"
 distractors --lengths 16384 --trials 20 --modes "$TMP/pertoken.yaml"
 multikey --lengths 16384 --trials 20 --modes "$TMP/pertoken.yaml"
+filler --lengths 16384 --trials 20 --modes "$TMP/pertoken.yaml"
+filler --lengths 32768 --trials 10 --modes "$TMP/pertoken.yaml"
 multikey --lengths 4096 --trials 10 --modes "$TMP/pertoken.yaml"
-distractors --lengths 8192 --trials 8 --modes "$TMP/both.yaml"
-multikey --lengths 8192 --trials 8 --modes "$TMP/both.yaml"
-# 5. UUID values at 16K; 4 blocks instead of 8
+distractors --lengths 8192 --trials 8 --modes "$TMP/fullpertoken.yaml"
+distractors --lengths 16384 --trials 20 --modes "$TMP/blocks.yaml"
+# 6. UUID values at 16K; 4 blocks
 run --task niah_multikey_uuids --lengths 16384 --trials 3 --modes "$TMP/blocks.yaml" --output "$OUT/filler"
 distractors --lengths 16384 --trials 10 --modes "$TMP/blocks4.yaml"
 multikey --lengths 16384 --trials 10 --modes "$TMP/blocks4.yaml"
