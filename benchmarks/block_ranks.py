@@ -8,7 +8,8 @@ the question is fed once with the memory recording its queries (``BlockMemory.qu
 and key/value head the live blocks are ranked by each rule's vote (``BlockMemory.votes``: Quest's ``minmax`` bound,
 InfLLM's ``representatives``, the ``exact`` attention mass), and the rank of the block holding the asked needle (its
 first token) is kept. Prints, per rule, how often that block is among the 4 / 8 best of a layer and head, its median
-rank, and the layer.head pairs that rank it among the 4 best in every trial (a probe of the heads that retrieve;
+rank, how often the document's first block (the model's attention sink, when memory holds it) ranks first, and the
+layer.head pairs that rank it among the 4 best in every trial (a probe of the heads that retrieve;
 the first 12 listed).
 """
 
@@ -49,6 +50,7 @@ def main() -> None:
     options = {"distractors": args.distractors} if args.task == "passkey" else {}
     ranks: dict[str, list[int]] = defaultdict(list)  # rule -> the needle block's rank at every layer, head, trial
     top4: dict[str, dict[tuple[int, int], int]] = defaultdict(lambda: defaultdict(int))
+    first_block_first: dict[str, list[bool]] = defaultdict(list)  # rule -> at every layer, head, trial
     blocks = []
     for trial in range(args.trials):
         sample = make_sample(args.task, tokenizer, haystack, args.length, None, trial, **options)
@@ -69,19 +71,23 @@ def main() -> None:
                     for head, rank in enumerate((order == block).float().argmax(dim=-1).tolist()):
                         ranks[rule].append(rank)
                         top4[rule][(layer, head)] += rank < 4
+                    if live.start == 0:
+                        first_block_first[rule] += (order[:, 0] == 0).tolist()
             blocks.append(len(live))
     print(f"{describe()}; {args.model}, {args.dtype}; {args.task} (distractors: {options.get('distractors', 0)}) in "
           f"{args.haystack or 'filler'}, {args.length:,} tokens, {args.trials} trials, {statistics.fmean(blocks):.0f} "
           "blocks of memory\n")
-    print("| rule | needle's block in the 4 best | in the 8 best | median rank | layer/heads with it in the 4 best "
-          "every trial |")
-    print("|---|---|---|---|---|")
+    print("| rule | needle's block in the 4 best | in the 8 best | median rank | document's first block first | "
+          "layer/heads with the needle's in the 4 best every trial |")
+    print("|---|---|---|---|---|---|")
     for rule in RULES:
         found = ranks[rule]
         always = sorted(key for key, hits in top4[rule].items() if hits == args.trials)
         heads = ", ".join(f"{layer}.{head}" for layer, head in always[:12]) + (", ..." if len(always) > 12 else "")
+        first = first_block_first[rule]
+        sink = f"{sum(first) / len(first):.0%}" if first else "- (evicted)"
         print(f"| {rule} | {sum(r < 4 for r in found) / len(found):.0%} | {sum(r < 8 for r in found) / len(found):.0%} "
-              f"| {statistics.median(found):.0f} | {len(always)}: {heads} |")
+              f"| {statistics.median(found):.0f} | {sink} | {len(always)}: {heads} |")
 
 
 if __name__ == "__main__":
