@@ -1,7 +1,7 @@
 """How sure the answer is of the asked value: its teacher-forced margin over the other candidates, per block count.
 
-    python benchmarks/answer_margins.py [--task niah_multikey | --task passkey --haystack FILE] [--length 16384]
-                                        [--trials 0,1,2,3] [--top-blocks 8,4,2,1] [--per-token]
+    python benchmarks/answer_margins.py [--task niah_multikey | --task passkey [--distractors 4]] [--haystack FILE]
+                                        [--length 16384] [--trials 0,1,2,3] [--top-blocks 8,4,2,1] [--per-token]
 
 Accuracy says whether the answer was right; this says by how much, on the same haystacks (``memlm eval``'s trials:
 their seeds are ``cell_seed``'s). Each haystack is streamed once through the model's default memory (block
@@ -9,8 +9,8 @@ retrieval, ``memlm.models``); then, in a branch per block count, the question is
 per layer and key/value head) and each candidate (the asked value and every other needle's: another key's value,
 or a door code) is teacher-forced token by token, one-token forwards as generation makes them (holding the
 question's blocks unless ``--per-token``). Prints, per haystack and block count, the asked value's log-probability
-margin over the best other candidate (positive: the model prefers the asked one) and its own log-probability.
-Changing ``top_blocks`` after the stream changes what the question and the answer read, not what the document's
+margin over the best other candidate (positive: the model prefers the asked one; none for a lone pass key) and its
+own log-probability. Changing ``top_blocks`` after the stream changes what the question and the answer read, not what the document's
 segments read while it was streamed.
 """
 
@@ -42,7 +42,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--task", default="niah_multikey", choices=("passkey", "niah_multikey"))
     parser.add_argument("--haystack", help="a text whose sentences make the haystack (default: the filler)")
-    parser.add_argument("--distractors", type=int, default=4, help="passkey: distractor numbers")
+    parser.add_argument("--distractors", type=int, default=0, help="passkey: distractor numbers (door codes)")
     parser.add_argument("--length", type=int, default=16384)
     parser.add_argument("--trials", default="0,1,2,3", help="comma-separated trial numbers of memlm eval's cell")
     parser.add_argument("--top-blocks", default="8,4,2,1", help="comma-separated block counts")
@@ -53,7 +53,7 @@ def main() -> None:
 
     mem_model, tokenizer = load_model(args.model, dtype=args.dtype)
     haystack = Haystack.from_file(args.haystack) if args.haystack else Haystack()
-    options = {"distractors": args.distractors} if args.task == "passkey" else {}
+    options = {"distractors": args.distractors} if args.task == "passkey" else {}  # as memlm eval's
     # multikey answers ": 1234567" after "... mentioned in the provided text is", the pass key " 12345"
     prefix, skip = (": ", 1) if args.task == "niah_multikey" else (" ", 0)
     counts = [int(n) for n in args.top_blocks.split(",")]
@@ -66,21 +66,21 @@ def main() -> None:
         sample = make_sample(args.task, tokenizer, haystack, args.length, None,
                              cell_seed(args.task, args.length, None, trial), **options)
         candidates = [*sample.references[:1], *sample.distractors]
-        question = tokenizer(" " + sample.question, add_special_tokens=False, return_tensors="pt")["input_ids"]
         cells = []
         with torch.no_grad(), mem_model.session() as session:
-            session.feed(sample.context, final=True)
+            session.feed(sample.context)  # as memlm eval: the text's tail is tokenized with the question
             for top_blocks in counts:
                 with session.branch():
                     memory = session.state.memory
                     memory.top_blocks, memory.hold = top_blocks, not args.per_token
-                    logits = session.feed(question, return_logits=True).logits[0, -1]
+                    logits = session.feed(" " + sample.question, return_logits=True, final=True).logits[0, -1]
                     logprobs = []
                     for candidate in candidates:
                         with session.branch():
                             answer = tokenizer(prefix + candidate, add_special_tokens=False)["input_ids"]
                             logprobs.append(answer_logprob(session, logits, answer, skip))
-                cells.append(f"{logprobs[0] - max(logprobs[1:]):+.1f} ({logprobs[0]:.1f})")
+                margin = f"{logprobs[0] - max(logprobs[1:]):+.1f}" if len(logprobs) > 1 else "-"  # a lone key
+                cells.append(f"{margin} ({logprobs[0]:.1f})")
         print(f"| {trial} | " + " | ".join(cells) + " |", flush=True)
 
 
