@@ -15,7 +15,7 @@ RETRIEVALS = ("tokens", "blocks")
 BLOCK_SCORINGS = ("minmax", "representatives")
 #: the fields of block retrieval: they mean nothing with retrieval="tokens" (and are left out of its fingerprint)
 BLOCK_FIELDS = ("block_size", "top_blocks", "block_scoring", "block_representatives", "exact_block_queries",
-                "hold_blocks")
+                "hold_blocks", "block_neighbours")
 MEMORY_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -93,6 +93,10 @@ class MemoryConfig:
         "what its question chose (a digit's own query selects the blocks full of numbers) and skips the scoring. "
         "False: every forward selects for itself", True,
     )
+    block_neighbours: int = option(
+        "blocks read on each side of every selected block (EM-LLM's contiguity buffer): a fact cut by a block "
+        "boundary comes back whole; a forward reads up to top_blocks x (1 + 2 x block_neighbours) blocks", 0,
+    )
     rmt_tokens: int = option("Recurrent Memory Transformer read/write tokens per segment (0 = off)", 0)
     rmt_bptt_depth: int | None = option(
         "with gradients enabled, cut the graph through RMT memory every k segments; None = never cut", None
@@ -108,7 +112,7 @@ class MemoryConfig:
         self.index_kwargs = dict(self.index_kwargs or {})
         for name, low in (("segment_length", 1), ("xl_length", 0), ("top_k", 1), ("memory_capacity", 1),
                           ("rmt_tokens", 0), ("sink_tokens", 0), ("block_size", 1), ("top_blocks", 1),
-                          ("block_representatives", 1), ("exact_block_queries", 0)):
+                          ("block_representatives", 1), ("exact_block_queries", 0), ("block_neighbours", 0)):
             check_integer(name, getattr(self, name), low)
         if not isinstance(self.memory_layers, tuple) or not all(
             isinstance(i, int) and not isinstance(i, bool) for i in self.memory_layers
@@ -153,6 +157,10 @@ class MemoryConfig:
         if self.top_blocks * self.block_size > self.memory_capacity:
             raise ValueError(f"top_blocks ({self.top_blocks}) x block_size ({self.block_size}) is more than memory "
                              f"holds (memory_capacity={self.memory_capacity})")
+        if self.block_span > self.memory_capacity:
+            raise ValueError(f"top_blocks ({self.top_blocks}) with block_neighbours ({self.block_neighbours}) on each "
+                             f"side read {self.block_span} entries, more than memory holds (memory_capacity="
+                             f"{self.memory_capacity})")
         if self.block_representatives > self.block_size:
             raise ValueError(f"block_representatives ({self.block_representatives}) cannot exceed block_size "
                              f"({self.block_size})")
@@ -178,8 +186,11 @@ class MemoryConfig:
 
     @property
     def block_span(self) -> int:
-        """Positions the selected blocks occupy in front of the local context (0 without block retrieval)."""
-        return self.top_blocks * self.block_size if self.retrieval == "blocks" and self.memory_layers else 0
+        """Positions the selected blocks (and their neighbours) occupy in front of the local context (0 without block
+        retrieval)."""
+        if self.retrieval != "blocks" or not self.memory_layers:
+            return 0
+        return self.top_blocks * (1 + 2 * self.block_neighbours) * self.block_size
 
     def to_dict(self) -> dict:
         return {**asdict(self), "memory_layers": list(self.memory_layers)}

@@ -118,19 +118,22 @@ def brute_force_choice(keys, first, total, q, scale, block_size, top_blocks, sco
     return chosen
 
 
-@pytest.mark.parametrize("scoring,exact_queries,rule,dtype", [
-    ("minmax", 0, "minmax", torch.float32),
-    ("representatives", 4, "representatives", torch.float32),  # 5 queries: more than exact_queries
-    ("minmax", 5, "exact", torch.float32), ("representatives", 64, "exact", torch.float32),
-    ("minmax", 64, "exact", torch.bfloat16)])
-def test_the_block_chosen_is_the_one_the_rule_defines(tiny_qwen2, scoring, exact_queries, rule, dtype):
+@pytest.mark.parametrize("scoring,exact_queries,rule,dtype,neighbours", [
+    ("minmax", 0, "minmax", torch.float32, 0),
+    ("representatives", 4, "representatives", torch.float32, 0),  # 5 queries: more than exact_queries
+    ("minmax", 5, "exact", torch.float32, 0), ("representatives", 64, "exact", torch.float32, 0),
+    ("minmax", 64, "exact", torch.bfloat16, 0),
+    ("minmax", 64, "exact", torch.float32, 1), ("minmax", 0, "minmax", torch.float32, 2)])
+def test_the_block_chosen_is_the_one_the_rule_defines(tiny_qwen2, scoring, exact_queries, rule, dtype, neighbours):
     """Against brute force: memory that wrapped its ring (evicted), a partly filled newest block, grouped heads; a
     forward of at most exact_queries queries scores exactly, a longer one by block_scoring's summary; a
-    bfloat16 memory is scored from the keys it holds."""
+    bfloat16 memory is scored from the keys it holds; neighbours: each chosen block's live neighbours are read
+    with it, each block once (3 chosen of 6 live blocks: neighbours shared and outside memory)."""
     rotary = tiny_qwen2.model.rotary_emb
-    positions = PositionPolicy("rebase", "first", rotary, memory_span=4 * 8)
+    positions = PositionPolicy("rebase", "first", rotary, memory_span=3 * (1 + 2 * neighbours) * 8)
     memory = BlockMemory(capacity=48, block_size=8, top_blocks=3, scoring=scoring, representatives=3,
-                         exact_queries=exact_queries, dtype=dtype, positions=positions, devices={})
+                         exact_queries=exact_queries, dtype=dtype, positions=positions, devices={},
+                         neighbours=neighbours)
     generator = torch.Generator().manual_seed(0)
     keys = torch.randn(1, 2, 77, 16, generator=generator).to(dtype).float()  # what memory holds
     values = torch.randn(1, 2, 77, 16, generator=generator).to(dtype).float()
@@ -140,15 +143,19 @@ def test_the_block_chosen_is_the_one_the_rule_defines(tiny_qwen2, scoring, exact
     assert (layer.first, layer.total) == (32, 77)  # 77 - 48 = 29 over capacity: blocks 0..3 left whole
     q = torch.randn(1, 4, 5, 16, generator=generator)
     chosen = memory.select(0, q, local_start=100, scale=0.25, sinks=2)
-    expected = brute_force_choice(keys[0], 32, 77, q[0], 0.25, 8, 3, rule, 3, 2 + 32 - 1, rotary.inv_freq)
-    assert chosen[0].tolist() == expected
-    # read: the chosen blocks' entries in document order, the live ones ending right before the frame (2 + 32)
+    frame = 2 + 3 * (1 + 2 * neighbours) * 8
+    expected = brute_force_choice(keys[0], 32, 77, q[0], 0.25, 8, 3, rule, 3, frame - 1, rotary.inv_freq)
+    expected = [sorted({b + o for b in blocks for o in range(-neighbours, neighbours + 1)} & set(range(4, 10)))
+                for blocks in expected]  # live blocks: 4..9
+    assert [ids[: len(blocks)] for ids, blocks in zip(chosen[0].tolist(), expected, strict=True)] == expected
+    assert all(b >= 10 for ids, blocks in zip(chosen[0].tolist(), expected, strict=True) for b in ids[len(blocks):])
+    # read: the chosen blocks' entries in document order, the live ones ending right before the frame
     got_keys, got_values, live = memory.read(0, q, local_start=100, scale=0.25, sinks=2)
     for kv in range(2):
         entries = [e for b in expected[kv] for e in range(b * 8, b * 8 + 8)]
-        assert live[0, kv].tolist() == [e < 77 for e in entries]
+        assert live[0, kv].tolist() == [e < 77 for e in entries] + [False] * (live.shape[-1] - len(entries))
         kept = [e for e in entries if e < 77]
-        places = torch.arange(34 - len(kept), 34)
+        places = torch.arange(frame - len(kept), frame)
         rotated = turn(keys[0, kv, kept], places, rotary.inv_freq)  # memory rotates in its own dtype
         tolerance = {} if dtype == torch.float32 else dict(atol=3e-2, rtol=0)
         torch.testing.assert_close(got_keys[0, kv, : len(kept)], rotated, **tolerance)
@@ -281,6 +288,8 @@ def test_stored_documents_resume_and_ask_with_block_memory(tmp_path, tokenizer):
     (dict(exact_block_queries=-1), "exact_block_queries"),
     (dict(exact_block_queries=2.5), "exact_block_queries"),
     (dict(hold_blocks="yes"), "hold_blocks"),
+    (dict(block_neighbours=-1), "block_neighbours"),
+    (dict(top_blocks=2, block_neighbours=1, memory_capacity=40), "block_neighbours"),  # reads 48 entries
     (dict(retrieval="pages"), "retrieval"),
     (dict(memory_positions="original"), "memory_positions"),
     (dict(distance_cap=64), "distance_cap"),
@@ -308,7 +317,7 @@ def test_token_retrieval_fingerprint_is_what_it_was():
     from memlm.store.store import config_fields
 
     fields = config_fields(MemoryConfig())
-    assert not {"retrieval", "block_size", "exact_block_queries", "hold_blocks"} & set(fields)
+    assert not {"retrieval", "block_size", "exact_block_queries", "hold_blocks", "block_neighbours"} & set(fields)
     assert config_fields(MemoryConfig(segment_length=256, **BLOCKS))["retrieval"] == "blocks"
     # block stores made before exact scoring and held selections existed selected as exact_block_queries=0 and
     # hold_blocks=False do, and hash the same
@@ -316,7 +325,8 @@ def test_token_retrieval_fingerprint_is_what_it_was():
     assert "exact_block_queries" not in old and "hold_blocks" not in old
     assert "hold_blocks" not in config_fields(MemoryConfig(segment_length=256, hold_blocks=False, **BLOCKS))
     new = config_fields(MemoryConfig(segment_length=256, **BLOCKS))
-    assert new["exact_block_queries"] == 64 and new["hold_blocks"] is True
+    assert new["exact_block_queries"] == 64 and new["hold_blocks"] is True and "block_neighbours" not in new
+    assert config_fields(MemoryConfig(segment_length=256, block_neighbours=1, **BLOCKS))["block_neighbours"] == 1
 
 
 def test_mistral_sliding_window_and_float32_blocks_run():

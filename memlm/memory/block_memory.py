@@ -22,6 +22,9 @@ largest pooled score and attends to them whole:
 * **Pooling**: each query head spreads one vote over the blocks, ``softmax(scale * score)``, and the votes of the
   chunk's queries and of the query heads that share the key/value head are summed (a question of a few tokens
   outvotes a whole segment of text only where it singles a block out).
+* **Neighbours** (EM-LLM's contiguity buffer, Fountas et al. 2024): each selected block brings the
+  ``neighbours`` blocks on each side of it, so a fact cut by a block boundary comes back whole (a block counted
+  once, however many selected blocks it neighbours; none outside the live ones).
 * **Holding**: a forward of one token (each generated token) reads the blocks the last longer forward (the prompt)
   selected, as long as memory holds the same entries (``hold``); once new entries arrive it selects for itself,
   until the next longer forward. A generated token's own query asks for what follows it: after `` 4`` a digit, so
@@ -172,6 +175,18 @@ class BlockLayer:
         return self.keys[row][:, order], self.values[row][:, order], self.first
 
 
+def with_neighbours(chosen: torch.Tensor, neighbours: int, live: range) -> torch.Tensor:
+    """Selected block ids [b, hkv, m] (ascending) and the ``neighbours`` blocks on each side of each -> [b, hkv,
+    m * (1 + 2 * neighbours)], ascending, each live block once; the places left over (a block neighbouring two
+    selected ones, a neighbour outside ``live``) hold ``live.stop``, a block with no live entry, at the end."""
+    offsets = torch.arange(-neighbours, neighbours + 1, device=chosen.device)
+    blocks = (chosen.unsqueeze(-1) + offsets).flatten(-2).sort(dim=-1).values
+    repeated = torch.zeros_like(blocks, dtype=torch.bool)
+    repeated[..., 1:] = blocks[..., 1:] == blocks[..., :-1]
+    unused = repeated | (blocks < live.start) | (blocks >= live.stop)
+    return blocks.masked_fill(unused, live.stop).sort(dim=-1).values
+
+
 def block_scores(queries: torch.Tensor, low: torch.Tensor, high: torch.Tensor, central: torch.Tensor,
                  scoring: str) -> torch.Tensor:
     """Each query's score of each block: queries [b, hkv, m, d] (in the blocks' geometry), low / high
@@ -204,10 +219,10 @@ class BlockMemory:
 
     def __init__(self, *, capacity: int, block_size: int, top_blocks: int, scoring: str, representatives: int,
                  exact_queries: int, dtype: torch.dtype | None, positions: PositionPolicy,
-                 devices: dict[int, torch.device], hold: bool = False) -> None:
+                 devices: dict[int, torch.device], hold: bool = False, neighbours: int = 0) -> None:
         self.capacity, self.block_size, self.top_blocks = capacity, block_size, top_blocks
         self.scoring, self.representatives, self.exact_queries = scoring, representatives, exact_queries
-        self.hold = hold
+        self.hold, self.neighbours = hold, neighbours
         self.dtype = dtype  # None: the dtype of the keys that enter first
         self.positions = positions
         self.devices = devices
@@ -249,8 +264,10 @@ class BlockMemory:
         return keys, values
 
     def select(self, layer: int, q: torch.Tensor, local_start: int, scale: float, sinks: int = 0) -> torch.Tensor:
-        """The ids [batch, kv_heads, m] (ascending) of the blocks the forward's queries q [b, hq, n, d] select (a
-        one-token forward: the held selection of the last longer one, while memory holds the same entries)."""
+        """The ids [batch, kv_heads, m] (ascending) of the blocks the forward's queries q [b, hq, n, d] select and
+        their neighbours (a one-token forward: the held selection of the last longer one, while memory holds the
+        same entries). Where a head reads fewer than m (neighbours shared or outside memory), its last places hold
+        ids past the live blocks: entries the read masks."""
         memory = self.blocks[layer]
         entries = (memory.first, memory.total)
         held = self.held.get(layer)
@@ -262,6 +279,8 @@ class BlockMemory:
         votes = self.votes(layer, queries, scale, "exact" if q.shape[2] <= self.exact_queries else self.scoring)
         live = memory.live_blocks
         chosen = votes.topk(min(self.top_blocks, len(live)), dim=-1).indices.sort(dim=-1).values + live.start
+        if self.neighbours:
+            chosen = with_neighbours(chosen, self.neighbours, live)
         if self.hold and q.shape[2] > 1:
             self.held[layer] = (*entries, chosen)
         return chosen

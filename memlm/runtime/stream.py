@@ -89,7 +89,8 @@ class StreamState:
             self.memory = BlockMemory(
                 capacity=config.memory_capacity, block_size=config.block_size, top_blocks=config.top_blocks,
                 scoring=config.block_scoring, representatives=config.block_representatives,
-                exact_queries=config.exact_block_queries, hold=config.hold_blocks, dtype=memory_dtype,
+                exact_queries=config.exact_block_queries, hold=config.hold_blocks,
+                neighbours=config.block_neighbours, dtype=memory_dtype,
                 positions=self.positions, devices={layer: devices[layer] for layer in memory_layers},
             )
         elif memory_layers:

@@ -74,8 +74,8 @@ def shaping_config(config) -> dict:
 
 def config_fields(config) -> dict:
     """``config.to_dict()`` as stores made before block retrieval saw it: without the retrieval fields when they hold
-    their defaults (token retrieval), and as block stores made before ``exact_block_queries`` and ``hold_blocks``
-    saw it when they are 0 and False (how those stores selected)."""
+    their defaults (token retrieval), and as block stores made before ``exact_block_queries``, ``hold_blocks`` and
+    ``block_neighbours`` saw it when they are 0, False and 0 (how those stores selected)."""
     values = config.to_dict()
     if values["retrieval"] == "tokens":
         for name in ("retrieval", *BLOCK_FIELDS):
@@ -83,6 +83,8 @@ def config_fields(config) -> dict:
         return values
     if not values["hold_blocks"]:
         values.pop("hold_blocks")
+    if values["block_neighbours"] == 0:
+        values.pop("block_neighbours")
     if values["exact_block_queries"] == 0:
         values.pop("exact_block_queries")
     return values
