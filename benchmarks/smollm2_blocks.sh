@@ -17,7 +17,8 @@ modes = yaml.safe_load(open(sys.argv[1]))
 yaml.safe_dump({name: modes[name] for name in sys.argv[3:]}, open(sys.argv[2], "w"))
 PY
 }
-subset full full; subset blocks blocks; subset blocks8 blocks-8; subset blocks4 blocks-4; subset xl xl-only
+subset full full; subset blocks blocks; subset blocks2 blocks-2; subset blocks8 blocks-8; subset blocks4 blocks-4
+subset xl xl-only
 subset pertoken blocks-per-token; subset fullpertoken full blocks-per-token
 run() { .venv/bin/memlm eval --model smollm2 --dtype "$DTYPE" --depths random "$@"; }
 distractors() { run --task passkey --distractors 4 --haystack "$WAP" --output "$OUT/war_and_peace_distractors" "$@"; }
@@ -41,9 +42,12 @@ filler --lengths 32768 --trials 1 --modes "$TMP/xl.yaml"
 filler --lengths 65536 --trials 10 --modes "$TMP/blocks.yaml"
 distractors --lengths 65536 --trials 10 --modes "$TMP/blocks.yaml"
 multikey --lengths 65536 --trials 10 --modes "$TMP/blocks.yaml"
-# 5. the same haystacks with 8 blocks (the default before), 4 blocks, and each generated token selecting for itself
-# (before hold_blocks); per-token multikey at 4K on full attention's haystacks; War and Peace at 8K beside the
-# model's own attention over its whole window
+# 5. the same haystacks with 2 blocks and no neighbours, 8 blocks (the default before), 4 blocks, and each generated
+# token selecting for itself (before hold_blocks); per-token multikey at 4K on full attention's haystacks; War and
+# Peace at 8K beside the model's own attention over its whole window
+multikey --lengths 16384 --trials 20 --modes "$TMP/blocks2.yaml"
+filler --lengths 16384 --trials 20 --modes "$TMP/blocks2.yaml"
+distractors --lengths 16384 --trials 10 --modes "$TMP/blocks2.yaml"
 distractors --lengths 16384 --trials 10 --modes "$TMP/blocks8.yaml"
 multikey --lengths 16384 --trials 10 --modes "$TMP/blocks8.yaml"
 distractors --lengths 32768 --trials 5 --modes "$TMP/blocks8.yaml"

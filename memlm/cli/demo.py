@@ -99,8 +99,9 @@ def demo_command(args: argparse.Namespace) -> int:
     where = f"layer {layers[0]}" if len(layers) == 1 else f"{len(layers)} layers"
     exact = f"; exact for forwards of <= {config.exact_block_queries} tokens" if config.exact_block_queries else ""
     exact += "; the answer reads its question's blocks" if config.hold_blocks else ""
+    neighbours = f" and {config.block_neighbours} on each side of each" if config.block_neighbours else ""
     memory = ("memory off" if not layers else
-              f"block memory at {where} ({config.top_blocks} blocks of {config.block_size} tokens, "
+              f"block memory at {where} ({config.top_blocks} blocks of {config.block_size} tokens{neighbours}, "
               f"{config.block_scoring}{exact}, {config.fusion})" if config.retrieval == "blocks" else
               f"kNN memory at {where} (top-k {config.top_k}, {config.fusion})")
     parameters = sum(p.numel() for p in mem_model.model.parameters())

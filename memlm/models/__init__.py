@@ -58,10 +58,11 @@ PRETRAINED = {
         licence="Apache-2.0",
         # block retrieval at every layer: 2 blocks of 128 tokens per layer and key/value head (the question's exact
         # scores rank the document's first block, the model's attention sink, first at most of them: the sink and the
-        # best block), the question scoring blocks exactly, the answer holding them (README, "Block retrieval")
+        # best block), each with its neighbours (a fact cut by a block boundary comes back whole), the question
+        # scoring blocks exactly, the answer holding them (README, "Block retrieval")
         memory={"segment_length": 256, "xl_length": 256, "memory_layers": list(range(30)), "fusion": "joint",
                 "top_k": 32, "memory_capacity": 1 << 17, "retrieval": "blocks", "block_size": 128, "top_blocks": 2,
-                "exact_block_queries": 64},
+                "block_neighbours": 1, "exact_block_queries": 64},
     ),
 }
 ALIASES = {"smollm2": "smollm2-135m", "SmolLM2-135M-Instruct": "smollm2-135m"}
