@@ -10,8 +10,8 @@ per layer and key/value head) and each candidate (the asked value and every othe
 or a door code) is teacher-forced token by token, one-token forwards as generation makes them (holding the
 question's blocks unless ``--per-token``). Prints, per haystack and block count, the asked value's log-probability
 margin over the best other candidate (positive: the model prefers the asked one; none for a lone pass key) and its
-own log-probability. Changing ``top_blocks`` after the stream changes what the question and the answer read, not what the document's
-segments read while it was streamed.
+own log-probability. Changing ``top_blocks`` after the stream changes what the question and the answer read, not
+what the document's segments read while it was streamed.
 """
 
 from __future__ import annotations
