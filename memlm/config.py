@@ -154,12 +154,10 @@ class MemoryConfig:
         if self.memory_capacity % self.block_size:
             raise ValueError(f"memory_capacity ({self.memory_capacity}) must be a multiple of block_size "
                              f"({self.block_size}): memory evicts whole blocks")
-        if self.top_blocks * self.block_size > self.memory_capacity:
-            raise ValueError(f"top_blocks ({self.top_blocks}) x block_size ({self.block_size}) is more than memory "
-                             f"holds (memory_capacity={self.memory_capacity})")
-        if self.block_span > self.memory_capacity:
-            raise ValueError(f"top_blocks ({self.top_blocks}) with block_neighbours ({self.block_neighbours}) on each "
-                             f"side read {self.block_span} entries, more than memory holds (memory_capacity="
+        if self.entries_read > self.memory_capacity:
+            neighbours = f" and block_neighbours ({self.block_neighbours})" if self.block_neighbours else ""
+            raise ValueError(f"top_blocks ({self.top_blocks}) x block_size ({self.block_size}){neighbours} read "
+                             f"{self.entries_read} entries, more than memory holds (memory_capacity="
                              f"{self.memory_capacity})")
         if self.block_representatives > self.block_size:
             raise ValueError(f"block_representatives ({self.block_representatives}) cannot exceed block_size "
@@ -185,12 +183,15 @@ class MemoryConfig:
         return tuple(resolved)
 
     @property
+    def entries_read(self) -> int:
+        """The most memory entries a forward of block retrieval reads: its blocks and their neighbours."""
+        return self.top_blocks * (1 + 2 * self.block_neighbours) * self.block_size
+
+    @property
     def block_span(self) -> int:
         """Positions the selected blocks (and their neighbours) occupy in front of the local context (0 without block
         retrieval)."""
-        if self.retrieval != "blocks" or not self.memory_layers:
-            return 0
-        return self.top_blocks * (1 + 2 * self.block_neighbours) * self.block_size
+        return self.entries_read if self.retrieval == "blocks" and self.memory_layers else 0
 
     def to_dict(self) -> dict:
         return {**asdict(self), "memory_layers": list(self.memory_layers)}
