@@ -76,7 +76,8 @@ def test_ingest_and_query_over_http(tmp_path, serve, tokenizer_tiny):
             assert "".join(pieces) == answer["text"]
             sampled = client.query("book", " What is the pass key? The pass key is", max_new_tokens=6,
                                    temperature=0.7, top_k=5, repetition_penalty=1.1, stop_strings=["7"])
-            assert sampled["text"].endswith("7") or sampled["tokens"] == 6
+            # transformers stops on the token that completes "7", which may run past it (" 706"): "7" is in the text
+            assert "7" in sampled["text"] or sampled["tokens"] == 6
             again = client.ingest("book", path, progress=False)  # the same content: a no-op
             assert again["updated"] == document["updated"]
             assert client.delete("book")["id"] == "book" and client.list() == []
