@@ -2,7 +2,9 @@
 # Block retrieval on SmolLM2-135M, the README's "Block retrieval" tables (issue 38). Resumable: each cell is a file
 # rewritten after every trial; a rerun answers only the trials a cell lacks. Usage: benchmarks/smollm2_blocks.sh [float32|bfloat16] [results dir]
 # (float32 on CPUs without native bfloat16 matmul, e.g. AVX2-only; bfloat16 where torch reports AVX512 + BF16).
-# The order is the priority order: the baselines, then the targets at 16K, 32K and 64K.
+# The order is the priority order: the baselines, then the targets at 16K, 32K and 64K. One haystack per session
+# (no --batch): on the 2-core AVX2 EPYC two 32K haystacks as the rows of one session took 349 s per haystack, alone,
+# against 140-240 s one by one beside another process (one exploratory measurement).
 set -euo pipefail
 DTYPE=${1:-float32}
 OUT=${2:-benchmarks/results/smollm2_blocks}
@@ -33,13 +35,19 @@ run --task niah_multikey_uuids --lengths 4096 --trials 5 --modes "$TMP/full.yaml
 multikey --lengths 16384 --trials 20 --modes "$TMP/blocks.yaml"
 filler --lengths 16384 --trials 20 --modes "$TMP/blocks.yaml"
 distractors --lengths 16384 --trials 10 --modes "$TMP/blocks.yaml"
-# 3. 32K, and the XL-only stream of the same local context (speed)
+# 3. 32K and 64K, a few trials of each cell first, then the filler target's 10, then the rest; the XL-only stream
+# of the same local context at 32K (speed)
+distractors --lengths 32768 --trials 5 --modes "$TMP/blocks.yaml"
+multikey --lengths 32768 --trials 5 --modes "$TMP/blocks.yaml"
+filler --lengths 32768 --trials 5 --modes "$TMP/blocks.yaml"
+filler --lengths 65536 --trials 5 --modes "$TMP/blocks.yaml"
+distractors --lengths 65536 --trials 3 --modes "$TMP/blocks.yaml"
+multikey --lengths 65536 --trials 3 --modes "$TMP/blocks.yaml"
+filler --lengths 32768 --trials 1 --modes "$TMP/xl.yaml"
+filler --lengths 32768 --trials 10 --modes "$TMP/blocks.yaml"
+filler --lengths 65536 --trials 10 --modes "$TMP/blocks.yaml"
 distractors --lengths 32768 --trials 10 --modes "$TMP/blocks.yaml"
 multikey --lengths 32768 --trials 10 --modes "$TMP/blocks.yaml"
-filler --lengths 32768 --trials 10 --modes "$TMP/blocks.yaml"
-filler --lengths 32768 --trials 1 --modes "$TMP/xl.yaml"
-# 4. 64K
-filler --lengths 65536 --trials 10 --modes "$TMP/blocks.yaml"
 distractors --lengths 65536 --trials 10 --modes "$TMP/blocks.yaml"
 multikey --lengths 65536 --trials 10 --modes "$TMP/blocks.yaml"
 # 5. the same haystacks with 2 blocks and no neighbours, 8 blocks (the default before), 4 blocks, and each generated
