@@ -3,14 +3,14 @@
     python benchmarks/block_ranks.py [--haystack ../shared/data/war_and_peace.txt] [--length 8192] [--trials 4]
                                      [--task passkey --distractors 4 | --task niah_multikey] [--dtype float32]
 
-For each trial a haystack is streamed through the model's default memory (block retrieval, ``memlm.models``), then
-the question is fed once with the memory recording its queries (``BlockMemory.queries``). At every memory layer
-and key/value head the live blocks are ranked by each rule's vote (``BlockMemory.votes``: Quest's ``minmax`` bound,
-InfLLM's ``representatives``, the ``exact`` attention mass), and the rank of the block holding the asked needle (its
-first token) is kept. Prints, per rule, how often that block is among the 2 / 4 / 8 best of a layer and head, its median
-rank, how often the document's first block (the model's attention sink, when memory holds it) ranks first, and the
-layer.head pairs that rank it among the 4 best in every trial (a probe of the heads that retrieve;
-the first 12 listed).
+For each trial (the haystacks of ``memlm eval --depths random``'s cell) a haystack is streamed through the model's
+default memory (block retrieval, ``memlm.models``), then the question is fed once with the memory recording its
+queries (``BlockMemory.queries``). At every memory layer and key/value head the live blocks are ranked by each
+rule's vote (``BlockMemory.votes``: Quest's ``minmax`` bound, InfLLM's ``representatives``, the ``exact`` attention
+mass), and the rank of the block holding the asked needle (its first token) is kept. Prints, per rule, how often
+that block is among the 2 / 4 / 8 best of a layer and head, its median rank, how often the document's first block
+(the model's attention sink, when memory holds it) ranks first, and the layer.head pairs that rank it among the 4
+best in every trial (a probe of the heads that retrieve; the first 12 listed).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from collections import defaultdict
 
 import torch
 
+from memlm.eval.runner import cell_seed
 from memlm.eval.tasks import Haystack, make_sample
 from memlm.models import load_model
 
@@ -53,7 +54,8 @@ def main() -> None:
     first_block_first: dict[str, list[bool]] = defaultdict(list)  # rule -> at every layer, head, trial
     blocks = []
     for trial in range(args.trials):
-        sample = make_sample(args.task, tokenizer, haystack, args.length, None, trial, **options)
+        sample = make_sample(args.task, tokenizer, haystack, args.length, None,
+                             cell_seed(args.task, args.length, None, trial), **options)  # memlm eval's haystacks
         needle = needle_token(tokenizer, sample.context, sample.needles[0])
         with torch.no_grad(), mem_model.session() as session:
             session.feed(sample.context)  # as memlm eval asks: the text's held-back tail is fed with the question
