@@ -7,7 +7,7 @@ For each trial (the haystacks of ``memlm eval --depths random``'s cell) a haysta
 default memory (block retrieval, ``memlm.models``), then the question is fed once with the memory recording its
 queries (``BlockMemory.queries``). At every memory layer and key/value head the live blocks are ranked by each
 rule's vote (``BlockMemory.votes``: Quest's ``minmax`` bound, InfLLM's ``representatives``, the ``exact`` attention
-mass), and the rank of the block holding the asked needle (its first token) is kept. Prints, per rule, how often
+mass), and the rank of the block holding the asked value (its first token) is kept. Prints, per rule, how often
 that block is among the 2 / 4 / 8 best of a layer and head, its median rank, how often the document's first block
 (the model's attention sink, when memory holds it) ranks first, and the layer.head pairs that rank it among the 4
 best in every trial (a probe of the heads that retrieve; the first 12 listed).
@@ -56,7 +56,9 @@ def main() -> None:
     for trial in range(args.trials):
         sample = make_sample(args.task, tokenizer, haystack, args.length, None,
                              cell_seed(args.task, args.length, None, trial), **options)  # memlm eval's haystacks
-        needle = needle_token(tokenizer, sample.context, sample.needles[0])
+        # the block that must come back: the one holding the asked value's first token (a needle cut by a block
+        # boundary has its words in one block and its value in the next)
+        needle = needle_token(tokenizer, sample.context, sample.context.index(sample.references[0], sample.needles[0]))
         with torch.no_grad(), mem_model.session() as session:
             session.feed(sample.context)  # as memlm eval asks: the text's held-back tail is fed with the question
             memory = session.state.memory
