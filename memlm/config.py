@@ -15,7 +15,7 @@ RETRIEVALS = ("tokens", "blocks")
 BLOCK_SCORINGS = ("minmax", "representatives")
 #: the fields of block retrieval: they mean nothing with retrieval="tokens" (and are left out of its fingerprint)
 BLOCK_FIELDS = ("block_size", "top_blocks", "block_scoring", "block_representatives", "exact_block_queries",
-                "hold_blocks", "block_neighbours")
+                "hold_blocks", "block_neighbours", "pooled_selection_from")
 MEMORY_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -97,6 +97,12 @@ class MemoryConfig:
         "blocks read on each side of every selected block (EM-LLM's contiguity buffer): a fact cut by a block "
         "boundary comes back whole; a forward reads up to top_blocks x (1 + 2 x block_neighbours) blocks", 0,
     )
+    pooled_selection_from: int | None = option(
+        "forwards scored exactly (at most exact_block_queries queries: a question) select, at this layer and every "
+        "memory layer above it, one set of blocks for all key/value heads: those of the largest votes summed over "
+        "the heads and over the layers from this one up to the selecting one (a fact one layer-head ranks low, the "
+        "layers together find; negative counts from the top); None = each layer and head selects for itself", None,
+    )
     rmt_tokens: int = option("Recurrent Memory Transformer read/write tokens per segment (0 = off)", 0)
     rmt_bptt_depth: int | None = option(
         "with gradients enabled, cut the graph through RMT memory every k segments; None = never cut", None
@@ -133,6 +139,10 @@ class MemoryConfig:
             raise ValueError(f"gate_init must be a finite number, got {self.gate_init!r}")
         check_integer("rmt_bptt_depth", self.rmt_bptt_depth, 1, optional=True)
         check_integer("distance_cap", self.distance_cap, 1, optional=True)
+        if self.pooled_selection_from is not None and (isinstance(self.pooled_selection_from, bool) or not isinstance(
+                self.pooled_selection_from, int)):
+            raise ValueError(f"pooled_selection_from must be None or a layer index (an integer), got "
+                             f"{self.pooled_selection_from!r}")
         if self.distance_cap is not None and self.memory_positions == "original":
             raise ValueError("distance_cap caps the distances of memory_positions='first' (retrieved keys at the "
                              "local context's start); with 'original' every entry stands at its own distance")
@@ -154,6 +164,9 @@ class MemoryConfig:
         if self.memory_capacity % self.block_size:
             raise ValueError(f"memory_capacity ({self.memory_capacity}) must be a multiple of block_size "
                              f"({self.block_size}): memory evicts whole blocks")
+        if self.pooled_selection_from is not None and not self.exact_block_queries:
+            raise ValueError("pooled_selection_from pools the exact votes of short forwards: it needs "
+                             "exact_block_queries > 0, got 0")
         if self.entries_read > self.memory_capacity:
             neighbours = f" and block_neighbours ({self.block_neighbours})" if self.block_neighbours else ""
             raise ValueError(f"top_blocks ({self.top_blocks}) x block_size ({self.block_size}){neighbours} read "
@@ -181,6 +194,21 @@ class MemoryConfig:
         if len(set(resolved)) != len(resolved):
             raise ValueError(f"memory_layers {self.memory_layers} name one layer twice in a {num_layers}-layer model")
         return tuple(resolved)
+
+    def resolve_pooled_from(self, num_layers: int) -> int | None:
+        """pooled_selection_from as a non-negative layer index of a model with ``num_layers`` layers (None: off, or
+        token retrieval); a ValueError when no memory layer lies at or above it."""
+        pooled = self.pooled_selection_from
+        if pooled is None or self.retrieval != "blocks" or not self.memory_layers:
+            return None
+        if not -num_layers <= pooled < num_layers:
+            raise ValueError(f"pooled_selection_from {pooled} is out of range for a model with {num_layers} layers "
+                             f"(valid: {-num_layers} .. {num_layers - 1})")
+        pooled %= num_layers
+        if max(self.resolve_layers(num_layers)) < pooled:
+            raise ValueError(f"pooled_selection_from {self.pooled_selection_from} lies above every memory layer "
+                             f"(memory_layers={self.memory_layers}): no layer would select by the pooled votes")
+        return pooled
 
     @property
     def entries_read(self) -> int:

@@ -86,17 +86,15 @@ def test_selected_blocks_are_attended_as_sinks_plus_blocks_plus_local(tiny_qwen2
     torch.testing.assert_close(got, expected, atol=1e-10, rtol=0)
 
 
-def brute_force_choice(keys, first, total, q, scale, block_size, top_blocks, scoring, representatives, before_local,
-                       inv_freq):
-    """The rule from its definition, in float64 loops: keys [hkv, total, d] of entries 0..total-1 (live from
-    ``first``), q [hq, n, d] at its positions -> the chosen block ids per kv head, ascending."""
+def brute_force_votes(keys, first, total, q, scale, block_size, scoring, representatives, before_local, inv_freq):
+    """The votes from their definition, in float64 loops: keys [hkv, total, d] of entries 0..total-1 (live from
+    ``first``), q [hq, n, d] at its positions -> votes [hkv, live blocks]."""
     kv_heads, _, dim = keys.shape
     q_heads, n, _ = q.shape
     group = q_heads // kv_heads
     blocks = range(first // block_size, -(-total // block_size))
-    chosen = []
+    votes = torch.zeros(kv_heads, len(blocks), dtype=torch.float64)
     for kv in range(kv_heads):
-        votes = torch.zeros(len(blocks), dtype=torch.float64)
         for head in range(kv * group, (kv + 1) * group):
             for i in range(n):
                 query = turn(q[head, i : i + 1].double(), torch.tensor([-before_local]), inv_freq)[0]
@@ -112,10 +110,23 @@ def brute_force_choice(keys, first, total, q, scale, block_size, top_blocks, sco
                         mean = block.mean(dim=0)
                         central = sorted(range(len(block)), key=lambda t: -float(block[t] @ mean))[:representatives]
                         scores.append(max(float(query @ block[t]) for t in central))
-                votes += torch.softmax(torch.tensor(scores, dtype=torch.float64) * scale, dim=0)
-        best = sorted(range(len(blocks)), key=lambda j: -float(votes[j]))[:top_blocks]
-        chosen.append(sorted(blocks[j] for j in best))
-    return chosen
+                votes[kv] += torch.softmax(torch.tensor(scores, dtype=torch.float64) * scale, dim=0)
+    return votes
+
+
+def best_blocks(votes, first, block_size, top_blocks):
+    """Per row of votes [heads, live blocks], the ``top_blocks`` block ids of largest vote, ascending."""
+    start = first // block_size
+    return [sorted(start + j for j in sorted(range(len(row)), key=lambda j: -float(row[j]))[:top_blocks])
+            for row in votes]
+
+
+def brute_force_choice(keys, first, total, q, scale, block_size, top_blocks, scoring, representatives, before_local,
+                       inv_freq):
+    """The rule from its definition: the chosen block ids per kv head, ascending."""
+    votes = brute_force_votes(keys, first, total, q, scale, block_size, scoring, representatives, before_local,
+                              inv_freq)
+    return best_blocks(votes, first, block_size, top_blocks)
 
 
 @pytest.mark.parametrize("scoring,exact_queries,rule,dtype,neighbours", [
@@ -193,6 +204,60 @@ def test_a_generated_token_reads_the_blocks_its_prompt_selected_while_memory_is_
         again[0].tolist() if hold else alone(token, 56))
 
 
+@pytest.mark.parametrize("hold", [True, False])
+def test_a_question_selects_by_votes_pooled_over_heads_and_layers(tiny_qwen2, hold):
+    """pooled_from=1, memory layers 0..3, against brute force: a forward scored exactly selects per key/value head at
+    layer 0 and, at each layer above, the blocks of the largest votes summed over both heads and the layers from 1 up
+    to it, the same for both heads, with their neighbours (memory wrapped, its newest block partly filled). The
+    next question pools anew; a segment (more than exact_queries) selects per layer and head; a generated token reads
+    the question's pooled choice (hold) or pools its own votes."""
+    rotary = tiny_qwen2.model.rotary_emb
+    span = 2 * 3 * 8  # 2 blocks of 8, each with a neighbour on each side
+    positions = PositionPolicy("rebase", "first", rotary, memory_span=span)
+    memory = BlockMemory(capacity=48, block_size=8, top_blocks=2, scoring="minmax", representatives=2,
+                         exact_queries=5, hold=hold, dtype=torch.float32, positions=positions, devices={},
+                         neighbours=1, pooled_from=1)
+    generator = torch.Generator().manual_seed(3)
+    keys = torch.randn(4, 1, 2, 77, 16, generator=generator)
+    for layer in range(4):
+        for start, stop in ((0, 40), (40, 77)):
+            memory.add(layer, keys[layer, :, :, start:stop], keys[layer, :, :, start:stop])
+    assert memory.blocks[3].live_blocks == range(4, 10)
+
+    def votes(layer, q, rule):
+        return brute_force_votes(keys[layer, 0], 32, 77, q[0], 0.25, 8, rule, 2, span - 1, rotary.inv_freq)
+
+    def with_neighbours(blocks):
+        return [sorted({b + o for b in row for o in (-1, 0, 1)} & set(range(4, 10))) for row in blocks]
+
+    def selected(layer, q):
+        return [[b for b in row if b < 10] for row in memory.select(layer, q, local_start=100, scale=0.25)[0].tolist()]
+
+    def pooled_choices(q):
+        pool, choices = 0, []
+        for layer in range(4):
+            layer_votes = votes(layer, q, "exact")
+            pool = pool + layer_votes.sum(dim=0) if layer else 0
+            choices.append(best_blocks(pool.expand(2, -1) if layer else layer_votes, 32, 8, 2))
+        return choices
+
+    per_head_differs = False
+    for seed in (4, 5):  # two questions, one after the other
+        question = torch.randn(1, 4, 5, 16, generator=torch.Generator().manual_seed(seed))
+        for layer, choice in enumerate(pooled_choices(question)):
+            assert selected(layer, question) == with_neighbours(choice)
+            assert choice[0] == choice[1] or layer == 0
+            per_head_differs |= choice != best_blocks(votes(layer, question, "exact"), 32, 8, 2)
+    assert per_head_differs  # pooling changed some layer's choice: the test tells the two rules apart
+    held = [selected(layer, question) for layer in range(4)]
+    token = torch.randn(1, 4, 1, 16, generator=generator) * 3
+    expected = held if hold else [with_neighbours(choice) for choice in pooled_choices(token)]
+    assert [selected(layer, token) for layer in range(4)] == expected
+    segment = torch.randn(1, 4, 6, 16, generator=generator)
+    for layer in range(4):
+        assert selected(layer, segment) == with_neighbours(best_blocks(votes(layer, segment, "minmax"), 32, 8, 2))
+
+
 def test_memory_keeps_the_newest_whole_blocks_through_growth_and_wrapping():
     positions = PositionPolicy("rebase", "first", None)
     for capacity in (24, 64, 4096):
@@ -218,10 +283,11 @@ def test_memory_keeps_the_newest_whole_blocks_through_growth_and_wrapping():
             assert layer.keys.shape[2] <= capacity
 
 
-def test_rows_branches_and_generation_select_as_a_session_of_their_own(tiny_qwen2):
+@pytest.mark.parametrize("pooled", [None, 1])
+def test_rows_branches_and_generation_select_as_a_session_of_their_own(tiny_qwen2, pooled):
     """Rows of a batch, branches and generation select blocks as a session of their own does, forward by forward
-    (selection is per forward: rows are cut into the same forwards here)."""
-    mem_model = block_model(tiny_qwen2.double(), top_blocks=2, memory_capacity=64)
+    (selection is per forward: rows are cut into the same forwards here), also with votes pooled over layers."""
+    mem_model = block_model(tiny_qwen2.double(), top_blocks=2, memory_capacity=64, pooled_selection_from=pooled)
     rows = torch.cat([document(75, seed=10), document(75, seed=11)])
     prompt = document(5, seed=12)
     alone = []
@@ -290,6 +356,9 @@ def test_stored_documents_resume_and_ask_with_block_memory(tmp_path, tokenizer):
     (dict(hold_blocks="yes"), "hold_blocks"),
     (dict(block_neighbours=-1), "block_neighbours"),
     (dict(top_blocks=2, block_neighbours=1, memory_capacity=40), "block_neighbours"),  # reads 48 entries
+    (dict(pooled_selection_from="10"), "pooled_selection_from"),
+    (dict(pooled_selection_from=True), "pooled_selection_from"),
+    (dict(pooled_selection_from=1, exact_block_queries=0), "pooled_selection_from"),  # pools exact votes only
     (dict(retrieval="pages"), "retrieval"),
     (dict(memory_positions="original"), "memory_positions"),
     (dict(distance_cap=64), "distance_cap"),
@@ -298,6 +367,18 @@ def test_stored_documents_resume_and_ask_with_block_memory(tmp_path, tokenizer):
 def test_bad_block_settings_name_their_field(overrides, field):
     with pytest.raises(ValueError, match=field):
         MemoryConfig(**{"segment_length": 16, "block_size": 8, **BLOCKS, **overrides})
+
+
+def test_pooled_selection_from_must_name_a_layer_at_or_below_a_memory_layer(tiny_qwen2):
+    """Resolved at attach, before the model is touched, negative counting from the top (tiny_qwen2: 2 layers)."""
+    for pooled, message in ((2, "out of range"), (-3, "out of range"), (1, "above every memory layer")):
+        with pytest.raises(ValueError, match=message):
+            block_model(tiny_qwen2, memory_layers=(0,), pooled_selection_from=pooled)
+    assert not hasattr(tiny_qwen2, "memlm_memory")
+    mem_model = block_model(tiny_qwen2, pooled_selection_from=-1)
+    with mem_model.session() as session:
+        session.feed(document(40, seed=2))
+        assert session.state.memory.pooled_from == 1
 
 
 def test_block_memory_needs_a_rotary_model_and_no_training(tiny_gpt2):
@@ -327,6 +408,9 @@ def test_token_retrieval_fingerprint_is_what_it_was():
     new = config_fields(MemoryConfig(segment_length=256, **BLOCKS))
     assert new["exact_block_queries"] == 64 and new["hold_blocks"] is True and "block_neighbours" not in new
     assert config_fields(MemoryConfig(segment_length=256, block_neighbours=1, **BLOCKS))["block_neighbours"] == 1
+    assert "pooled_selection_from" not in new
+    assert config_fields(MemoryConfig(segment_length=256, pooled_selection_from=3, **BLOCKS))[
+        "pooled_selection_from"] == 3
 
 
 def test_mistral_sliding_window_and_float32_blocks_run():

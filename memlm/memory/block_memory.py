@@ -22,6 +22,12 @@ largest pooled score and attends to them whole:
 * **Pooling**: each query head spreads one vote over the blocks, ``softmax(scale * score)``, and the votes of the
   chunk's queries and of the query heads that share the key/value head are summed (a question of a few tokens
   outvotes a whole segment of text only where it singles a block out).
+* **Pooling over layers** (``pooled_from``): at a single layer-head the block holding the asked fact is rarely
+  among the best few, while the votes of the upper layers summed rank it first or second after the sink
+  (``README``, "Block retrieval"). A forward scored exactly selects, at layer ``pooled_from`` and every memory
+  layer above it, one set of blocks for all its key/value heads: the largest of the votes summed over the heads
+  and over the layers from ``pooled_from`` up to the selecting one (a layer cannot wait for the layers above it:
+  their queries come from its output). Lower layers, and the segments' selections, stay per layer and head.
 * **Neighbours** (EM-LLM's contiguity buffer, Fountas et al. 2024): each selected block brings the
   ``neighbours`` blocks on each side of it, so a fact cut by a block boundary comes back whole (a block counted
   once, however many selected blocks it neighbours; none outside the live ones).
@@ -219,10 +225,11 @@ class BlockMemory:
 
     def __init__(self, *, capacity: int, block_size: int, top_blocks: int, scoring: str, representatives: int,
                  exact_queries: int, dtype: torch.dtype | None, positions: PositionPolicy,
-                 devices: dict[int, torch.device], hold: bool = False, neighbours: int = 0) -> None:
+                 devices: dict[int, torch.device], hold: bool = False, neighbours: int = 0,
+                 pooled_from: int | None = None) -> None:
         self.capacity, self.block_size, self.top_blocks = capacity, block_size, top_blocks
         self.scoring, self.representatives, self.exact_queries = scoring, representatives, exact_queries
-        self.hold, self.neighbours = hold, neighbours
+        self.hold, self.neighbours, self.pooled_from = hold, neighbours, pooled_from
         self.dtype = dtype  # None: the dtype of the keys that enter first
         self.positions = positions
         self.devices = devices
@@ -235,6 +242,8 @@ class BlockMemory:
         # layer -> (first, total, chosen): the last selection of a forward of several tokens, and the live entries
         # it was made over (one-token forwards read it while they are unchanged)
         self.held: dict[int, tuple[int, int, torch.Tensor]] = {}
+        # (layer, first, total, votes [b, blocks]): the votes pooled so far by the forward selecting now
+        self.pool: tuple[int, int, int, torch.Tensor] | None = None
         self.memory_start = 0  # document position of entry 0
         # set to a list to record every read: entry ids [b, hq, n, m] and attention logits [b, hq, n, m]
         self.retrievals: list | None = None
@@ -276,7 +285,10 @@ class BlockMemory:
         queries = self.block_queries(layer, q, local_start, sinks)
         if self.queries is not None:
             self.queries.append((layer, queries))
-        votes = self.votes(layer, queries, scale, "exact" if q.shape[2] <= self.exact_queries else self.scoring)
+        exact = q.shape[2] <= self.exact_queries
+        votes = self.votes(layer, queries, scale, "exact" if exact else self.scoring)
+        if exact and self.pooled_from is not None and layer >= self.pooled_from:
+            votes = self.pooled(layer, entries, votes)
         live = memory.live_blocks
         chosen = votes.topk(min(self.top_blocks, len(live)), dim=-1).indices.sort(dim=-1).values + live.start
         if self.neighbours:
@@ -284,6 +296,16 @@ class BlockMemory:
         if self.hold and q.shape[2] > 1:
             self.held[layer] = (*entries, chosen)
         return chosen
+
+    def pooled(self, layer: int, entries: tuple[int, int], votes: torch.Tensor) -> torch.Tensor:
+        """The votes [b, hkv, blocks] of one layer -> the forward's votes pooled over its key/value heads and its
+        layers from ``pooled_from`` up to this one, the same for every head [b, hkv, blocks]. Layers run upwards
+        within a forward: a layer at or below the last one pooled starts the next forward's pool."""
+        pool = votes.sum(dim=1)
+        if self.pool is not None and self.pool[0] < layer and self.pool[1:3] == entries:
+            pool = pool + self.pool[3].to(pool.device)
+        self.pool = (layer, *entries, pool)
+        return pool.unsqueeze(1).expand_as(votes)
 
     def block_queries(self, layer: int, q: torch.Tensor, local_start: int, sinks: int = 0) -> torch.Tensor:
         """Queries q [b, hq, n, d] (at their positions) as blocks are scored: rotated as if a block stood right

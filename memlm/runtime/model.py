@@ -71,6 +71,7 @@ class MemoryModel:
         if not callable(getattr(model, "get_output_embeddings", None)) or model.get_output_embeddings() is None:
             raise ValueError(f"memlm needs a causal language model with an LM head, got {name}; supported: {SUPPORTED}")
         self.memory_layers = config.resolve_layers(model.config.num_hidden_layers)
+        self.pooled_from = config.resolve_pooled_from(model.config.num_hidden_layers)
         self.rotary = find_rotary(model)
         self.max_positions = None
         if self.rotary is None and config.distance_cap is not None:

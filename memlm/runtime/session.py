@@ -468,7 +468,7 @@ class Session:
             mem_model.config, batch_size=batch_size, memory_layers=mem_model.memory_layers,
             memory_module=mem_model.memory_module, rotary=mem_model.rotary, max_positions=mem_model.max_positions,
             devices=mem_model.layer_devices, dtype=mem_model.dtype, previous_attention=mem_model.previous_attention,
-            crossbatch=self.crossbatch,
+            crossbatch=self.crossbatch, pooled_from=mem_model.pooled_from,
         )
 
     # -------------------------------------------------------------------------------- input to ids

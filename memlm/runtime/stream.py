@@ -45,6 +45,7 @@ class StreamState:
         devices: layer -> the device of its attention (caches, indexes and gates live there).
         memory_module: memlm's parameters (``MemoryModule``); its ``gates`` [memory layers, q_heads] are read at each
             attention, not kept, so a wrapper that swaps parameters in and out (FSDP2) is followed.
+        pooled_from: the resolved ``pooled_selection_from`` (a non-negative layer index, ``MemoryModel`` resolves it).
     """
 
     def __init__(
@@ -60,6 +61,7 @@ class StreamState:
         dtype: torch.dtype,
         previous_attention: str = "sdpa",
         crossbatch: CrossBatch | None = None,
+        pooled_from: int | None = None,
     ) -> None:
         if config.distance_cap is not None and crossbatch is not None:  # (attach refuses it on non-rotary models)
             raise ValueError("distance_cap needs an inference session: no CrossBatch training, whose shared memory "
@@ -90,7 +92,7 @@ class StreamState:
                 capacity=config.memory_capacity, block_size=config.block_size, top_blocks=config.top_blocks,
                 scoring=config.block_scoring, representatives=config.block_representatives,
                 exact_queries=config.exact_block_queries, hold=config.hold_blocks,
-                neighbours=config.block_neighbours, dtype=memory_dtype,
+                neighbours=config.block_neighbours, pooled_from=pooled_from, dtype=memory_dtype,
                 positions=self.positions, devices={layer: devices[layer] for layer in memory_layers},
             )
         elif memory_layers:

@@ -75,7 +75,8 @@ def shaping_config(config) -> dict:
 def config_fields(config) -> dict:
     """``config.to_dict()`` as stores made before block retrieval saw it: without the retrieval fields when they hold
     their defaults (token retrieval), and as block stores made before ``exact_block_queries``, ``hold_blocks`` and
-    ``block_neighbours`` saw it when they are 0, False and 0 (how those stores selected)."""
+    ``block_neighbours`` saw it when they are 0, False and 0 (how those stores selected), and ``pooled_selection_from``
+    when it is None."""
     values = config.to_dict()
     if values["retrieval"] == "tokens":
         for name in ("retrieval", *BLOCK_FIELDS):
@@ -85,6 +86,8 @@ def config_fields(config) -> dict:
         values.pop("hold_blocks")
     if values["block_neighbours"] == 0:
         values.pop("block_neighbours")
+    if values["pooled_selection_from"] is None:
+        values.pop("pooled_selection_from")
     if values["exact_block_queries"] == 0:
         values.pop("exact_block_queries")
     return values
