@@ -10,7 +10,9 @@ rule's vote (``BlockMemory.votes``: Quest's ``minmax`` bound, InfLLM's ``represe
 mass), and the rank of the block holding the asked value (its first token) is kept. Prints, per rule, how often
 that block is among the 2 / 4 / 8 best of a layer and head, its median rank, how often the document's first block
 (the model's attention sink, when memory holds it) ranks first, and the layer.head pairs that rank it among the 4
-best in every trial (a probe of the heads that retrieve; the first 12 listed).
+best in every trial (a probe of the heads that retrieve; the first 12 listed). The row ``exact, pooled`` ranks by
+the exact votes summed over key/value heads and over the layers from ``--pooled-from`` up to each layer (the
+selection ``pooled_selection_from`` makes), one rank per layer.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=8192)
     parser.add_argument("--trials", type=int, default=4)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--pooled-from", type=int, default=10, help="the first layer of the pooled row")
     args = parser.parse_args()
     from machine import describe
 
@@ -64,19 +67,26 @@ def main() -> None:
             memory = session.state.memory
             memory.queries = []
             session.feed(" " + sample.question, final=True)
+            pool = 0
             for layer, queries in memory.queries:
                 live = memory.blocks[layer].live_blocks
                 block = (needle - memory.memory_start) // memory.block_size - live.start
                 if not 0 <= block < len(live):
                     continue  # the needle is still in the local context
                 for rule in RULES:
-                    order = memory.votes(layer, queries, 1 / queries.shape[-1] ** 0.5, rule)[0].argsort(
-                        dim=-1, descending=True)  # [hkv, blocks]
+                    votes = memory.votes(layer, queries, 1 / queries.shape[-1] ** 0.5, rule)[0]  # [hkv, blocks]
+                    order = votes.argsort(dim=-1, descending=True)
                     for head, rank in enumerate((order == block).float().argmax(dim=-1).tolist()):
                         ranks[rule].append(rank)
                         top4[rule][(layer, head)] += rank < 4
                     if live.start == 0:
                         first_block_first[rule] += (order[:, 0] == 0).tolist()
+                if layer >= args.pooled_from:
+                    pool = pool + votes.sum(dim=0)  # the exact votes (the last rule)
+                    order = pool.argsort(descending=True)
+                    ranks["exact, pooled"].append(int((order == block).nonzero()))
+                    if live.start == 0:
+                        first_block_first["exact, pooled"].append(bool(order[0] == 0))
             blocks.append(len(live))
     print(f"{describe()}; {args.model}, {args.dtype}; {args.task} (distractors: {options.get('distractors', 0)}) in "
           f"{args.haystack or 'filler'}, {args.length:,} tokens, {args.trials} trials, {statistics.fmean(blocks):.0f} "
@@ -84,14 +94,15 @@ def main() -> None:
     print("| rule | needle's block in the 2 best | in the 4 best | in the 8 best | median rank | "
           "document's first block first | layer/heads with the needle's in the 4 best every trial |")
     print("|---|---|---|---|---|---|---|")
-    for rule in RULES:
+    for rule in (*RULES, "exact, pooled"):
         found = ranks[rule]
         within = " | ".join(f"{sum(r < k for r in found) / len(found):.0%}" for k in (2, 4, 8))
         always = sorted(key for key, hits in top4[rule].items() if hits == args.trials)
         heads = ", ".join(f"{layer}.{head}" for layer, head in always[:12]) + (", ..." if len(always) > 12 else "")
+        heads = f"{len(always)}: {heads}" if rule in RULES else f"- (layers {args.pooled_from} up: a rank per layer)"
         first = first_block_first[rule]
         sink = f"{sum(first) / len(first):.0%}" if first else "- (evicted)"
-        print(f"| {rule} | {within} | {statistics.median(found):.0f} | {sink} | {len(always)}: {heads} |")
+        print(f"| {rule} | {within} | {statistics.median(found):.0f} | {sink} | {heads} |")
 
 
 if __name__ == "__main__":

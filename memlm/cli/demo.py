@@ -98,6 +98,8 @@ def demo_command(args: argparse.Namespace) -> int:
     layers = config.memory_layers
     where = f"layer {layers[0]}" if len(layers) == 1 else f"{len(layers)} layers"
     exact = f"; exact for forwards of <= {config.exact_block_queries} tokens" if config.exact_block_queries else ""
+    exact += (f", pooled over the heads and layers from layer {mem_model.pooled_from} up"
+              if mem_model.pooled_from is not None else "")
     exact += "; the answer reads its question's blocks" if config.hold_blocks else ""
     neighbours = f" and {config.block_neighbours} on each side of each" if config.block_neighbours else ""
     memory = ("memory off" if not layers else
