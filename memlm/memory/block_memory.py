@@ -22,12 +22,13 @@ largest pooled score and attends to them whole:
 * **Pooling**: each query head spreads one vote over the blocks, ``softmax(scale * score)``, and the votes of the
   chunk's queries and of the query heads that share the key/value head are summed (a question of a few tokens
   outvotes a whole segment of text only where it singles a block out).
-* **Pooling over layers** (``pooled_from``): at a single layer-head the block holding the asked fact is rarely
-  among the best few, while the votes of the upper layers summed rank it first or second after the sink
-  (``README``, "Block retrieval"). A forward scored exactly selects, at layer ``pooled_from`` and every memory
+* **Pooling over layers** (``pooled_from``, off by default): at a single layer-head the block holding the asked
+  fact is rarely among the best few. A forward scored exactly selects, at layer ``pooled_from`` and every memory
   layer above it, one set of blocks for all its key/value heads: the largest of the votes summed over the heads
   and over the layers from ``pooled_from`` up to the selecting one (a layer cannot wait for the layers above it:
-  their queries come from its output). Lower layers, and the segments' selections, stay per layer and head.
+  their queries come from its output). Lower layers, and the segments' selections, stay per layer and head. It
+  finds a fact of a form of its own farther back, and picks another fact of the asked one's form where several
+  share it: one choice for every head loses the spread of choices per head (``README``, "Block retrieval").
 * **Neighbours** (EM-LLM's contiguity buffer, Fountas et al. 2024): each selected block brings the
   ``neighbours`` blocks on each side of it, so a fact cut by a block boundary comes back whole (a block counted
   once, however many selected blocks it neighbours; none outside the live ones).
