@@ -6,13 +6,13 @@
 For each trial (the haystacks of ``memlm eval --depths random``'s cell) a haystack is streamed through the model's
 default memory (block retrieval, ``memlm.models``), then the question is fed once with the memory recording its
 queries (``BlockMemory.queries``). At every memory layer and key/value head the live blocks are ranked by each
-rule's vote (``BlockMemory.votes``: Quest's ``minmax`` bound, InfLLM's ``representatives``, the ``exact`` attention
-mass), and the rank of the block holding the asked value (its first token) is kept. Prints, per rule, how often
-that block is among the 2 / 4 / 8 best of a layer and head, its median rank, how often the document's first block
+rule's votes (``BlockMemory.query_votes``: Quest's ``minmax`` bound, InfLLM's ``representatives``, the ``exact``
+attention mass), and the rank of the block holding the asked value (its first token) is kept. Prints, per rule, how
+often that block is among the 2 / 4 / 8 best of a layer and head, its median rank, how often the document's first block
 (the model's attention sink, when memory holds it) ranks first, and the layer.head pairs that rank it among the 4
 best in every trial (a probe of the heads that retrieve; the first 12 listed). The row ``exact, pooled`` ranks by
-the exact votes summed over key/value heads and over the layers from ``--pooled-from`` up to each layer (the
-selection ``pooled_selection_from`` makes), one rank per layer.
+the lift of each token's exact votes summed over the heads and over the layers from ``--pooled-from`` up to each
+layer (the selection ``pooled_selection_from`` makes), one rank per layer.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import torch
 
 from memlm.eval.runner import cell_seed
 from memlm.eval.tasks import Haystack, make_sample
+from memlm.memory.block_memory import lift
 from memlm.models import load_model
 
 RULES = ("minmax", "representatives", "exact")
@@ -67,14 +68,16 @@ def main() -> None:
             memory = session.state.memory
             memory.queries = []
             session.feed(" " + sample.question, final=True)
-            pool = 0
+            pool, heads = 0, mem_model.model.config
+            tokens = memory.queries[0][1].shape[2] * heads.num_key_value_heads // heads.num_attention_heads
             for layer, queries in memory.queries:
                 live = memory.blocks[layer].live_blocks
                 block = (needle - memory.memory_start) // memory.block_size - live.start
                 if not 0 <= block < len(live):
                     continue  # the needle is still in the local context
                 for rule in RULES:
-                    votes = memory.votes(layer, queries, 1 / queries.shape[-1] ** 0.5, rule)[0]  # [hkv, blocks]
+                    query_votes = memory.query_votes(layer, queries, 1 / queries.shape[-1] ** 0.5, rule)
+                    votes = query_votes.sum(dim=2)[0]  # [hkv, blocks]
                     order = votes.argsort(dim=-1, descending=True)
                     for head, rank in enumerate((order == block).float().argmax(dim=-1).tolist()):
                         ranks[rule].append(rank)
@@ -82,8 +85,9 @@ def main() -> None:
                     if live.start == 0:
                         first_block_first[rule] += (order[:, 0] == 0).tolist()
                 if layer >= args.pooled_from:
-                    pool = pool + votes.sum(dim=0)  # the exact votes (the last rule)
-                    order = pool.argsort(descending=True)
+                    # each token's exact votes (the last rule), summed over the heads
+                    pool = pool + query_votes.unflatten(2, (-1, tokens)).sum(dim=(1, 2))
+                    order = lift(pool)[0].argsort(descending=True)
                     ranks["exact, pooled"].append(int((order == block).nonzero()))
                     if live.start == 0:
                         first_block_first["exact, pooled"].append(bool(order[0] == 0))

@@ -86,14 +86,16 @@ def test_selected_blocks_are_attended_as_sinks_plus_blocks_plus_local(tiny_qwen2
     torch.testing.assert_close(got, expected, atol=1e-10, rtol=0)
 
 
-def brute_force_votes(keys, first, total, q, scale, block_size, scoring, representatives, before_local, inv_freq):
+def brute_force_votes(keys, first, total, q, scale, block_size, scoring, representatives, before_local, inv_freq,
+                      per_token=False):
     """The votes from their definition, in float64 loops: keys [hkv, total, d] of entries 0..total-1 (live from
-    ``first``), q [hq, n, d] at its positions -> votes [hkv, live blocks]."""
+    ``first``), q [hq, n, d] at its positions -> votes [hkv, live blocks] (per_token: [hkv, n, live blocks], each
+    token's votes summed over the key/value head's query heads)."""
     kv_heads, _, dim = keys.shape
     q_heads, n, _ = q.shape
     group = q_heads // kv_heads
     blocks = range(first // block_size, -(-total // block_size))
-    votes = torch.zeros(kv_heads, len(blocks), dtype=torch.float64)
+    votes = torch.zeros(kv_heads, n, len(blocks), dtype=torch.float64)
     for kv in range(kv_heads):
         for head in range(kv * group, (kv + 1) * group):
             for i in range(n):
@@ -110,8 +112,22 @@ def brute_force_votes(keys, first, total, q, scale, block_size, scoring, represe
                         mean = block.mean(dim=0)
                         central = sorted(range(len(block)), key=lambda t: -float(block[t] @ mean))[:representatives]
                         scores.append(max(float(query @ block[t]) for t in central))
-                votes[kv] += torch.softmax(torch.tensor(scores, dtype=torch.float64) * scale, dim=0)
-    return votes
+                votes[kv, i] += torch.softmax(torch.tensor(scores, dtype=torch.float64) * scale, dim=0)
+    return votes if per_token else votes.sum(dim=1)
+
+
+def brute_force_lift(votes):
+    """Each block's lift from its definition: votes [tokens, blocks] -> [blocks], the votes above the block's
+    median (the lower middle one) over the tokens, summed; one token: its votes."""
+    tokens, blocks = votes.shape
+    if tokens == 1:
+        return votes[0]
+    lifts = []
+    for j in range(blocks):
+        column = sorted(float(v) for v in votes[:, j])
+        median = column[(tokens - 1) // 2]
+        lifts.append(sum(max(v - median, 0.0) for v in column))
+    return torch.tensor(lifts, dtype=torch.float64)
 
 
 def best_blocks(votes, first, block_size, top_blocks):
@@ -208,9 +224,9 @@ def test_a_generated_token_reads_the_blocks_its_prompt_selected_while_memory_is_
 def test_a_question_selects_by_votes_pooled_over_heads_and_layers(tiny_qwen2, hold):
     """pooled_from=1, memory layers 0..3, against brute force: a forward scored exactly selects per key/value head at
     layer 0 and, at each layer above, the blocks of the largest votes summed over both heads and the layers from 1 up
-    to it, the same for both heads, with their neighbours (memory wrapped, its newest block partly filled). The
-    next question pools anew; a segment (more than exact_queries) selects per layer and head; a generated token reads
-    the question's pooled choice (hold) or pools its own votes."""
+    to it, the same for both heads, with their neighbours (memory wrapped, its newest block partly filled): each
+    block's lift over the question's tokens. The next question pools anew; a segment (more than exact_queries) selects
+    per layer and head; a generated token reads the question's pooled choice (hold) or pools its own votes."""
     rotary = tiny_qwen2.model.rotary_emb
     span = 2 * 3 * 8  # 2 blocks of 8, each with a neighbour on each side
     positions = PositionPolicy("rebase", "first", rotary, memory_span=span)
@@ -224,8 +240,8 @@ def test_a_question_selects_by_votes_pooled_over_heads_and_layers(tiny_qwen2, ho
             memory.add(layer, keys[layer, :, :, start:stop], keys[layer, :, :, start:stop])
     assert memory.blocks[3].live_blocks == range(4, 10)
 
-    def votes(layer, q, rule):
-        return brute_force_votes(keys[layer, 0], 32, 77, q[0], 0.25, 8, rule, 2, span - 1, rotary.inv_freq)
+    def votes(layer, q, rule, per_token=False):
+        return brute_force_votes(keys[layer, 0], 32, 77, q[0], 0.25, 8, rule, 2, span - 1, rotary.inv_freq, per_token)
 
     def with_neighbours(blocks):
         return [sorted({b + o for b in row for o in (-1, 0, 1)} & set(range(4, 10))) for row in blocks]
@@ -233,22 +249,23 @@ def test_a_question_selects_by_votes_pooled_over_heads_and_layers(tiny_qwen2, ho
     def selected(layer, q):
         return [[b for b in row if b < 10] for row in memory.select(layer, q, local_start=100, scale=0.25)[0].tolist()]
 
-    def pooled_choices(q):
+    def pooled_choices(q, score=brute_force_lift):
         pool, choices = 0, []
         for layer in range(4):
-            layer_votes = votes(layer, q, "exact")
-            pool = pool + layer_votes.sum(dim=0) if layer else 0
-            choices.append(best_blocks(pool.expand(2, -1) if layer else layer_votes, 32, 8, 2))
+            token_votes = votes(layer, q, "exact", per_token=True)  # [hkv, n, blocks]
+            pool = pool + token_votes.sum(dim=0) if layer else 0  # [n, blocks]
+            choices.append(best_blocks(score(pool).expand(2, -1) if layer else token_votes.sum(dim=1), 32, 8, 2))
         return choices
 
-    per_head_differs = False
+    per_head_differs = lift_differs = False
     for seed in (4, 5):  # two questions, one after the other
         question = torch.randn(1, 4, 5, 16, generator=torch.Generator().manual_seed(seed))
         for layer, choice in enumerate(pooled_choices(question)):
             assert selected(layer, question) == with_neighbours(choice)
             assert choice[0] == choice[1] or layer == 0
             per_head_differs |= choice != best_blocks(votes(layer, question, "exact"), 32, 8, 2)
-    assert per_head_differs  # pooling changed some layer's choice: the test tells the two rules apart
+        lift_differs |= pooled_choices(question) != pooled_choices(question, score=lambda pool: pool.sum(dim=0))
+    assert per_head_differs and lift_differs  # the test tells pooling from per head, lift from summed votes
     held = [selected(layer, question) for layer in range(4)]
     token = torch.randn(1, 4, 1, 16, generator=generator) * 3
     expected = held if hold else [with_neighbours(choice) for choice in pooled_choices(token)]

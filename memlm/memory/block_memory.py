@@ -24,11 +24,15 @@ largest pooled score and attends to them whole:
   outvotes a whole segment of text only where it singles a block out).
 * **Pooling over layers** (``pooled_from``, off by default): at a single layer-head the block holding the asked
   fact is rarely among the best few. A forward scored exactly selects, at layer ``pooled_from`` and every memory
-  layer above it, one set of blocks for all its key/value heads: the largest of the votes summed over the heads
-  and over the layers from ``pooled_from`` up to the selecting one (a layer cannot wait for the layers above it:
-  their queries come from its output). Lower layers, and the segments' selections, stay per layer and head. It
-  finds a fact of a form of its own farther back, and picks another fact of the asked one's form where several
-  share it: one choice for every head loses the spread of choices per head (``README``, "Block retrieval").
+  layer above it, one set of blocks for all its key/value heads, by each token's votes summed over the heads and
+  over the layers from ``pooled_from`` up to the selecting one (a layer cannot wait for the layers above it: their
+  queries come from its output). A block's score is its **lift**: the votes each token gives it above the median of
+  the votes it draws from the forward's tokens, summed over the tokens (a forward of one token: its votes). What
+  every token of a question votes for (the document's first block, the model's attention sink; the first of
+  several passages in the question's form, which draws about twice the votes of the later ones from every token)
+  lifts by what some tokens single it out for; what only the question's rare tokens find (the asked key among
+  needles of one template) lifts by all of their votes. Lower layers, and the segments' selections, stay per
+  layer and head (``README``, "Block retrieval").
 * **Neighbours** (EM-LLM's contiguity buffer, Fountas et al. 2024): each selected block brings the
   ``neighbours`` blocks on each side of it, so a fact cut by a block boundary comes back whole (a block counted
   once, however many selected blocks it neighbours; none outside the live ones).
@@ -221,6 +225,15 @@ def exact_block_scores(queries: torch.Tensor, keys: torch.Tensor, live: torch.Te
     return torch.cat(out, dim=2)
 
 
+def lift(votes: torch.Tensor) -> torch.Tensor:
+    """Each token's votes [b, tokens, blocks] -> each block's lift [b, blocks]: the votes above the median of the
+    block's votes over the tokens, summed (one token: its votes). A block every token votes for lifts only by
+    what some of them single it out for."""
+    if votes.shape[1] == 1:
+        return votes[:, 0]
+    return (votes - votes.median(dim=1, keepdim=True).values).clamp(min=0).sum(dim=1)
+
+
 class BlockMemory:
     """The block memories of one stream's memory layers (the interface of ``KNNMemory``: add, read, entries)."""
 
@@ -243,7 +256,7 @@ class BlockMemory:
         # layer -> (first, total, chosen): the last selection of a forward of several tokens, and the live entries
         # it was made over (one-token forwards read it while they are unchanged)
         self.held: dict[int, tuple[int, int, torch.Tensor]] = {}
-        # (layer, first, total, votes [b, blocks]): the votes pooled so far by the forward selecting now
+        # (layer, first, total, votes [b, n, blocks]): each token's votes pooled so far by the forward selecting now
         self.pool: tuple[int, int, int, torch.Tensor] | None = None
         self.memory_start = 0  # document position of entry 0
         # set to a list to record every read: entry ids [b, hq, n, m] and attention logits [b, hq, n, m]
@@ -286,10 +299,11 @@ class BlockMemory:
         queries = self.block_queries(layer, q, local_start, sinks)
         if self.queries is not None:
             self.queries.append((layer, queries))
-        exact = q.shape[2] <= self.exact_queries
-        votes = self.votes(layer, queries, scale, "exact" if exact else self.scoring)
-        if exact and self.pooled_from is not None and layer >= self.pooled_from:
-            votes = self.pooled(layer, entries, votes)
+        rule = "exact" if q.shape[2] <= self.exact_queries else self.scoring
+        if rule == "exact" and self.pooled_from is not None and layer >= self.pooled_from:
+            votes = self.pooled(layer, entries, self.query_votes(layer, queries, scale, rule), q.shape[2])
+        else:
+            votes = self.query_votes(layer, queries, scale, rule).sum(dim=2)
         live = memory.live_blocks
         chosen = votes.topk(min(self.top_blocks, len(live)), dim=-1).indices.sort(dim=-1).values + live.start
         if self.neighbours:
@@ -298,15 +312,16 @@ class BlockMemory:
             self.held[layer] = (*entries, chosen)
         return chosen
 
-    def pooled(self, layer: int, entries: tuple[int, int], votes: torch.Tensor) -> torch.Tensor:
-        """The votes [b, hkv, blocks] of one layer -> the forward's votes pooled over its key/value heads and its
-        layers from ``pooled_from`` up to this one, the same for every head [b, hkv, blocks]. Layers run upwards
-        within a forward: a layer at or below the last one pooled starts the next forward's pool."""
-        pool = votes.sum(dim=1)
+    def pooled(self, layer: int, entries: tuple[int, int], votes: torch.Tensor, tokens: int) -> torch.Tensor:
+        """Each query's votes [b, hkv, hq / hkv * tokens, blocks] of one layer (``block_queries``' rows) -> the
+        forward's block scores [b, hkv, blocks], the same for every head: each token's votes summed over the heads
+        and the layers from ``pooled_from`` up to this one, then each block's ``lift``. Layers run upwards within a
+        forward: a layer at or below the last one pooled starts the next forward's pool."""
+        pool = votes.unflatten(2, (-1, tokens)).sum(dim=(1, 2))  # [b, tokens, blocks]
         if self.pool is not None and self.pool[0] < layer and self.pool[1:3] == entries:
             pool = pool + self.pool[3].to(pool.device)
         self.pool = (layer, *entries, pool)
-        return pool.unsqueeze(1).expand_as(votes)
+        return lift(pool).unsqueeze(1).expand(-1, votes.shape[1], -1)
 
     def block_queries(self, layer: int, q: torch.Tensor, local_start: int, sinks: int = 0) -> torch.Tensor:
         """Queries q [b, hq, n, d] (at their positions) as blocks are scored: rotated as if a block stood right
@@ -318,9 +333,10 @@ class BlockMemory:
         queries = self.positions.rotate(q.detach().to(compute), 1 - self.positions.frame(local_start, sinks))
         return queries.reshape(batch, kv_heads, q_heads // kv_heads * n, head_dim)
 
-    def votes(self, layer: int, queries: torch.Tensor, scale: float, rule: str) -> torch.Tensor:
-        """Each live block's vote [b, hkv, blocks] under ``rule`` (``"minmax"``, ``"representatives"``, ``"exact"``):
-        every query of ``block_queries`` spreads one vote over the blocks, softmax(scale * score), summed."""
+    def query_votes(self, layer: int, queries: torch.Tensor, scale: float, rule: str) -> torch.Tensor:
+        """Each query's vote over the live blocks [b, hkv, m, blocks] under ``rule`` (``"minmax"``,
+        ``"representatives"``, ``"exact"``): every query of ``block_queries`` spreads one vote, softmax(scale *
+        score); a head's votes are their sum over its queries."""
         memory = self.blocks[layer]
         live = memory.live_blocks
         if rule == "exact":
@@ -331,7 +347,7 @@ class BlockMemory:
         else:
             low, high, central = (t.to(queries.dtype) for t in memory.summaries(live))
             scores = block_scores(queries, low, high, central, rule)
-        return torch.softmax(scores * scale, dim=-1).sum(dim=2)
+        return torch.softmax(scores * scale, dim=-1)
 
     def read(self, layer: int, q: torch.Tensor, local_start: int, scale: float, sinks: int = 0):
         """The selected blocks, rotated to where the attention puts them (``sinks``: sink tokens in front of the
