@@ -21,9 +21,10 @@ from pathlib import Path
 from memlm.eval.runner import perplexity_table
 
 #: rows in the order the README reads them (modes not listed follow, alphabetically)
-ORDER = ("full", "xl-only", "memory", "blocks", "blocks-pooled", "blocks-pooled-3", "blocks-2", "blocks-8", "blocks-4",
-         "blocks-per-token", "blocks-minmax", "blocks-representatives", "blocks-32", "sinks", "lm-infinite",
-         "full-unscaled", "ntk-x2", "dynamic-ntk", "yarn-x2", "dilated", "layers-0-14", "layers-15-29", "local-1024")
+ORDER = ("full", "xl-only", "memory", "blocks", "blocks-per-layer", "blocks-pooled-sum", "blocks-pooled-3-sum",
+         "blocks-2", "blocks-8", "blocks-4", "blocks-per-token", "blocks-minmax", "blocks-representatives", "blocks-32",
+         "sinks", "lm-infinite", "full-unscaled", "ntk-x2", "dynamic-ntk", "yarn-x2", "dilated", "layers-0-14",
+         "layers-15-29", "local-1024")
 TASKS = {("filler", "passkey"): "passkey, filler", ("war_and_peace", "passkey"): "passkey, War and Peace",
          ("war_and_peace_distractors", "passkey"): "passkey, War and Peace + 4 distractor numbers",
          ("filler", "niah_multikey"): "multikey (RULER), filler",

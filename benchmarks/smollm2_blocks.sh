@@ -22,7 +22,7 @@ PY
 subset full full; subset blocks blocks; subset blocks2 blocks-2; subset blocks8 blocks-8; subset blocks4 blocks-4
 subset xl xl-only
 subset pertoken blocks-per-token; subset fullpertoken full blocks-per-token
-subset pooled blocks-pooled; subset pooled3 blocks-pooled-3
+subset perlayer blocks-per-layer
 run() { .venv/bin/memlm eval --model smollm2 --dtype "$DTYPE" --depths random "$@"; }
 distractors() { run --task passkey --distractors 4 --haystack "$WAP" --output "$OUT/war_and_peace_distractors" "$@"; }
 multikey() { run --task niah_multikey --output "$OUT/filler" "$@"; }
@@ -72,15 +72,13 @@ distractors --lengths 16384 --trials 20 --modes "$TMP/blocks.yaml"
 run --task niah_multikey_uuids --lengths 16384 --trials 3 --modes "$TMP/blocks.yaml" --output "$OUT/filler"
 distractors --lengths 16384 --trials 10 --modes "$TMP/blocks4.yaml"
 multikey --lengths 16384 --trials 10 --modes "$TMP/blocks4.yaml"
-# 7. the question's selection pooled over layers (pooled_selection_from=10), with 2 and 3 blocks, where the default
-# misses (War and Peace at 32K and 64K, multikey at 64K) and on the 16K cells it meets
-distractors --lengths 32768 --trials 5 --modes "$TMP/pooled.yaml"
-multikey --lengths 65536 --trials 3 --modes "$TMP/pooled.yaml"
-distractors --lengths 65536 --trials 3 --modes "$TMP/pooled.yaml"
-multikey --lengths 16384 --trials 10 --modes "$TMP/pooled.yaml"
-multikey --lengths 65536 --trials 3 --modes "$TMP/pooled3.yaml"
-distractors --lengths 32768 --trials 5 --modes "$TMP/pooled3.yaml"
-multikey --lengths 16384 --trials 10 --modes "$TMP/pooled3.yaml"
-distractors --lengths 16384 --trials 10 --modes "$TMP/pooled3.yaml"
-distractors --lengths 65536 --trials 3 --modes "$TMP/pooled3.yaml"
-filler --lengths 16384 --trials 10 --modes "$TMP/pooled3.yaml"
+# 7. each layer and head selecting for itself (the default before the pooled selection), on the targets' cells
+multikey --lengths 16384 --trials 10 --modes "$TMP/perlayer.yaml"
+filler --lengths 16384 --trials 20 --modes "$TMP/perlayer.yaml"
+distractors --lengths 16384 --trials 10 --modes "$TMP/perlayer.yaml"
+distractors --lengths 32768 --trials 5 --modes "$TMP/perlayer.yaml"
+multikey --lengths 32768 --trials 5 --modes "$TMP/perlayer.yaml"
+filler --lengths 32768 --trials 6 --modes "$TMP/perlayer.yaml"
+filler --lengths 65536 --trials 5 --modes "$TMP/perlayer.yaml"
+distractors --lengths 65536 --trials 3 --modes "$TMP/perlayer.yaml"
+multikey --lengths 65536 --trials 3 --modes "$TMP/perlayer.yaml"

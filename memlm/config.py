@@ -99,9 +99,11 @@ class MemoryConfig:
     )
     pooled_selection_from: int | None = option(
         "forwards scored exactly (at most exact_block_queries queries: a question) select, at this layer and every "
-        "memory layer above it, one set of blocks for all key/value heads: those of the largest votes summed over "
-        "the heads and over the layers from this one up to the selecting one (a fact one layer-head ranks low, the "
-        "layers together find; negative counts from the top); None = each layer and head selects for itself", None,
+        "memory layer above it, one set of blocks for all key/value heads: each token's votes summed over the heads "
+        "and the layers from this one up to the selecting one, a block ranked by its lift (the votes above the "
+        "median of those it draws from the forward's tokens, summed: what the question's rare tokens single out, "
+        "not what every token votes for); negative counts from the top; None = each layer and head selects for "
+        "itself", None,
     )
     rmt_tokens: int = option("Recurrent Memory Transformer read/write tokens per segment (0 = off)", 0)
     rmt_bptt_depth: int | None = option(

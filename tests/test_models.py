@@ -187,8 +187,8 @@ def test_smollm2_outside_a_session_gives_transformers_own_gguf_logits(smollm2_ca
 @pytest.mark.slow
 def test_smollm2_finds_a_5_digit_key_through_memory_beyond_its_local_context(smollm2_cache, monkeypatch, capsys):
     """memlm demo --model smollm2: the key lies ~2,400 tokens back, almost five times the local context, in a
-    memory of 20 blocks of which the question selects 2 (with their neighbours); memory finds it, the local
-    context alone does not."""
+    memory of 20 blocks of which the question selects 2 (with their neighbours; from layer 10 up one selection for
+    every head, pooled over layers); memory finds it, the local context alone does not."""
     monkeypatch.setenv("MEMLM_CACHE", str(smollm2_cache))
     argv = ["demo", "--model", "smollm2", "--length", "3072", "--depth", "0.2", "--seed", "3", "--distractors", "0",
             "--dtype", "float32"]
@@ -198,7 +198,7 @@ def test_smollm2_finds_a_5_digit_key_through_memory_beyond_its_local_context(smo
         outputs[mode] = capsys.readouterr().out
     assert "SmolLM2-135M-Instruct (134.5M parameters, float32): local context 512 tokens" in outputs["memory"]
     assert ("block memory at 30 layers (2 blocks of 128 tokens and 1 on each side of each, minmax; exact for "
-            "forwards of <= 64 tokens" in outputs["memory"])
+            "forwards of <= 64 tokens, pooled over the heads and layers from layer 10 up" in outputs["memory"])
     assert "memory off" in outputs["xl-only"]
     before = re.search(r"\(([\d,]+) tokens before the question's end\)", outputs["memory"]).group(1)
     assert int(before.replace(",", "")) > 4 * 512

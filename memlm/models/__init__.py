@@ -56,13 +56,14 @@ PRETRAINED = {
         size=98_362_432,
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         licence="Apache-2.0",
-        # block retrieval at every layer: 2 blocks of 128 tokens per layer and key/value head (the question's exact
-        # scores rank the document's first block, the model's attention sink, first at most of them: the sink and the
-        # best block), each with its neighbours (a fact cut by a block boundary comes back whole), the question
-        # scoring blocks exactly, the answer holding them (README, "Block retrieval")
+        # block retrieval at every layer: 2 blocks of 128 tokens (the question's scores rank the document's first
+        # block, the model's attention sink, first: the sink and the best block), each with its neighbours (a fact
+        # cut by a block boundary comes back whole), the question scoring blocks exactly and, from layer 10 up,
+        # selecting by the lift of its tokens' votes pooled over heads and layers, the answer holding them (README,
+        # "Block retrieval")
         memory={"segment_length": 256, "xl_length": 256, "memory_layers": list(range(30)), "fusion": "joint",
                 "top_k": 32, "memory_capacity": 1 << 17, "retrieval": "blocks", "block_size": 128, "top_blocks": 2,
-                "block_neighbours": 1, "exact_block_queries": 64},
+                "block_neighbours": 1, "exact_block_queries": 64, "pooled_selection_from": 10},
     ),
 }
 ALIASES = {"smollm2": "smollm2-135m", "SmolLM2-135M-Instruct": "smollm2-135m"}
