@@ -223,10 +223,10 @@ def test_a_generated_token_reads_the_blocks_its_prompt_selected_while_memory_is_
 @pytest.mark.parametrize("hold", [True, False])
 def test_a_question_selects_by_votes_pooled_over_heads_and_layers(tiny_qwen2, hold):
     """pooled_from=1, memory layers 0..3, against brute force: a forward scored exactly selects per key/value head at
-    layer 0 and, at each layer above, the blocks of the largest votes summed over both heads and the layers from 1 up
-    to it, the same for both heads, with their neighbours (memory wrapped, its newest block partly filled): each
-    block's lift over the question's tokens. The next question pools anew; a segment (more than exact_queries) selects
-    per layer and head; a generated token reads the question's pooled choice (hold) or pools its own votes."""
+    layer 0 and, at each layer above, the blocks of the largest lift of each token's votes summed over both heads and
+    the layers from 1 up to it, the same for both heads, with their neighbours (memory wrapped, its newest block
+    partly filled). The next question pools anew; a segment (more than exact_queries) selects per layer and head; a
+    generated token reads the question's pooled choice (hold) or selects by its own pooled votes."""
     rotary = tiny_qwen2.model.rotary_emb
     span = 2 * 3 * 8  # 2 blocks of 8, each with a neighbour on each side
     positions = PositionPolicy("rebase", "first", rotary, memory_span=span)
