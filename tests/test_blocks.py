@@ -233,3 +233,23 @@ def test_joint_memory_attention_by_flash_blocks_is_the_reference(n, ctx, monkeyp
     monkeypatch.setenv("MEMLM_KERNEL", "flash")
     with pytest.raises(ValueError, match="MEMLM_KERNEL=flash runs the joint fusion over shared memory"):
         memory_attention(**{**args, "fusion": "gate", "gate": torch.zeros(6, dtype=torch.float64)})
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.bfloat16, 3e-2), (torch.float16, 4e-3)])
+def test_joint_memory_attention_in_half_precision_takes_the_flash_blocks(dtype, tolerance):
+    """A bfloat16 / float16 model's block retrieval on CPU runs torch's flash kernel too (auto, without a graph),
+    and equals the float64 reference to the dtype's rounding."""
+    from memlm.kernels import memory_attention, select_kernel
+
+    generator = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 6, 7, 16, generator=generator, dtype=torch.float64)
+    k, v = (torch.randn(2, 3, 19, 16, generator=generator, dtype=torch.float64) for _ in range(2))
+    mem_k, mem_v = (torch.randn(2, 3, 10, 16, generator=generator, dtype=torch.float64) for _ in range(2))
+    mem_mask = torch.rand(2, 3, 10, generator=generator) > 0.3
+    mem_mask[1, 2] = False
+    exact = dict(q=q, k=k, v=v, mem_k=mem_k, mem_v=mem_v, mem_mask=mem_mask, fusion="joint")
+    half = {name: t.to(dtype) if t.is_floating_point() else t for name, t in exact.items() if name != "fusion"}
+    assert select_kernel(**half, fusion="joint") == "flash"
+    out = memory_attention(**half, fusion="joint")
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), memory_attention_ref(**exact), atol=tolerance, rtol=tolerance)

@@ -156,6 +156,36 @@ def test_flash_block_equals_attention_block_in_values_and_in_gradients_of_out_an
         torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance)  # -inf lse rows equal too
 
 
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.bfloat16, 4e-2), (torch.float16, 5e-3)])
+@pytest.mark.parametrize(("n", "ctx", "causal"), [(9, 9, True), (7, 12, False)])
+def test_flash_block_in_half_precision_runs_the_cpu_kernel_forward_and_the_float32_backward(
+        dtype, tolerance, n, ctx, causal, monkeypatch):
+    """bfloat16 / float16 on CPU: the forward is torch's flash kernel (never the score matrix), the backward the
+    pure-torch one in float32; values and gradients of out and lse equal the float64 block to the dtype's rounding,
+    with grouped heads and rows that see nothing; the lse comes back in float32."""
+    kernels = flash_module.cpu_kernels(torch.zeros(1, dtype=dtype))
+    assert kernels is not None and kernels[1] is None
+    monkeypatch.setattr(flash_module, "attention_block", lambda *args, **kwargs: pytest.fail("took the score matrix"))
+    generator = torch.Generator().manual_seed(n + ctx)
+    q64 = torch.randn(2, 6, n, 16, dtype=torch.float64, generator=generator)
+    k64, v64 = (torch.randn(2, 2, ctx, 16, dtype=torch.float64, generator=generator) for _ in "kv")
+    mask = torch.rand(2, 6, 1, ctx, generator=generator) > 0.4
+    mask[0, 1] = False  # a head that sees nothing
+    mask[1, 0, 0, 0] = False  # causal: query 0 of this head sees nothing
+    weight_out = torch.randn(2, 6, n, 16, dtype=torch.float64, generator=generator)
+    weight_lse = torch.randn(2, 6, n, dtype=torch.float64, generator=generator)
+    results = []
+    for precision, function in ((dtype, flash_block), (torch.float64, attention_block)):
+        leaves = [t.to(precision).requires_grad_() for t in (q64, k64, v64)]
+        out, lse = function(*leaves, mask=mask, causal=causal)
+        assert out.dtype == precision and lse.dtype == (torch.float64 if precision == torch.float64 else torch.float32)
+        finite_lse = torch.where(lse.isfinite(), lse, 0).double()
+        ((out.double() * weight_out).sum() + (finite_lse * weight_lse).sum()).backward()
+        results.append([out.detach().double(), lse.detach().double(), *(leaf.grad.double() for leaf in leaves)])
+    for got, expected in zip(*results, strict=True):
+        torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance)  # -inf lse rows equal too
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA route (memory-efficient SDPA) needs a CUDA GPU")
 @pytest.mark.parametrize(("q_heads", "kv_heads"), [(4, 4), (8, 2)])
 @pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 2e-5), (torch.bfloat16, 3e-2)])

@@ -5,7 +5,8 @@ need each block's lse *with its gradient*: the mixing weights depend on it. ``sc
 no lse, and the kernels that compute one (flash attention, Dao et al. 2022) give it no gradient. ``flash_block``
 runs the forward with torch's fused attention kernels that return the lse (memory O(n), no score matrix):
 
-* CPU (float32, float64): ``aten::_scaled_dot_product_flash_attention_for_cpu``;
+* CPU (float32, float64, bfloat16, float16): ``aten::_scaled_dot_product_flash_attention_for_cpu`` (the lse in
+  float32 for the half types);
 * CUDA (float16, bfloat16, float32; no mask, or the causal one): ``aten::_scaled_dot_product_efficient_attention``
   (xFormers' memory-efficient attention, the one torch's own context parallelism runs its ring with);
 
@@ -15,7 +16,8 @@ attention's (P recomputed from the saved lse) with the lse's own gradient term:
     dS = P * (dP - rowsum(dO * O) + dlse),  dQ = scale dS K,  dK = scale dS^T Q,  dV = P^T dO,
 
 by the same kernels' backward (the dlse term carried in one more head-dim column, ``fused_backward``) or in pure
-torch in chunks of at most ``BLOCK_SCORES`` scores (``reference_backward``, the same equations). Memory stays O(n)
+torch in chunks of at most ``BLOCK_SCORES`` scores (``reference_backward``, the same equations; on CPU for bfloat16
+and float16, in float32: the fused backward takes the lse in q's dtype, which would round it). Memory stays O(n)
 in training too. Grouped-query attention reads kv head h // (hq / hkv); keys are never repeated on CPU (the CUDA
 kernel wants as many key/value heads as query heads: they are repeated there, and their gradients summed).
 """
@@ -65,12 +67,14 @@ def cuda_kernels(q: torch.Tensor, mask: torch.Tensor | None):
 
 
 def cpu_kernels(q: torch.Tensor):
-    """torch's CPU flash attention forward and backward ops for ``q``'s device and dtype, or None."""
+    """torch's CPU flash attention forward and backward ops for ``q``'s device and dtype (the backward None for
+    bfloat16 and float16: ``reference_backward`` runs theirs), or None."""
     forward = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     backward = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
-    if forward is None or backward is None or q.device.type != "cpu" or q.dtype not in (torch.float32, torch.float64):
+    if (forward is None or backward is None or q.device.type != "cpu"
+            or q.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16)):
         return None
-    return forward, backward
+    return forward, backward if q.dtype in (torch.float32, torch.float64) else None
 
 
 def fused_forward(q, k, v, mask, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,7 +176,8 @@ def block_backward(q, k, v, out, lse, d_out, d_lse, mask, causal: bool, scale: f
         return cuda_backward(q, k, v, out, lse, d_out, d_lse, causal, scale)
     kernels = cpu_kernels(q)
     args = (q, k, v, out, lse, d_out, d_lse, mask, causal, scale)
-    return fused_backward(kernels, *args) if kernels is not None else reference_backward(*args)
+    fused = kernels is not None and kernels[1] is not None
+    return fused_backward(kernels, *args) if fused else reference_backward(*args)
 
 
 def reference_backward(q, k, v, out, lse, d_out, d_lse, mask, causal: bool, scale: float):
