@@ -73,7 +73,8 @@ def select_kernel(q, k, v, mem_k=None, mem_v=None, mem_mask=None, gate=None, fus
              and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, mem_k, mem_v))))
     if choice == "flash" and not flash:
         raise ValueError("MEMLM_KERNEL=flash runs the joint fusion over shared memory (block retrieval), causal, "
-                         "without gradients, on CPU tensors (float32, float64, bfloat16, float16); unset MEMLM_KERNEL for these inputs")
+                         "without gradients, on CPU tensors (float32, float64, bfloat16, float16); unset MEMLM_KERNEL "
+                         "for these inputs")
     if choice != "auto":
         return choice
     if flash and plain:
