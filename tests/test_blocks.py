@@ -212,6 +212,19 @@ def test_bad_block_inputs_say_what_was_expected():
         attention_block(q, random(1, 2, 5, 8), random(1, 2, 5, 8), mask=torch.ones(3, 4, dtype=torch.bool))
 
 
+def joint_inputs(n: int, ctx: int, seed: int) -> dict:
+    """memory_attention's arguments for block retrieval's joint fusion, float64: 6 query heads over 3 key/value
+    heads, n queries at the end of ctx local keys, 10 shared memory entries, some absent, one key/value head with
+    none at all."""
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, 6, n, 16, generator=generator, dtype=torch.float64)
+    k, v = (torch.randn(2, 3, ctx, 16, generator=generator, dtype=torch.float64) for _ in range(2))
+    mem_k, mem_v = (torch.randn(2, 3, 10, 16, generator=generator, dtype=torch.float64) for _ in range(2))
+    mem_mask = torch.rand(2, 3, 10, generator=generator) > 0.3
+    mem_mask[1, 2] = False
+    return dict(q=q, k=k, v=v, mem_k=mem_k, mem_v=mem_v, mem_mask=mem_mask, fusion="joint")
+
+
 @pytest.mark.parametrize("n,ctx", [(7, 7), (7, 19), (1, 12)])
 def test_joint_memory_attention_by_flash_blocks_is_the_reference(n, ctx, monkeypatch):
     """Block retrieval's joint softmax over [shared memory ; cache ; causal segment] as torch's flash blocks equals
@@ -219,13 +232,8 @@ def test_joint_memory_attention_by_flash_blocks_is_the_reference(n, ctx, monkeyp
     takes it without a graph only, and a forced flash path refuses what it cannot compute."""
     from memlm.kernels import memory_attention, select_kernel
 
-    generator = torch.Generator().manual_seed(n + ctx)
-    q = torch.randn(2, 6, n, 16, generator=generator, dtype=torch.float64)
-    k, v = (torch.randn(2, 3, ctx, 16, generator=generator, dtype=torch.float64) for _ in range(2))
-    mem_k, mem_v = (torch.randn(2, 3, 10, 16, generator=generator, dtype=torch.float64) for _ in range(2))
-    mem_mask = torch.rand(2, 3, 10, generator=generator) > 0.3
-    mem_mask[1, 2] = False
-    args = dict(q=q, k=k, v=v, mem_k=mem_k, mem_v=mem_v, mem_mask=mem_mask, fusion="joint")
+    args = joint_inputs(n, ctx, seed=n + ctx)
+    q = args["q"]
     assert select_kernel(**args) == "flash"
     torch.testing.assert_close(memory_attention(**args), memory_attention_ref(**args), atol=1e-12, rtol=0)
     assert select_kernel(**{**args, "q": q.clone().requires_grad_()}) == "ref"  # training keeps the reference
@@ -241,15 +249,9 @@ def test_joint_memory_attention_in_half_precision_takes_the_flash_blocks(dtype, 
     and equals the float64 reference to the dtype's rounding."""
     from memlm.kernels import memory_attention, select_kernel
 
-    generator = torch.Generator().manual_seed(5)
-    q = torch.randn(2, 6, 7, 16, generator=generator, dtype=torch.float64)
-    k, v = (torch.randn(2, 3, 19, 16, generator=generator, dtype=torch.float64) for _ in range(2))
-    mem_k, mem_v = (torch.randn(2, 3, 10, 16, generator=generator, dtype=torch.float64) for _ in range(2))
-    mem_mask = torch.rand(2, 3, 10, generator=generator) > 0.3
-    mem_mask[1, 2] = False
-    exact = dict(q=q, k=k, v=v, mem_k=mem_k, mem_v=mem_v, mem_mask=mem_mask, fusion="joint")
-    half = {name: t.to(dtype) if t.is_floating_point() else t for name, t in exact.items() if name != "fusion"}
-    assert select_kernel(**half, fusion="joint") == "flash"
-    out = memory_attention(**half, fusion="joint")
+    exact = joint_inputs(7, 19, seed=5)
+    half = {**exact, **{name: exact[name].to(dtype) for name in ("q", "k", "v", "mem_k", "mem_v")}}
+    assert select_kernel(**half) == "flash"
+    out = memory_attention(**half)
     assert out.dtype == dtype
     torch.testing.assert_close(out.double(), memory_attention_ref(**exact), atol=tolerance, rtol=tolerance)

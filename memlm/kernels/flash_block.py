@@ -17,7 +17,8 @@ attention's (P recomputed from the saved lse) with the lse's own gradient term:
 
 by the same kernels' backward (the dlse term carried in one more head-dim column, ``fused_backward``) or in pure
 torch in chunks of at most ``BLOCK_SCORES`` scores (``reference_backward``, the same equations; on CPU for bfloat16
-and float16, in float32: the fused backward takes the lse in q's dtype, which would round it). Memory stays O(n)
+and float16 too, in float32, where the fused backward would carry dlse and return the gradients rounded to the half
+type). Memory stays O(n)
 in training too. Grouped-query attention reads kv head h // (hq / hkv); keys are never repeated on CPU (the CUDA
 kernel wants as many key/value heads as query heads: they are repeated there, and their gradients summed).
 """
